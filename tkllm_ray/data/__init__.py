@@ -1,0 +1,1 @@
+"""Ingestion: raw per-account posts to a validated, split, tokenized, rendered dataset."""

@@ -1,0 +1,138 @@
+"""Reads, writes and listings over pyarrow filesystems (local or S3), addressed by URI.
+
+Single-object writes are atomic: on local disk the bytes go to a temporary sibling that is
+renamed over the target; on S3 a PUT becomes visible whole or not at all.
+"""
+
+from __future__ import annotations
+
+import os
+import posixpath
+import uuid
+from functools import lru_cache
+
+import pyarrow.fs as pafs
+
+from tkllm_ray.config.storage import StorageOptions
+from tkllm_ray.errors import TkllmError
+from tkllm_ray.storage.uri import ParsedUri, parse_uri
+
+
+def filesystem_for(uri: str, options: StorageOptions | None = None) -> tuple[pafs.FileSystem, str]:
+    """The pyarrow filesystem and in-filesystem path for `uri` (pass both to Ray Data I/O)."""
+    p = parse_uri(uri)
+    if not p.is_s3:
+        return pafs.LocalFileSystem(), p.path
+    return _s3_filesystem((options or StorageOptions()).resolved()), p.path
+
+
+def _s3_filesystem(opts: StorageOptions) -> pafs.S3FileSystem:
+    return _s3_cached(opts.endpoint_url, opts.region, opts.access_key_id, opts.secret_access_key, opts.session_token)
+
+
+@lru_cache(maxsize=16)
+def _s3_cached(endpoint, region, key, secret, token) -> pafs.S3FileSystem:
+    kwargs: dict = {"region": region}
+    if endpoint:
+        scheme, _, host = endpoint.partition("://")
+        kwargs.update(endpoint_override=host or scheme, scheme=scheme if host else "https")
+    if key and secret:
+        kwargs.update(access_key=key, secret_key=secret, session_token=token)
+    # Without explicit keys pyarrow uses the AWS default chain (profile, instance role).
+    return pafs.S3FileSystem(**kwargs)
+
+
+def join(uri: str, *parts: str) -> str:
+    p = parse_uri(uri)
+    clean = [s.strip("/") for s in parts if s and s.strip("/")]
+    if p.is_s3:
+        return "s3://" + posixpath.join(p.path, *clean)
+    return os.path.join(p.path, *clean)
+
+
+def exists(uri: str, options: StorageOptions | None = None) -> bool:
+    fs, path = filesystem_for(uri, options)
+    return fs.get_file_info(path).type != pafs.FileType.NotFound
+
+
+def is_dir(uri: str, options: StorageOptions | None = None) -> bool:
+    fs, path = filesystem_for(uri, options)
+    return fs.get_file_info(path).type == pafs.FileType.Directory
+
+
+def read_bytes(uri: str, options: StorageOptions | None = None) -> bytes:
+    fs, path = filesystem_for(uri, options)
+    try:
+        with fs.open_input_stream(path) as f:
+            return f.read()
+    except FileNotFoundError:
+        raise TkllmError(f"no such object: {uri}") from None
+    except OSError as e:
+        if "NoSuchKey" in str(e) or "not found" in str(e).lower():
+            raise TkllmError(f"no such object: {uri}") from None
+        raise
+
+
+def read_text(uri: str, options: StorageOptions | None = None) -> str:
+    return read_bytes(uri, options).decode("utf-8")
+
+
+def write_bytes(uri: str, data: bytes, options: StorageOptions | None = None) -> None:
+    """Write one object atomically: readers see the old content or the new, never a prefix."""
+    p = parse_uri(uri)
+    fs, path = filesystem_for(uri, options)
+    if p.is_s3:
+        with fs.open_output_stream(path) as f:
+            f.write(data)
+        return
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    tmp = f"{path}.tmp-{uuid.uuid4().hex[:12]}"
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def write_text(uri: str, text: str, options: StorageOptions | None = None) -> None:
+    write_bytes(uri, text.encode("utf-8"), options)
+
+
+def list_files(uri: str, options: StorageOptions | None = None) -> list[str]:
+    """All files under `uri` (recursively) as URIs, sorted; `uri` itself if it is a file.
+    Hidden and underscore-prefixed names (`_SUCCESS`, `.crc`, temp files) are skipped."""
+    p = parse_uri(uri)
+    fs, path = filesystem_for(uri, options)
+    info = fs.get_file_info(path)
+    if info.type == pafs.FileType.File:
+        return [uri]
+    if info.type == pafs.FileType.NotFound:
+        raise TkllmError(f"no such file or directory: {uri} (check the path; for S3 the bucket and prefix)")
+    infos = fs.get_file_info(pafs.FileSelector(path, recursive=True))
+    out = []
+    for i in infos:
+        if i.type != pafs.FileType.File:
+            continue
+        rel = posixpath.relpath(i.path, path) if p.is_s3 else os.path.relpath(i.path, path)
+        if any(part.startswith((".", "_")) or ".tmp-" in part for part in rel.split(os.sep if not p.is_s3 else "/")):
+            continue
+        out.append(_to_uri(p, i.path))
+    return sorted(out)
+
+
+def _to_uri(p: ParsedUri, path: str) -> str:
+    return f"s3://{path}" if p.is_s3 else path
+
+
+def remove(uri: str, options: StorageOptions | None = None) -> None:
+    """Delete a file or a whole directory/prefix; a missing target is not an error."""
+    fs, path = filesystem_for(uri, options)
+    info = fs.get_file_info(path)
+    if info.type == pafs.FileType.Directory:
+        fs.delete_dir(path)
+    elif info.type == pafs.FileType.File:
+        fs.delete_file(path)
