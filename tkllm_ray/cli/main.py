@@ -1,0 +1,137 @@
+"""`tkllm`: the command line. Each subcommand's options come from its job config."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+from tkllm_ray.cli.options import Parser, add_model_options, overrides_from_args
+from tkllm_ray.config.base import deep_merge, load_config
+from tkllm_ray.config.ingest import IngestConfig
+from tkllm_ray.errors import TkllmError
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = Parser(prog="tkllm", description="Per-creator sparse fine-tuning and serving on Ray.")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=Parser)
+    sub.required = True
+
+    p = sub.add_parser("ingest", help="validate, split, tokenize and render raw posts into a dataset",
+                       description="Ray Data ingestion: raw posts (JSONL/CSV/Parquet, local or s3://) -> "
+                                   "a versioned dataset partitioned by account, with context images.")
+    p.add_argument("--config", metavar="FILE", help="YAML file with IngestConfig fields; options below override it")
+    p.add_argument("--input", dest="inputs", action="append", metavar="URI",
+                   help="posts file, directory or s3:// prefix (repeatable)")
+    add_model_options(p, IngestConfig, skip=("inputs",))
+    p.add_argument("--json", action="store_true", help="print the summary as JSON instead of a table")
+    p.add_argument("--no-progress", action="store_true", help="turn Ray Data's progress bars off")
+
+    p = sub.add_parser("synth", help="write synthetic multi-account posts (TikTok-export style JSONL)")
+    p.add_argument("--output", required=True, metavar="URI", help="JSONL file to write (path or s3://)")
+    p.add_argument("--accounts", type=int, default=8, help="number of accounts (default: 8)")
+    p.add_argument("--posts", type=int, default=120, help="posts per account (default: 120)")
+    p.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
+
+    p = sub.add_parser("quickstart", help="run the main job end to end on the bundled sample (local Ray, CPU)")
+    p.add_argument("--workdir", default="runs/quickstart", help="where to write everything (default: runs/quickstart)")
+    p.add_argument("--modes", nargs="+", default=["tiny", "base", "hifi"], choices=["tiny", "base", "hifi"],
+                   help="OCC rendering modes (default: all three)")
+
+    p = sub.add_parser("tokenizer-train", help="train the byte-level BPE tokenizer on a text corpus")
+    p.add_argument("--corpus", nargs="+", required=True, help="text files, one document per line")
+    p.add_argument("--output", required=True, help="directory to save the Hugging Face tokenizer in")
+    p.add_argument("--vocab-size", type=int, default=8192, help="vocabulary size (default: 8192)")
+    return parser
+
+
+def cmd_ingest(args) -> int:
+    from tkllm_ray.data.ingest import run_ingest
+    from tkllm_ray.data.summary import format_summary
+
+    over = overrides_from_args(args, IngestConfig)
+    if args.inputs:
+        over["inputs"] = args.inputs
+    cfg = load_config(IngestConfig, args.config, over) if args.config else _validate(IngestConfig, over)
+    summary = run_ingest(cfg, progress=False if args.no_progress else None)
+    print(json.dumps(summary, indent=2, ensure_ascii=False) if args.json else format_summary(summary))
+    return 0
+
+
+def _validate(model, data: dict):
+    from pydantic import ValidationError
+
+    from tkllm_ray.config.base import format_validation_error
+
+    missing = [n for n, f in model.model_fields.items() if f.is_required() and n not in data]
+    if missing:
+        flags = ", ".join("--" + ("input" if n == "inputs" else n.replace("_", "-")) for n in missing)
+        raise TkllmError(f"missing required option(s): {flags} (or pass --config FILE)")
+    try:
+        return model.model_validate(data)
+    except ValidationError as e:
+        raise TkllmError(format_validation_error(e, "from the command line")) from None
+
+
+def cmd_synth(args) -> int:
+    from tkllm_ray.data.synth import generate_records, write_jsonl
+
+    records = generate_records(args.accounts, args.posts, args.seed)
+    write_jsonl(records, args.output)
+    print(f"wrote {len(records)} posts of {args.accounts} accounts to {args.output}")
+    return 0
+
+
+def cmd_quickstart(args) -> int:
+    from tkllm_ray.quickstart import run_quickstart
+
+    return run_quickstart(args.workdir, modes=args.modes)
+
+
+def cmd_tokenizer_train(args) -> int:
+    from tkllm_ray.data.tokenizer import train_tokenizer
+
+    def lines():
+        for path in args.corpus:
+            with open(path, encoding="utf-8") as f:
+                yield from (line.rstrip("\n") for line in f)
+
+    train_tokenizer(lines(), args.output, args.vocab_size)
+    print(f"tokenizer saved to {args.output}")
+    return 0
+
+
+COMMANDS = {"ingest": cmd_ingest, "synth": cmd_synth, "quickstart": cmd_quickstart,
+            "tokenizer-train": cmd_tokenizer_train}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return COMMANDS[args.command](args)
+    except TkllmError as e:
+        print(f"tkllm {args.command}: error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    except Exception as e:  # a user error raised inside a Ray task arrives wrapped
+        cause = _user_error(e)
+        if cause is None:
+            raise
+        print(f"tkllm {args.command}: error: {cause}", file=sys.stderr)
+        return 1
+
+
+def _user_error(e: BaseException) -> TkllmError | None:
+    seen = 0
+    while e is not None and seen < 10:
+        if isinstance(e, TkllmError):
+            return e
+        e = getattr(e, "cause", None) or e.__cause__
+        seen += 1
+    return None
+
+
+if __name__ == "__main__":
+    sys.exit(main())
