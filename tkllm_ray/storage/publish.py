@@ -53,10 +53,11 @@ def read_latest(root: str, options: StorageOptions | None = None) -> str | None:
 
 
 def resolve_latest(root: str, options: StorageOptions | None = None) -> str:
-    """URI of the latest published version under `root`; `root` itself if it is not versioned."""
+    """URI of the latest published version under `root`, or `root` itself if it names one
+    complete version. A version still being written is never returned."""
     version = read_latest(root, options)
     if version is None:
-        if exists(root, options):
+        if exists(join(root, "_COMPLETE"), options):
             return root
         raise TkllmError(f"nothing published at {root} (run the job that writes it first)")
     return join(root, version)

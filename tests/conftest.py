@@ -1,0 +1,45 @@
+import os
+import uuid
+
+import pytest
+
+from tkllm_ray.data.samples import shared_data_dir
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    from tkllm_ray.storage.local_s3 import start_s3_server
+
+    server = start_s3_server()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def s3_bucket(s3_server):
+    name = "t-" + uuid.uuid4().hex[:10]
+    s3_server.client().create_bucket(Bucket=name)
+    return name
+
+
+@pytest.fixture(scope="module")
+def ray_local():
+    import logging
+
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(num_cpus=2, include_dashboard=False, logging_level=logging.WARNING)
+    from ray.data import DataContext
+
+    DataContext.get_current().enable_progress_bars = False
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def shared_data():
+    d = shared_data_dir()
+    if d is None:
+        pytest.skip("../shared/data is absent (set TKLLM_SHARED_DATA to run this test)")
+    return d

@@ -1,0 +1,36 @@
+import pytest
+
+from tkllm_ray.errors import TkllmError
+from tkllm_ray.storage import exists, join, list_files, read_bytes, read_text, remove, write_bytes, write_text
+
+pytestmark = pytest.mark.s3
+
+
+def test_roundtrip_and_listing_on_real_s3(s3_server, s3_bucket):
+    opts = s3_server.options()
+    root = f"s3://{s3_bucket}/prefix"
+    write_bytes(join(root, "a/x.bin"), b"\x00\x01payload", opts)
+    write_text(join(root, "b.txt"), "héllo 🔥", opts)
+    write_text(join(root, "_hidden"), "skip me", opts)
+    assert read_bytes(join(root, "a/x.bin"), opts) == b"\x00\x01payload"
+    assert read_text(join(root, "b.txt"), opts) == "héllo 🔥"
+    assert list_files(root, opts) == [f"{root}/a/x.bin", f"{root}/b.txt"]
+    # The object really is in the server, as boto3 sees it.
+    body = s3_server.client().get_object(Bucket=s3_bucket, Key="prefix/b.txt")["Body"].read()
+    assert body.decode() == "héllo 🔥"
+    remove(join(root, "b.txt"), opts)
+    assert not exists(join(root, "b.txt"), opts)
+
+
+def test_missing_object_and_prefix_give_clear_errors(s3_server, s3_bucket):
+    opts = s3_server.options()
+    with pytest.raises(TkllmError, match="no such object"):
+        read_bytes(f"s3://{s3_bucket}/nope.bin", opts)
+    with pytest.raises(TkllmError, match="no such file or directory"):
+        list_files(f"s3://{s3_bucket}/no/such/prefix", opts)
+
+
+def test_wrong_credentials_are_refused(s3_server, s3_bucket):
+    bad = s3_server.options().model_copy(update={"secret_access_key": "wrong"})
+    with pytest.raises(Exception):
+        write_bytes(f"s3://{s3_bucket}/x", b"1", bad)
