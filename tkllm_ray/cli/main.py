@@ -17,12 +17,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser = Parser(prog="tkllm", description="Per-creator sparse fine-tuning and serving on Ray.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=Parser)
     sub.required = True
+    parser.subparsers = sub.choices  # so errors can name the subcommand
 
     p = sub.add_parser("ingest", help="validate, split, tokenize and render raw posts into a dataset",
                        description="Ray Data ingestion: raw posts (JSONL/CSV/Parquet, local or s3://) -> "
                                    "a versioned dataset partitioned by account, with context images.")
     p.add_argument("--config", metavar="FILE", help="YAML file with IngestConfig fields; options below override it")
-    p.add_argument("--input", dest="inputs", action="append", metavar="URI",
+    p.add_argument("--input", dest="inputs", action="append", metavar="URI", default=argparse.SUPPRESS,
                    help="posts file, directory or s3:// prefix (repeatable)")
     add_model_options(p, IngestConfig, skip=("inputs",))
     p.add_argument("--json", action="store_true", help="print the summary as JSON instead of a table")
@@ -50,9 +51,7 @@ def cmd_ingest(args) -> int:
     from tkllm_ray.data.ingest import run_ingest
     from tkllm_ray.data.summary import format_summary
 
-    over = overrides_from_args(args, IngestConfig)
-    if args.inputs:
-        over["inputs"] = args.inputs
+    over = overrides_from_args(args, IngestConfig)  # --input lands in "inputs" directly
     cfg = load_config(IngestConfig, args.config, over) if args.config else _validate(IngestConfig, over)
     summary = run_ingest(cfg, progress=False if args.no_progress else None)
     print(json.dumps(summary, indent=2, ensure_ascii=False) if args.json else format_summary(summary))
@@ -107,7 +106,10 @@ COMMANDS = {"ingest": cmd_ingest, "synth": cmd_synth, "quickstart": cmd_quicksta
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra:  # report against the subcommand the user typed, not the top-level parser
+        parser.subparsers[args.command].error(f"unrecognized arguments: {' '.join(extra)}")
     try:
         return COMMANDS[args.command](args)
     except TkllmError as e:

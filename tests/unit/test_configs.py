@@ -1,0 +1,31 @@
+"""Every YAML config in the repo validates against its model; typos are refused clearly."""
+
+from pathlib import Path
+
+import pytest
+
+from tkllm_ray.config import load_config
+from tkllm_ray.config.ingest import IngestConfig
+from tkllm_ray.errors import TkllmError
+
+ROOT = Path(__file__).resolve().parents[2]
+MODELS = {"ingest": IngestConfig}
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "configs").glob("*/*.yaml")), ids=lambda p: p.name)
+def test_repo_configs_validate(path):
+    cfg = load_config(MODELS[path.parent.name], path)
+    assert cfg.inputs
+
+
+def test_unknown_key_and_bad_value_are_named(tmp_path):
+    p = tmp_path / "c.yaml"
+    p.write_text("inputs: [a.csv]\noutput: out\nrender: {modez: [tiny]}\n")
+    with pytest.raises(TkllmError, match=r"render.modez: Extra inputs are not permitted"):
+        load_config(IngestConfig, p)
+    p.write_text("inputs: [a.csv]\noutput: out\neval_fraction: 1.5\n")
+    with pytest.raises(TkllmError, match=r"eval_fraction: Input should be less than 1"):
+        load_config(IngestConfig, p)
+    p.write_text("inputs: [{uri: a.csv, field_map: {txt: caption}}]\noutput: out\n")
+    with pytest.raises(TkllmError, match=r"unknown canonical field"):
+        load_config(IngestConfig, p)
