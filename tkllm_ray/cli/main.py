@@ -44,6 +44,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--corpus", nargs="+", required=True, help="text files, one document per line")
     p.add_argument("--output", required=True, help="directory to save the Hugging Face tokenizer in")
     p.add_argument("--vocab-size", type=int, default=8192, help="vocabulary size (default: 8192)")
+    p.add_argument("--synth-accounts", type=int, default=16,
+                   help="synthetic creators whose posts join the corpus (default: 16, as the builtin tokenizer)")
+    p.add_argument("--synth-posts", type=int, default=300, help="posts per synthetic creator (default: 300)")
     return parser
 
 
@@ -89,12 +92,14 @@ def cmd_quickstart(args) -> int:
 
 
 def cmd_tokenizer_train(args) -> int:
+    from tkllm_ray.data.synth import generate_records
     from tkllm_ray.data.tokenizer import train_tokenizer
 
     def lines():
         for path in args.corpus:
             with open(path, encoding="utf-8") as f:
                 yield from (line.rstrip("\n") for line in f)
+        yield from (r["desc"] for r in generate_records(args.synth_accounts, args.synth_posts, seed=123))
 
     train_tokenizer(lines(), args.output, args.vocab_size)
     print(f"tokenizer saved to {args.output}")

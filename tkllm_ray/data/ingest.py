@@ -28,6 +28,8 @@ from tkllm_ray.storage import filesystem_for, join, publish, write_text
 
 
 def ensure_ray(address: str | None = None) -> None:
+    # Ray Data logs every execution plan at INFO; the summary table is what a user reads.
+    logging.getLogger("ray.data").setLevel(logging.WARNING)
     if not ray.is_initialized():
         ray.init(address=address, include_dashboard=False, logging_level=logging.WARNING,
                  ignore_reinit_error=True)

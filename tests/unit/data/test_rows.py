@@ -86,3 +86,14 @@ def test_account_id_validation_message():
     assert validate_account_id("ok_name.1-2") == "ok_name.1-2"
     with pytest.raises(TkllmError, match=r"invalid account id '\.\./etc'"):
         validate_account_id("../etc")
+
+
+def test_builtin_tokenizer_ships_small_and_roundtrips_style():
+    from tkllm_ray.data.tokenizer import BUILTIN_DIR, load_tokenizer
+
+    size = sum(p.stat().st_size for p in BUILTIN_DIR.iterdir())
+    assert size < 2 * 1024 * 1024
+    tok = load_tokenizer("builtin")
+    text = "OMG 🔥 #ootd 今天也要加油\nGiấc mơ"
+    assert tok.decode(tok(text)["input_ids"]) == text
+    assert len(tok) == 8192
