@@ -1,0 +1,1 @@
+"""Gradient-Surgical sparse fine-tuning (GSPF): sensitivity, selection, the sparse-delta linear op."""

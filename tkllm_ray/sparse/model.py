@@ -1,0 +1,88 @@
+"""Put sparse deltas into a model: as trainable modules (training) or scattered into the base
+weights in place and restored bit-exactly (one account owning a batch, merging, serving)."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from tkllm_ray.sparse.delta_op import sparse_delta_linear, split_indices
+
+
+class SparseDeltaLinear(nn.Module):
+    """A frozen nn.Linear plus a trainable sparse Δ: only `values` (k entries, fp32) is a parameter."""
+
+    def __init__(self, base: nn.Linear, indices: torch.Tensor, values: torch.Tensor | None = None):
+        super().__init__()
+        self.base = base
+        for p in base.parameters():
+            p.requires_grad_(False)
+        indices = indices.to(device=base.weight.device, dtype=torch.int64)
+        if indices.numel() > 1 and not bool((indices[1:] > indices[:-1]).all()):
+            raise ValueError("delta indices must be sorted and unique")
+        rows, cols = split_indices(indices, base.in_features)
+        self.register_buffer("indices", indices, persistent=False)
+        self.register_buffer("rows", rows, persistent=False)
+        self.register_buffer("cols", cols, persistent=False)
+        init = torch.zeros(indices.numel(), dtype=torch.float32, device=base.weight.device)
+        self.values = nn.Parameter(init if values is None else values.detach().float().to(init.device).clone())
+
+    def forward(self, x):
+        if self.values.numel() == 0:
+            return self.base(x)
+        return sparse_delta_linear(x, self.base.weight, self.base.bias, self.values, self.rows, self.cols)
+
+
+def _parent(model: nn.Module, name: str) -> tuple[nn.Module, str]:
+    parent, _, leaf = name.rpartition(".")
+    return (model.get_submodule(parent) if parent else model), leaf
+
+
+def attach(model: nn.Module, indices: dict[str, torch.Tensor], values: dict[str, torch.Tensor] | None = None
+           ) -> dict[str, SparseDeltaLinear]:
+    """Freeze the whole model and swap each selected linear for a SparseDeltaLinear. Modules
+    without entries stay plain frozen layers: no weight gradient anywhere else."""
+    for p in model.parameters():
+        p.requires_grad_(False)
+    out = {}
+    for name, idx in indices.items():
+        if idx.numel() == 0:
+            continue
+        parent, leaf = _parent(model, name)
+        mod = SparseDeltaLinear(getattr(parent, leaf), idx, (values or {}).get(name))
+        setattr(parent, leaf, mod)
+        out[name] = mod
+    return out
+
+
+def detach(model: nn.Module) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Put the plain linears back; return {module: (indices, values)}."""
+    out = {}
+    for name, mod in list(model.named_modules()):
+        if isinstance(mod, SparseDeltaLinear):
+            parent, leaf = _parent(model, name)
+            setattr(parent, leaf, mod.base)
+            out[name] = (mod.indices.detach().cpu(), mod.values.detach().cpu())
+    return out
+
+
+class AppliedDelta:
+    """Scatter W[idx] += v into the base in place; `restore()` writes back the saved originals,
+    so the base is bit-identical afterwards (no float round trip through subtraction)."""
+
+    def __init__(self, model: nn.Module, delta: dict[str, tuple[torch.Tensor, torch.Tensor]]):
+        self.saved: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
+        with torch.no_grad():
+            for name, (idx, vals) in delta.items():
+                w = model.get_submodule(name).weight
+                flat = w.view(-1)
+                idx = idx.to(w.device)
+                orig = flat[idx].clone()
+                self.saved.append((flat, idx, orig))
+                flat[idx] = (orig.float() + vals.to(w.device).float()).to(w.dtype)
+
+    def restore(self) -> None:
+        with torch.no_grad():
+            for flat, idx, orig in self.saved:
+                flat[idx] = orig
+        self.saved.clear()

@@ -1,0 +1,82 @@
+"""Warm-up gradient sensitivity S_i = mean_t |∂L/∂θ_i| for the target linear layers.
+
+Memory-flat, after RoSA: no weight ever has requires_grad, so autograd keeps no dense weight
+gradient and there is no optimizer state. A forward hook keeps each target layer's input; a
+hook on its output receives dy and adds |dyᵀx| (this step's dense gradient, transient) into one
+fp32 accumulator per module, on the module's device or offloaded to CPU.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Iterable
+
+import torch
+from torch import nn
+
+
+def target_linears(model: nn.Module, include: Iterable[str] | None = None) -> dict[str, nn.Linear]:
+    """Linear layers to fine-tune: all of them (except the LM head unless named), or those whose
+    qualified name contains one of `include` (e.g. ["q_proj", "down_proj", "lm_head"])."""
+    out = {}
+    for name, mod in model.named_modules():
+        if not isinstance(mod, nn.Linear):
+            continue
+        if include is None:
+            if name.endswith("lm_head"):
+                continue
+        elif not any(key in name for key in include):
+            continue
+        out[name] = mod
+    return out
+
+
+@torch.no_grad()
+def _accumulate(acc: torch.Tensor, dy: torch.Tensor, x: torch.Tensor) -> None:
+    g = dy.reshape(-1, dy.shape[-1]).float().t() @ x.reshape(-1, x.shape[-1]).float()
+    acc.add_(g.abs_().to(acc.device))
+
+
+def collect_sensitivity(
+    model: nn.Module,
+    batches: Iterable[dict],
+    loss_fn: Callable[[nn.Module, dict], torch.Tensor],
+    modules: dict[str, nn.Linear],
+    offload: bool = False,
+) -> dict[str, torch.Tensor]:
+    """Mean |gradient| per weight entry of each module in `modules`, over `batches`."""
+    was_training = model.training
+    model.eval()  # deterministic (no dropout) sensitivities
+    flags = {n: p.requires_grad for n, p in model.named_parameters()}
+    for p in model.parameters():
+        p.requires_grad_(False)
+    acc = {n: torch.zeros(m.weight.shape, dtype=torch.float32, device="cpu" if offload else m.weight.device)
+           for n, m in modules.items()}
+    handles = []
+
+    def make_hook(name):
+        def hook(mod, inputs, output):
+            x = inputs[0].detach()
+            if output.requires_grad:
+                output.register_hook(lambda dy: _accumulate(acc[name], dy, x))
+        return hook
+
+    for name, mod in modules.items():
+        handles.append(mod.register_forward_hook(make_hook(name)))
+    emb = model.get_input_embeddings()
+    # Gradients must flow with every weight frozen: start the graph at the embedding output.
+    handles.append(emb.register_forward_hook(lambda m, i, out: out.requires_grad_(True)))
+    steps = 0
+    try:
+        for batch in batches:
+            loss = loss_fn(model, batch)
+            loss.backward()
+            steps += 1
+    finally:
+        for h in handles:
+            h.remove()
+        for n, p in model.named_parameters():
+            p.requires_grad_(flags[n])
+        model.train(was_training)
+    if steps == 0:
+        raise ValueError("sensitivity needs at least one batch")
+    return {n: a.div_(steps) for n, a in acc.items()}
