@@ -1,0 +1,83 @@
+"""The sparse delta format (DESIGN.md "Formats") and its store: deltas/{account}/{version}/
+with delta.safetensors + manifest.json, published atomically (LATEST last)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from typing import Any
+
+import torch
+from safetensors.torch import load as st_load
+from safetensors.torch import save as st_save
+
+from tkllm_ray.data.schema import validate_account_id
+from tkllm_ray.errors import TkllmError
+from tkllm_ray.storage import join, publish, read_bytes, read_latest, write_bytes
+
+FORMAT_VERSION = 1
+VALUE_DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
+
+Delta = dict[str, tuple[torch.Tensor, torch.Tensor]]  # module -> (sorted flat indices, values)
+
+
+def encode(delta: Delta, value_dtype: str = "bf16") -> bytes:
+    tensors = {}
+    for name, (idx, vals) in delta.items():
+        idx = idx.detach().cpu().to(torch.int64)
+        small = idx.numel() == 0 or int(idx.max()) < 2**31
+        tensors[f"{name}.indices"] = idx.to(torch.int32 if small else torch.int64).contiguous()
+        tensors[f"{name}.values"] = vals.detach().cpu().to(VALUE_DTYPES[value_dtype]).contiguous()
+    return st_save(tensors)
+
+
+def decode(data: bytes) -> Delta:
+    tensors = st_load(data)
+    names = sorted({k.rsplit(".", 1)[0] for k in tensors})
+    return {n: (tensors[f"{n}.indices"].to(torch.int64), tensors[f"{n}.values"]) for n in names}
+
+
+def save_delta(store: str, account_id: str, delta: Delta, base_model: str, base_fingerprint: str,
+               method: str, density: float, value_dtype: str = "bf16", metrics: dict | None = None,
+               data_watermark: str | None = None, parent_version: str | None = None, options=None) -> str:
+    """Publish a new version of `account_id`'s delta; returns the version id."""
+    root = join(store, validate_account_id(account_id))
+    blob = encode(delta, value_dtype)
+    manifest: dict[str, Any] = {
+        "format_version": FORMAT_VERSION, "account_id": account_id, "base_model": base_model,
+        "base_fingerprint": base_fingerprint, "method": method, "density": density,
+        "value_dtype": value_dtype, "entries": sum(int(i.numel()) for i, _ in delta.values()),
+        "modules": {n: int(i.numel()) for n, (i, _) in delta.items()},
+        "data_watermark": data_watermark, "metrics": metrics or {},
+        "parent_version": parent_version if parent_version is not None else read_latest(root, options),
+        "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "files": {"delta.safetensors": hashlib.sha256(blob).hexdigest()},
+    }
+
+    def write(vuri: str) -> None:
+        write_bytes(join(vuri, "delta.safetensors"), blob, options)
+        write_bytes(join(vuri, "manifest.json"), json.dumps(manifest, indent=2).encode(), options)
+
+    return publish(root, write, options=options)
+
+
+def load_delta(store: str, account_id: str, version: str | None = None, base_fingerprint: str | None = None,
+               options=None) -> tuple[Delta, dict]:
+    """Load a published delta; refuse a corrupt file or one trained on another base."""
+    root = join(store, validate_account_id(account_id))
+    version = version or read_latest(root, options)
+    if version is None:
+        raise TkllmError(f"no delta published for account {account_id!r} under {store}")
+    vuri = join(root, version)
+    manifest = json.loads(read_bytes(join(vuri, "manifest.json"), options))
+    blob = read_bytes(join(vuri, "delta.safetensors"), options)
+    if hashlib.sha256(blob).hexdigest() != manifest["files"]["delta.safetensors"]:
+        raise TkllmError(f"delta {account_id}/{version} is corrupt (sha256 mismatch): republish it")
+    if base_fingerprint is not None and manifest["base_fingerprint"] != base_fingerprint:
+        raise TkllmError(
+            f"delta {account_id}/{version} was trained on base {manifest['base_model']} "
+            f"({manifest['base_fingerprint'][:19]}…), not the loaded base ({base_fingerprint[:19]}…): "
+            "load the matching base or retrain the account"
+        )
+    return decode(blob), manifest
