@@ -15,18 +15,12 @@ from torch import nn
 
 
 def target_linears(model: nn.Module, include: Iterable[str] | None = None) -> dict[str, nn.Linear]:
-    """Linear layers to fine-tune: all of them (except the LM head unless named), or those whose
-    qualified name contains one of `include` (e.g. ["q_proj", "down_proj", "lm_head"])."""
+    """Linear layers to fine-tune: all of them, the LM head included (GSPF's default), or those
+    whose qualified name contains one of `include` (e.g. ["q_proj", "down_proj", "lm_head"])."""
     out = {}
     for name, mod in model.named_modules():
-        if not isinstance(mod, nn.Linear):
-            continue
-        if include is None:
-            if name.endswith("lm_head"):
-                continue
-        elif not any(key in name for key in include):
-            continue
-        out[name] = mod
+        if isinstance(mod, nn.Linear) and (include is None or any(key in name for key in include)):
+            out[name] = mod
     return out
 
 
