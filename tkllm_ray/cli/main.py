@@ -9,6 +9,7 @@ import sys
 
 from tkllm_ray.cli.options import Parser, add_model_options, overrides_from_args
 from tkllm_ray.config.base import deep_merge, load_config
+from tkllm_ray.config.finetune import FinetuneConfig
 from tkllm_ray.config.ingest import IngestConfig
 from tkllm_ray.errors import TkllmError
 
@@ -28,6 +29,13 @@ def build_parser() -> argparse.ArgumentParser:
     add_model_options(p, IngestConfig, skip=("inputs",))
     p.add_argument("--json", action="store_true", help="print the summary as JSON instead of a table")
     p.add_argument("--no-progress", action="store_true", help="turn Ray Data's progress bars off")
+
+    p = sub.add_parser("finetune", help="fine-tune one account's model (gspf, full, lora) and publish it",
+                       description="Single-account fine-tune from an ingested dataset: held-out perplexity "
+                                   "before and after, then the delta (GSPF) or model (full, LoRA) is published.")
+    p.add_argument("--config", metavar="FILE", help="YAML file with FinetuneConfig fields; options below override it")
+    add_model_options(p, FinetuneConfig)
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
 
     p = sub.add_parser("synth", help="write synthetic multi-account posts (TikTok-export style JSONL)")
     p.add_argument("--output", required=True, metavar="URI", help="JSONL file to write (path or s3://)")
@@ -76,6 +84,22 @@ def _validate(model, data: dict):
         raise TkllmError(format_validation_error(e, "from the command line")) from None
 
 
+def cmd_finetune(args) -> int:
+    from tkllm_ray.train.single import run_finetune
+
+    over = overrides_from_args(args, FinetuneConfig)
+    cfg = load_config(FinetuneConfig, args.config, over) if args.config else _validate(FinetuneConfig, over)
+    r = run_finetune(cfg)
+    if args.json:
+        print(json.dumps(r, indent=2))
+    else:
+        print(f"{r['account']} [{r['method']}] trainable {r['trainable_params']:,} params, {r['steps']} steps "
+              f"({r['step_time_s'] * 1000:.0f} ms/step on {r['device']})")
+        print(f"  held-out perplexity {r['eval_ppl_before']:.2f} -> {r['eval_ppl_after']:.2f}")
+        print(f"  published: {r.get('delta_uri') or r.get('model_uri')}")
+    return 0
+
+
 def cmd_synth(args) -> int:
     from tkllm_ray.data.synth import generate_records, write_jsonl
 
@@ -106,7 +130,7 @@ def cmd_tokenizer_train(args) -> int:
     return 0
 
 
-COMMANDS = {"ingest": cmd_ingest, "synth": cmd_synth, "quickstart": cmd_quickstart,
+COMMANDS = {"ingest": cmd_ingest, "finetune": cmd_finetune, "synth": cmd_synth, "quickstart": cmd_quickstart,
             "tokenizer-train": cmd_tokenizer_train}
 
 

@@ -1,0 +1,1 @@
+"""Training: the single-account fine-tune (reusable step) and, later, the packed multi-tenant engine."""
