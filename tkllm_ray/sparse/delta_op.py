@@ -18,24 +18,26 @@ def split_indices(indices: torch.Tensor, in_features: int) -> tuple[torch.Tensor
     return torch.div(indices, in_features, rounding_mode="floor"), indices % in_features
 
 
-def sparse_forward(x2: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor, values: torch.Tensor,
-                   out_features: int) -> torch.Tensor:
-    """(tokens, in) -> (tokens, out) contribution of Δ."""
-    out = x2.new_zeros(x2.shape[0], out_features)
+def _gather_scale_scatter(src: torch.Tensor, gather: torch.Tensor, scatter: torch.Tensor,
+                          values: torch.Tensor, width: int) -> torch.Tensor:
+    """out[:, scatter_j] += v_j · src[:, gather_j], in chunks of entries."""
+    out = src.new_zeros(src.shape[0], width)
     for s in range(0, values.numel(), CHUNK):
         e = s + CHUNK
-        out.index_add_(1, rows[s:e], x2[:, cols[s:e]] * values[s:e].to(x2.dtype))
+        out.index_add_(1, scatter[s:e], src[:, gather[s:e]] * values[s:e].to(src.dtype))
     return out
+
+
+def sparse_forward(x2: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor, values: torch.Tensor,
+                   out_features: int) -> torch.Tensor:
+    """x Δᵀ: (tokens, in) -> (tokens, out); y[:, r] += v · x[:, c]."""
+    return _gather_scale_scatter(x2, cols, rows, values, out_features)
 
 
 def sparse_input_grad(dy2: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor, values: torch.Tensor,
                       in_features: int) -> torch.Tensor:
-    """dy Δ: (tokens, out) -> (tokens, in)."""
-    out = dy2.new_zeros(dy2.shape[0], in_features)
-    for s in range(0, values.numel(), CHUNK):
-        e = s + CHUNK
-        out.index_add_(1, cols[s:e], dy2[:, rows[s:e]] * values[s:e].to(dy2.dtype))
-    return out
+    """dy Δ: (tokens, out) -> (tokens, in); dx[:, c] += v · dy[:, r]."""
+    return _gather_scale_scatter(dy2, rows, cols, values, in_features)
 
 
 def sampled_grad(dy2: torch.Tensor, x2: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
