@@ -3,8 +3,6 @@ Hugging Face tokenizer directory, local or under s3://. Nothing is downloaded fr
 
 from __future__ import annotations
 
-import hashlib
-import os
 from functools import lru_cache
 from pathlib import Path
 from typing import Iterable
@@ -18,14 +16,9 @@ SPECIAL_TOKENS = ["<|endoftext|>", "<|pad|>", "<|post|>", "<|account|>"]
 
 def tokenizer_dir(spec: str, options=None) -> str:
     """Local directory holding the tokenizer named by `spec` (builtin, a path, or s3://)."""
-    if spec == BUILTIN:
-        return str(BUILTIN_DIR)
-    if spec.startswith("s3://"):
-        return _download_prefix(spec, options)
-    path = os.path.abspath(os.path.expanduser(spec.removeprefix("file://")))
-    if not os.path.isdir(path):
-        raise TkllmError(f"tokenizer directory not found: {spec} (use 'builtin', a local directory or s3://)")
-    return path
+    from tkllm_ray.storage.cache import local_dir
+
+    return str(BUILTIN_DIR) if spec == BUILTIN else local_dir(spec, "tokenizer directory", options)
 
 
 def load_tokenizer(spec: str = BUILTIN, options=None):
@@ -41,21 +34,6 @@ def load_tokenizer(spec: str = BUILTIN, options=None):
 @lru_cache(maxsize=4)
 def cached_tokenizer(spec: str = BUILTIN):
     return load_tokenizer(spec)
-
-
-def _download_prefix(uri: str, options=None) -> str:
-    from tkllm_ray.storage import list_files, read_bytes
-
-    dest = Path.home() / ".cache" / "tkllm" / "tokenizers" / hashlib.sha1(uri.encode()).hexdigest()[:16]
-    if not (dest / ".complete").exists():
-        dest.mkdir(parents=True, exist_ok=True)
-        base = uri.rstrip("/") + "/"
-        for f in list_files(uri, options):
-            target = dest / f[len(base):]
-            target.parent.mkdir(parents=True, exist_ok=True)
-            target.write_bytes(read_bytes(f, options))
-        (dest / ".complete").write_text(uri)
-    return str(dest)
 
 
 def train_tokenizer(texts: Iterable[str], out_dir: str, vocab_size: int = 8192) -> str:

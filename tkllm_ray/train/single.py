@@ -47,9 +47,9 @@ def load_base(cfg: FinetuneConfig, vocab_size: int, device: torch.device):
         return build_model(cfg.model, vocab_size=vocab_size, seed=cfg.seed).to(device)
     from transformers import AutoModelForCausalLM
 
-    from tkllm_ray.data.tokenizer import tokenizer_dir
+    from tkllm_ray.storage.cache import local_dir
 
-    path = tokenizer_dir(cfg.model, cfg.storage)  # local dir, or an s3:// prefix cached locally
+    path = local_dir(cfg.model, "model directory", cfg.storage)  # an s3:// prefix is cached locally
     return AutoModelForCausalLM.from_pretrained(path, local_files_only=True, torch_dtype=torch.float32).to(device)
 
 

@@ -34,3 +34,17 @@ def test_wrong_credentials_are_refused(s3_server, s3_bucket):
     bad = s3_server.options().model_copy(update={"secret_access_key": "wrong"})
     with pytest.raises(Exception):
         write_bytes(f"s3://{s3_bucket}/x", b"1", bad)
+
+
+def test_s3_prefix_is_cached_as_a_local_dir(s3_server, s3_bucket, tmp_path, monkeypatch):
+    from tkllm_ray.data.tokenizer import BUILTIN_DIR, load_tokenizer
+    from tkllm_ray.storage import cache
+
+    monkeypatch.setattr(cache, "CACHE_ROOT", tmp_path)
+    opts = s3_server.options()
+    for f in BUILTIN_DIR.iterdir():
+        write_bytes(f"s3://{s3_bucket}/tok/{f.name}", f.read_bytes(), opts)
+    tok = load_tokenizer(f"s3://{s3_bucket}/tok", opts)
+    assert tok("hi 🔥")["input_ids"] == load_tokenizer("builtin")("hi 🔥")["input_ids"]
+    with pytest.raises(TkllmError, match="model directory not found: /no/such/model"):
+        cache.local_dir("/no/such/model", "model directory")
