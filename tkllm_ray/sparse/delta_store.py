@@ -40,8 +40,10 @@ def decode(data: bytes) -> Delta:
 
 def save_delta(store: str, account_id: str, delta: Delta, base_model: str, base_fingerprint: str,
                method: str, density: float, value_dtype: str = "bf16", metrics: dict | None = None,
-               data_watermark: str | None = None, parent_version: str | None = None, options=None) -> str:
-    """Publish a new version of `account_id`'s delta; returns the version id."""
+               data_watermark: str | None = None, parent_version: str | None = None,
+               extra_files: dict[str, bytes] | None = None, options=None) -> str:
+    """Publish a new version of `account_id`'s delta; returns the version id. `extra_files`
+    (reports, plots) go into the same version directory, before it becomes visible."""
     root = join(store, validate_account_id(account_id))
     blob = encode(delta, value_dtype)
     manifest: dict[str, Any] = {
@@ -57,6 +59,8 @@ def save_delta(store: str, account_id: str, delta: Delta, base_model: str, base_
 
     def write(vuri: str) -> None:
         write_bytes(join(vuri, "delta.safetensors"), blob, options)
+        for name, data in (extra_files or {}).items():
+            write_bytes(join(vuri, name), data, options)
         write_bytes(join(vuri, "manifest.json"), json.dumps(manifest, indent=2).encode(), options)
 
     return publish(root, write, options=options)

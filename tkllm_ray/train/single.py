@@ -6,6 +6,7 @@ publishing around it for one account. The packed multi-tenant engine reuses the 
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import tempfile
@@ -20,6 +21,7 @@ from tkllm_ray.models import build_model, fingerprint
 from tkllm_ray.models.presets import PRESETS
 from tkllm_ray.sparse.delta_store import save_delta
 from tkllm_ray.sparse.gspf import GSPF, GSPFSettings
+from tkllm_ray.sparse.placement import heatmap_png, placement_table
 from tkllm_ray.storage import join, write_bytes
 from tkllm_ray.train.data import account_posts, pack
 
@@ -120,8 +122,13 @@ def run_finetune(cfg: FinetuneConfig, progress: bool = True) -> dict:
                "train_tokens": int((train_labels != -100).sum()) * cfg.epochs}
     result = {"account": cfg.account, "method": cfg.method, "device": str(device), **metrics}
     if cfg.method == "gspf":
-        result["version"] = save_delta(cfg.output, cfg.account, trainer.export(), cfg.model, base_fp, "gspf",
-                                       cfg.density, metrics=metrics, options=cfg.storage)
+        table = placement_table({n: m.indices for n, m in trainer.modules.items()},
+                                {n: lin.weight.shape for n, lin in trainer._linears().items()})
+        plot = heatmap_png(table, f"GSPF selection, {cfg.account}, density {cfg.density:.2%}")
+        result["placement"] = table
+        result["version"] = save_delta(
+            cfg.output, cfg.account, trainer.export(), cfg.model, base_fp, "gspf", cfg.density, metrics=metrics,
+            extra_files={"placement.json": json.dumps(table).encode(), "placement.png": plot}, options=cfg.storage)
         result["reselection"] = trainer.s.history
         result["delta_uri"] = join(cfg.output, cfg.account, result["version"])
     else:

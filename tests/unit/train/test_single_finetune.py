@@ -67,6 +67,9 @@ def test_gspf_finetune_publishes_a_delta_that_lowers_heldout_perplexity(dataset,
     base = build_model("tkllm-tiny", vocab_size=8192, seed=0)
     delta, manifest = load_delta(store, accounts[0], base_fingerprint=fingerprint(base))
     assert manifest["method"] == "gspf" and manifest["metrics"]["eval_ppl_after"] == r["eval_ppl_after"]
+    vdir = tmp_path / "deltas" / accounts[0] / r["version"]
+    assert (vdir / "placement.png").stat().st_size > 1000
+    assert sum(map(sum, json.loads((vdir / "placement.json").read_text())["count"])) == r["trainable_params"]
     k = sum(i.numel() for i, _ in delta.values())
     assert k == r["trainable_params"] == round(0.01 * sum(m.weight.numel() for m in base.modules()
                                                            if isinstance(m, torch.nn.Linear)))

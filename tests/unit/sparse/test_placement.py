@@ -1,0 +1,18 @@
+import io
+
+import torch
+from PIL import Image
+
+from tkllm_ray.sparse.placement import heatmap_png, placement_table
+
+
+def test_placement_counts_and_shares_per_layer_and_type():
+    shapes = {"model.layers.0.self_attn.q_proj": torch.Size([4, 4]), "model.layers.1.self_attn.q_proj": torch.Size([4, 4]),
+              "model.layers.1.mlp.down_proj": torch.Size([4, 8]), "lm_head": torch.Size([10, 4])}
+    idx = {"model.layers.1.self_attn.q_proj": torch.tensor([0, 3]), "lm_head": torch.tensor([1, 2, 3, 4])}
+    t = placement_table(idx, shapes)
+    assert t["layers"] == ["0", "1", "lm_head"] and t["types"] == ["down_proj", "lm_head", "q_proj"]
+    assert t["count"] == [[0, 0, 0], [0, 0, 2], [0, 4, 0]]
+    assert t["share"][1] == [0.0, None, 2 / 16] and t["share"][2][1] == 0.1
+    img = Image.open(io.BytesIO(heatmap_png(t, "test")))
+    assert img.size[0] > 100 and img.size[1] > 100
