@@ -19,7 +19,7 @@ from ray.data import ActorPoolStrategy, DataContext
 
 from tkllm_ray.config.ingest import IngestConfig
 from tkllm_ray.data import stages
-from tkllm_ray.data.accounts import SplitRules
+from tkllm_ray.data.accounts import SplitRules, split_account
 from tkllm_ray.data.readers import resolve_input_files
 from tkllm_ray.data.summary import build_summary
 from tkllm_ray.data.validate import RowRules
@@ -40,7 +40,7 @@ def run_ingest(cfg: IngestConfig, version: str | None = None, progress: bool | N
     sources: dict[str, tuple[str, str]] = {}
     rules: dict[str, RowRules] = {}
     skipped_files: list[str] = []
-    groups: dict[tuple, list[str]] = {}
+    groups: dict[str, tuple[object, list[str]]] = {}  # one read per filesystem kind
     for spec in cfg.inputs:  # list and check every input on the driver: errors come before any work
         files, skipped = resolve_input_files(spec.uri, spec.format, cfg.storage)
         skipped_files += skipped
@@ -53,17 +53,14 @@ def run_ingest(cfg: IngestConfig, version: str | None = None, progress: bool | N
                 timestamp_unit=spec.timestamp_unit,
                 field_map=tuple(sorted(spec.field_map.items())),
             )
-            groups.setdefault((type(fs).__name__,), []).append(path)
+            groups.setdefault(type(fs).__name__, (fs, []))[1].append(path)
 
     ensure_ray(cfg.ray_address)
     ctx = DataContext.get_current()
     if progress is not None:
         ctx.enable_progress_bars = progress
 
-    reads = []
-    for paths in groups.values():
-        fs, _ = filesystem_for(sources[paths[0]][0], cfg.storage)
-        reads.append(ray.data.read_binary_files(paths, filesystem=fs, include_paths=True))
+    reads = [ray.data.read_binary_files(paths, filesystem=fs, include_paths=True) for fs, paths in groups.values()]
     raw = reads[0].union(*reads[1:]) if len(reads) > 1 else reads[0]
     rows = raw.map_batches(stages.parse_files, batch_size=1, batch_format="pyarrow",
                            fn_kwargs={"sources": sources, "rules": rules}).materialize()
@@ -71,7 +68,7 @@ def run_ingest(cfg: IngestConfig, version: str | None = None, progress: bool | N
     labelled = (
         rows.map_batches(stages.only_clean, batch_format="pyarrow")
         .groupby("account_id", num_partitions=cfg.shuffle_partitions)
-        .map_groups(stages.split_group, batch_format="pyarrow",
+        .map_groups(split_account, batch_format="pyarrow",
                     fn_kwargs={"rules": SplitRules(cfg.eval_fraction, cfg.min_posts)})
         .materialize()
     )

@@ -7,7 +7,7 @@ import time
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from tkllm_ray.data.accounts import SplitRules, split_account
+from tkllm_ray.data.accounts import order_key
 from tkllm_ray.data.pyramid import plan_account
 from tkllm_ray.data.readers import parse_file
 from tkllm_ray.data.schema import POST_COLUMNS, QUARANTINE_COLUMNS, ROW_SCHEMA
@@ -37,10 +37,6 @@ def only_clean(batch: pa.Table) -> pa.Table:
     return batch.filter(pc.is_null(batch["quarantine_reason"])).select(POST_COLUMNS)
 
 
-def split_group(group: pa.Table, rules: SplitRules) -> pa.Table:
-    return split_account(group, rules)
-
-
 def only_split(batch: pa.Table, splits: tuple[str, ...], drop_split: bool = False) -> pa.Table:
     out = batch.filter(pc.is_in(batch["split"], pa.array(list(splits))))
     return out.drop_columns(["split"]) if drop_split else out
@@ -62,8 +58,6 @@ class Tokenize:
 
 def plan_group(group: pa.Table, modes: list[str], first_bucket_posts: int, num_buckets: int, summary: bool) -> pa.Table:
     rows = group.select(["account_id", "text", "created_at", "hashtags", "position", "source", "source_row"]).to_pylist()
-    from tkllm_ray.data.accounts import order_key
-
     rows.sort(key=order_key, reverse=True)  # newest first
     plans = plan_account(rows[0]["account_id"], rows, modes, first_bucket_posts, num_buckets, summary)
     return pa.Table.from_pylist([p.__dict__ for p in plans], schema=PLAN_SCHEMA)

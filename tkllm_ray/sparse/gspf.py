@@ -15,7 +15,7 @@ from typing import Callable, Iterable
 import torch
 from torch import nn
 
-from tkllm_ray.sparse.model import SparseDeltaLinear, attach, detach
+from tkllm_ray.sparse.model import AppliedDelta, SparseDeltaLinear, attach, detach
 from tkllm_ray.sparse.selection import Selection, select
 from tkllm_ray.sparse.sensitivity import collect_sensitivity, target_linears
 
@@ -52,8 +52,6 @@ class GSPF:
     def sensitivity_select(self, batches: Iterable) -> Selection:
         # Sensitivity of the current model W + Δ: fold the learned Δ in, measure, fold it out.
         learned = detach(self.model) if self.modules else {}
-        from tkllm_ray.sparse.model import AppliedDelta
-
         applied = AppliedDelta(self.model, learned)
         try:
             lin = self._linears()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pyarrow.dataset as pads
 import torch
 
+from tkllm_ray.data.accounts import order_key
 from tkllm_ray.data.schema import validate_account_id
 from tkllm_ray.errors import TkllmError
 from tkllm_ray.storage import filesystem_for, join, resolve_latest
@@ -17,12 +18,11 @@ def account_posts(dataset: str, account_id: str, split: str, options=None) -> li
     fs, path = filesystem_for(join(root, split, f"account_id={account_id}"), options)
     try:
         table = pads.dataset(path, filesystem=fs, format="parquet").to_table(
-            columns=["input_ids", "created_at", "position", "source_row"])
+            columns=["input_ids", "created_at", "position", "source", "source_row"])
     except (FileNotFoundError, OSError):
         raise TkllmError(f"account {account_id!r} has no {split} posts in {root} "
                          "(unknown account, or skipped below min_posts: see summary.json)") from None
-    rows = sorted(table.to_pylist(), key=lambda r: (
-        r["created_at"].timestamp() if r["created_at"] else float("-inf"), r["position"] or -1, r["source_row"] or -1))
+    rows = sorted(table.to_pylist(), key=order_key)  # the order ingest split by
     return [r["input_ids"] for r in rows]
 
 

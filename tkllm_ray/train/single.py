@@ -80,12 +80,14 @@ def run_finetune(cfg: FinetuneConfig, progress: bool = True) -> dict:
     ppl_before = perplexity(model, eval_ids, eval_labels, cfg.batch_size)
     gen = torch.Generator().manual_seed(cfg.seed)
 
+    def warm_batches():  # the sensitivity warm-up: warmup_steps batches, cycling if the data is short
+        return [b for _, b in zip(range(cfg.warmup_steps), _cycle(train_ids, train_labels, cfg.batch_size, gen))]
+
     if cfg.method == "gspf":
         trainer = GSPF(model, lm_loss, GSPFSettings(density=cfg.density, scope=cfg.scope,
                                                      target_modules=cfg.target_modules, lr=cfg.lr,
                                                      weight_decay=cfg.weight_decay))
-        warm = [b for _, b in zip(range(cfg.warmup_steps), _cycle(train_ids, train_labels, cfg.batch_size, gen))]
-        trainer.sensitivity_select(warm)
+        trainer.sensitivity_select(warm_batches())
         step = trainer.step
         trainable = sum(m.values.numel() for m in trainer.modules.values())
     else:
@@ -108,8 +110,7 @@ def run_finetune(cfg: FinetuneConfig, progress: bool = True) -> dict:
     losses, t0 = [], time.perf_counter()
     for epoch in range(cfg.epochs):
         if cfg.method == "gspf" and cfg.reselect_every and epoch and epoch % cfg.reselect_every == 0:
-            trainer.sensitivity_select([b for _, b in zip(range(cfg.warmup_steps),
-                                                         _cycle(train_ids, train_labels, cfg.batch_size, gen))])
+            trainer.sensitivity_select(warm_batches())
         for batch in _batches(train_ids, train_labels, cfg.batch_size, gen):
             losses.append(step(batch))
             bar.update(1)

@@ -35,7 +35,7 @@ def dataset(tmp_path_factory):
             for acc, rs in by_acc.items():
                 rs.sort(key=lambda r: r["created_at"])
                 out += rs[:48] if split == "train" else rs[48:]
-            t = pa.Table.from_pylist([{k: r[k] for k in ("account_id", "text", "created_at", "position",
+            t = pa.Table.from_pylist([{k: r[k] for k in ("account_id", "text", "created_at", "position", "source",
                                                           "source_row", "input_ids")} for r in out])
             pq.write_to_dataset(t, join(vuri, split), partition_cols=["account_id"])
 
