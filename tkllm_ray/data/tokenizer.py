@@ -15,10 +15,14 @@ SPECIAL_TOKENS = ["<|endoftext|>", "<|pad|>", "<|post|>", "<|account|>"]
 
 
 def tokenizer_dir(spec: str, options=None) -> str:
-    """Local directory holding the tokenizer named by `spec` (builtin, a path, or s3://)."""
+    """Local directory holding the tokenizer named by `spec` (builtin, a named pretrained base
+    such as smollm2-135m, whose own tokenizer is saved with it, a path, or s3://)."""
+    from tkllm_ray.models.presets import pretrained_dir
     from tkllm_ray.storage.cache import local_dir
 
-    return str(BUILTIN_DIR) if spec == BUILTIN else local_dir(spec, "tokenizer directory", options)
+    if spec == BUILTIN:
+        return str(BUILTIN_DIR)
+    return pretrained_dir(spec) or local_dir(spec, "tokenizer directory", options)
 
 
 def load_tokenizer(spec: str = BUILTIN, options=None):

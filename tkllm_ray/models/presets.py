@@ -2,6 +2,7 @@
 
 `tkllm-tiny` is for CPU tests and the quickstart; `tkllm-s/m/l` (~1.3B/3B/7B) are the GPU sizes.
 Random init from a config: weights come from training (or `from_pretrained` on a local/S3 dir).
+`PRETRAINED` names real pretrained bases, each a function giving its (cached, local) HF directory.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import hashlib
 import torch
 
 from tkllm_ray.errors import TkllmError
+from tkllm_ray.models.smollm2 import smollm2_dir
 
 PRESETS: dict[str, dict] = {
     "tkllm-tiny": dict(hidden_size=64, intermediate_size=176, num_hidden_layers=4, num_attention_heads=4,
@@ -23,6 +25,22 @@ PRESETS: dict[str, dict] = {
                     num_key_value_heads=32, max_position_embeddings=2048),
 }
 
+PRETRAINED = {"smollm2-135m": smollm2_dir}
+
+
+def pretrained_dir(name: str) -> str | None:
+    """The local model directory of a named pretrained base (its tokenizer included), else None."""
+    return PRETRAINED[name]() if name in PRETRAINED else None
+
+
+def check_vocab(model: torch.nn.Module, vocab_size: int, model_name: str, tokenizer_name: str) -> None:
+    """Refuse a tokenizer whose ids run past the model's embedding table (an index error deep in
+    the forward pass otherwise)."""
+    rows = model.get_input_embeddings().num_embeddings
+    if vocab_size > rows:
+        raise TkllmError(f"tokenizer {tokenizer_name!r} has {vocab_size} tokens but model {model_name!r} embeds only "
+                         f"{rows}: pass the model's own tokenizer (--tokenizer {model_name})")
+
 
 def preset_config(name: str, vocab_size: int = 8192):
     from transformers import LlamaConfig
@@ -33,12 +51,15 @@ def preset_config(name: str, vocab_size: int = 8192):
                        tie_word_embeddings=False, rms_norm_eps=1e-5, **PRESETS[name])
 
 
-def build_model(name: str, vocab_size: int = 8192, seed: int = 0, dtype: torch.dtype = torch.float32):
-    """A randomly initialised preset, deterministic for `seed`."""
+def build_model(name: str, vocab_size: int = 8192, seed: int = 0, dtype: torch.dtype = torch.float32,
+                device: str | torch.device = "cpu"):
+    """A randomly initialised preset, deterministic for `seed` on a given device type (a GPU
+    build is fast for the 1.3B-7B sizes but draws other numbers than a CPU build)."""
     from transformers import LlamaForCausalLM
 
     torch.manual_seed(seed)
-    model = LlamaForCausalLM(preset_config(name, vocab_size))
+    with torch.device(device):
+        model = LlamaForCausalLM(preset_config(name, vocab_size))
     return model.to(dtype)
 
 

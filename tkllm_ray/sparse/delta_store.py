@@ -68,7 +68,8 @@ def save_delta(store: str, account_id: str, delta: Delta, base_model: str, base_
 
 def load_delta(store: str, account_id: str, version: str | None = None, base_fingerprint: str | None = None,
                options=None) -> tuple[Delta, dict]:
-    """Load a published delta; refuse a corrupt file or one trained on another base."""
+    """Load a published delta; refuse a corrupt file or one trained on another base. The returned
+    manifest carries the resolved `version`."""
     root = join(store, validate_account_id(account_id))
     version = version or read_latest(root, options)
     if version is None:
@@ -84,4 +85,4 @@ def load_delta(store: str, account_id: str, version: str | None = None, base_fin
             f"({manifest['base_fingerprint'][:19]}…), not the loaded base ({base_fingerprint[:19]}…): "
             "load the matching base or retrain the account"
         )
-    return decode(blob), manifest
+    return decode(blob), {**manifest, "version": version}

@@ -27,6 +27,7 @@ class GSPFSettings:
     density: float = 0.003
     scope: str = "global"  # or "per_module"
     target_modules: list[str] | None = None  # None: every linear layer, LM head included
+    top_layers: int | None = None  # confine the budget to the N most-favoured decoder layers
     lr: float = 1e-3
     weight_decay: float = 0.0
     betas: tuple[float, float] = (0.9, 0.999)
@@ -40,6 +41,16 @@ class GSPF:
         self.targets = list(target_linears(model, self.s.target_modules))
         self.modules: dict[str, SparseDeltaLinear] = {}
         self.opt: torch.optim.Optimizer | None = None
+
+    @classmethod
+    def from_delta(cls, model: nn.Module, loss_fn: LossFn, delta: dict[str, tuple[torch.Tensor, torch.Tensor]],
+                   settings: GSPFSettings | None = None) -> "GSPF":
+        """Train a given mask from given values, no sensitivity pass: continuing a published delta,
+        or a mask chosen by another method (DiffPruning's projection)."""
+        g = cls(model, loss_fn, settings)
+        sel = Selection({n: i for n, (i, _) in delta.items()}, g.s.density)
+        g._install(sel, {n: (i, v.float()) for n, (i, v) in delta.items()})
+        return g
 
     # -- selection -------------------------------------------------------------------------
     def _linears(self) -> dict[str, nn.Linear]:
@@ -56,7 +67,9 @@ class GSPF:
         try:
             lin = self._linears()
             sens = collect_sensitivity(self.model, batches, self.loss_fn, lin)
-            sel = select(sens, {n: m.weight for n, m in lin.items()}, self.s.density, self.s.scope)
+            sel = select(sens, {n: m.weight for n, m in lin.items()}, self.s.density, self.s.scope, self.s.top_layers,
+                         inplace=True)  # the sensitivities are not needed after scoring
+            del sens
         finally:
             applied.restore()
         self._install(sel, learned)

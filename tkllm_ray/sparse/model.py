@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from tkllm_ray.sparse.delta_op import sparse_delta_linear, split_indices
+from tkllm_ray.sparse.delta_op import add_rounded, sparse_delta_linear, split_indices
 
 
 class SparseDeltaLinear(nn.Module):
@@ -21,6 +21,8 @@ class SparseDeltaLinear(nn.Module):
         if indices.numel() > 1 and not bool((indices[1:] > indices[:-1]).all()):
             raise ValueError("delta indices must be sorted and unique")
         rows, cols = split_indices(indices, base.in_features)
+        if base.weight.numel() < 2**31:  # int32 halves the index memory; the kernels read either
+            rows, cols = rows.to(torch.int32), cols.to(torch.int32)
         self.register_buffer("indices", indices, persistent=False)
         self.register_buffer("rows", rows, persistent=False)
         self.register_buffer("cols", cols, persistent=False)
@@ -30,7 +32,7 @@ class SparseDeltaLinear(nn.Module):
     def forward(self, x):
         if self.values.numel() == 0:
             return self.base(x)
-        return sparse_delta_linear(x, self.base.weight, self.base.bias, self.values, self.rows, self.cols)
+        return sparse_delta_linear(x, self.base.weight, self.base.bias, self.values, self.indices, self.rows, self.cols)
 
 
 def _parent(model: nn.Module, name: str) -> tuple[nn.Module, str]:
@@ -79,7 +81,7 @@ class AppliedDelta:
                 idx = idx.to(w.device)
                 orig = flat[idx].clone()
                 self.saved.append((flat, idx, orig))
-                flat[idx] = (orig.float() + vals.to(w.device).float()).to(w.dtype)
+                flat[idx] = add_rounded(orig, vals)
 
     def restore(self) -> None:
         with torch.no_grad():

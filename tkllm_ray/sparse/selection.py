@@ -1,14 +1,18 @@
 """GSPF selection: S̃ = z-score(S) · tanh(|θ|), then the top p% entries, globally or per module.
 
-Global selection never concatenates all scores: each module offers its own top-k candidates
-(no module can contribute more than k), and the k-th largest of those is the threshold.
+Global selection never concatenates or sorts all scores: the k-th largest score is found by
+bisection over counts, then each module keeps its entries above it (ties fill up to exactly k).
 """
 
 from __future__ import annotations
 
+import re
+from collections import Counter
 from dataclasses import dataclass
 
 import torch
+
+_LAYER = re.compile(r"\.layers\.(\d+)\.")
 
 
 @dataclass
@@ -29,7 +33,9 @@ def _zstats(tensors: list[torch.Tensor]) -> tuple[float, float]:
     return mean, max((ss / n - mean * mean), 0.0) ** 0.5
 
 
-def scores(sensitivity: dict[str, torch.Tensor], weights: dict[str, torch.Tensor], scope: str) -> dict[str, torch.Tensor]:
+def scores(sensitivity: dict[str, torch.Tensor], weights: dict[str, torch.Tensor], scope: str,
+           inplace: bool = False) -> dict[str, torch.Tensor]:
+    """z-score(S) · tanh(|θ|). `inplace` overwrites the sensitivities (no second full-size copy)."""
     if scope == "global":
         mean, std = _zstats(list(sensitivity.values()))
         stats = {n: (mean, std) for n in sensitivity}
@@ -38,34 +44,89 @@ def scores(sensitivity: dict[str, torch.Tensor], weights: dict[str, torch.Tensor
     out = {}
     for n, s in sensitivity.items():
         mean, std = stats[n]
-        z = (s - mean) / (std if std > 0 else 1.0)
-        out[n] = z * torch.tanh(weights[n].detach().abs().float().to(s.device))
+        z = s if inplace else s.clone()
+        z.sub_(mean).div_(std if std > 0 else 1.0)
+        out[n] = z.mul_(torch.tanh(weights[n].detach().abs().float().to(s.device)))
     return out
 
 
 def select(sensitivity: dict[str, torch.Tensor], weights: dict[str, torch.Tensor], density: float = 0.003,
-           scope: str = "global") -> Selection:
+           scope: str = "global", top_layers: int | None = None, inplace: bool = False) -> Selection:
+    """Top `density` of the scored entries. `top_layers` keeps the same budget k but confines it
+    to the decoder layers the unrestricted selection favours most (plus modules outside the
+    layer stack, e.g. lm_head), so backprop stops at the lowest of them: GSPF's cheap mode.
+    (With scope per_module the kept modules keep their own budgets; the others get none.)"""
     if not 0 < density <= 1:
         raise ValueError(f"density must be in (0, 1], got {density}")
     if scope not in ("global", "per_module"):
         raise ValueError(f"scope must be 'global' or 'per_module', got {scope!r}")
-    sc = scores(sensitivity, weights, scope)
+    if top_layers is not None and top_layers < 1:
+        raise ValueError(f"top_layers must be at least 1, got {top_layers}")
+    sc = scores(sensitivity, weights, scope, inplace)
     if scope == "per_module":
-        idx = {n: _top(s.flatten(), max(1, round(density * s.numel()))) for n, s in sc.items()}
+        idx = {n: _top(s.flatten(), budget(density, s.numel())) for n, s in sc.items()}
+        if top_layers is not None:
+            kept = _favoured_layers(idx, top_layers)
+            idx = {n: i for n, i in idx.items() if layer_of(n) is None or layer_of(n) in kept}
         return Selection(idx, density)
-    total = sum(s.numel() for s in sc.values())
-    k = max(1, round(density * total))
-    cands = {n: torch.topk(s.flatten(), min(k, s.numel())).values for n, s in sc.items()}
-    threshold = torch.topk(torch.cat([c.cpu() for c in cands.values()]), k).values[-1]
+    k = budget(density, sum(s.numel() for s in sc.values()))
+    if top_layers is not None:
+        kept = _favoured_layers(top_k(sc, k), top_layers)
+        sc = {n: s for n, s in sc.items() if layer_of(n) is None or layer_of(n) in kept}
+    return Selection(top_k(sc, min(k, sum(s.numel() for s in sc.values()))), density)
+
+
+def layer_of(name: str) -> int | None:
+    """Decoder layer number in a module name (`model.layers.7.mlp.up_proj` -> 7), None outside."""
+    m = _LAYER.search(f".{name}.")
+    return int(m.group(1)) if m else None
+
+
+def _favoured_layers(indices: dict[str, torch.Tensor], n: int) -> set[int]:
+    per_layer = Counter()
+    for name, idx in indices.items():
+        if layer_of(name) is not None:
+            per_layer[layer_of(name)] += idx.numel()
+    # Most entries first; ties go to the deeper layer (less backprop below it).
+    return {layer for layer, _ in sorted(per_layer.items(), key=lambda kv: (-kv[1], -kv[0]))[:n]}
+
+
+def budget(density: float, entries: int) -> int:
+    """How many of `entries` a delta at `density` holds: the one rounding rule of every sparse method."""
+    return max(1, round(density * entries))
+
+
+def top_k(sc: dict[str, torch.Tensor], k: int) -> dict[str, torch.Tensor]:
+    """The k highest-scoring entries over all modules: module -> sorted flat int64 positions."""
+    threshold = _kth_largest_key(sc, k)
     # Entries above the threshold, then ties at it in module order, to exactly k in total.
     idx, left = {}, k
-    above = {n: (s.flatten() > threshold).nonzero().flatten() for n, s in sc.items()}
+    above = {n: (_order_key(s.flatten()) > threshold).nonzero().flatten() for n, s in sc.items()}
     left -= sum(a.numel() for a in above.values())
     for n, s in sc.items():
-        ties = (s.flatten() == threshold).nonzero().flatten()[: max(left, 0)]
+        ties = (_order_key(s.flatten()) == threshold).nonzero().flatten()[: max(left, 0)]
         left -= ties.numel()
         idx[n] = torch.sort(torch.cat([above[n], ties])).values.to(torch.int64)
-    return Selection(idx, density)
+    return idx
+
+
+def _order_key(s: torch.Tensor) -> torch.Tensor:
+    """float32 -> int32 with the same order (negatives: flip the magnitude bits)."""
+    i = s.float().contiguous().view(torch.int32)
+    return torch.where(i < 0, i ^ 0x7FFFFFFF, i)
+
+
+def _kth_largest_key(sc: dict[str, torch.Tensor], k: int) -> int:
+    """The k-th largest score over all modules, as an order key, by bisection on the 32-bit key
+    space: 32 counting passes, no concatenation or sort of the scores (memory-flat on a 7B)."""
+    lo, hi = -(2**31), 2**31 - 1
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if sum(int((_order_key(s) >= mid).sum()) for s in sc.values()) >= k:
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo
 
 
 def _top(flat: torch.Tensor, k: int) -> torch.Tensor:

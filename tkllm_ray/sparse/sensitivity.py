@@ -26,7 +26,9 @@ def target_linears(model: nn.Module, include: Iterable[str] | None = None) -> di
 
 @torch.no_grad()
 def _accumulate(acc: torch.Tensor, dy: torch.Tensor, x: torch.Tensor) -> None:
-    g = dy.reshape(-1, dy.shape[-1]).float().t() @ x.reshape(-1, x.shape[-1]).float()
+    # In the model's dtype: for a bf16 model this is exactly the weight gradient autograd would
+    # give (fp32-accumulated GEMM), without fp32 copies of dy and x; the running sum is fp32.
+    g = dy.reshape(-1, dy.shape[-1]).t() @ x.reshape(-1, x.shape[-1])
     acc.add_(g.abs_().to(acc.device))
 
 

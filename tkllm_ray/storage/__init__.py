@@ -10,6 +10,7 @@ from tkllm_ray.storage.files import (
     read_text,
     remove,
     write_bytes,
+    write_dir,
     write_text,
 )
 from tkllm_ray.storage.publish import new_version_id, publish, read_latest, resolve_latest
@@ -31,5 +32,6 @@ __all__ = [
     "remove",
     "resolve_latest",
     "write_bytes",
+    "write_dir",
     "write_text",
 ]

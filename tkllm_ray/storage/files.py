@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import posixpath
+import shutil
 import uuid
 from functools import lru_cache
 
@@ -136,3 +137,24 @@ def remove(uri: str, options: StorageOptions | None = None) -> None:
         fs.delete_dir(path)
     elif info.type == pafs.FileType.File:
         fs.delete_file(path)
+
+
+def write_dir(local: str, uri: str, options: StorageOptions | None = None, last: tuple[str, ...] = ()) -> None:
+    """Copy a local directory's files to `uri`. Local targets appear whole (built beside, then
+    renamed into place; an existing target is an error); on S3, files named in `last` (e.g. a
+    model's config.json) are written after everything else, so a loader never finds them early."""
+    p = parse_uri(uri)
+    names = sorted(os.listdir(local), key=lambda n: (n in last, n))
+    if not p.is_s3:
+        if os.path.exists(p.path):
+            raise TkllmError(f"{uri} already exists: choose a new output directory")
+        staging = f"{p.path.rstrip(os.sep)}.tmp-{uuid.uuid4().hex[:12]}"
+        try:
+            shutil.copytree(local, staging)
+            os.replace(staging, p.path)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+        return
+    for name in names:
+        with open(os.path.join(local, name), "rb") as f:
+            write_bytes(join(uri, name), f.read(), options)

@@ -1,7 +1,9 @@
 """The sparse-delta linear op against dense math: forward, dx, and dv at the selected entries."""
 
+import pytest
 import torch
 
+from tkllm_ray.sparse import delta_op
 from tkllm_ray.sparse.delta_op import sparse_delta_linear, split_indices
 
 
@@ -15,10 +17,12 @@ def _case(seed=0, n=7, din=12, dout=9, k=20, dtype=torch.float64):
     return x, w, b, idx, v
 
 
-def test_forward_and_backward_match_dense():
+@pytest.mark.parametrize("merged", [True, False])
+def test_forward_and_backward_match_dense(merged, monkeypatch):
+    monkeypatch.setattr(delta_op, "use_merged", lambda *a: merged)  # both routes, same answers
     x, w, b, idx, v = _case()
     rows, cols = split_indices(idx, w.shape[1])
-    y = sparse_delta_linear(x, w, b, v, rows, cols)
+    y = sparse_delta_linear(x, w, b, v, idx, rows, cols)
     dy = torch.randn_like(y)
     (y * dy).sum().backward()
     dx, dv = x.grad.clone(), v.grad.clone()
@@ -35,5 +39,5 @@ def test_forward_and_backward_match_dense():
 def test_empty_delta_is_the_base_layer():
     x, w, b, _, _ = _case()
     e = torch.empty(0, dtype=torch.int64)
-    y = sparse_delta_linear(x, w, b, torch.empty(0, dtype=w.dtype), e, e)
+    y = sparse_delta_linear(x, w, b, torch.empty(0, dtype=w.dtype), e, e, e)
     torch.testing.assert_close(y, torch.nn.functional.linear(x, w, b))

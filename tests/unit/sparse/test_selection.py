@@ -4,7 +4,7 @@ import torch
 
 from tkllm_ray.models import build_model, fingerprint
 from tkllm_ray.sparse.model import AppliedDelta, attach, detach
-from tkllm_ray.sparse.selection import scores, select
+from tkllm_ray.sparse.selection import layer_of, scores, select
 from tkllm_ray.sparse.sensitivity import collect_sensitivity, target_linears
 
 
@@ -72,3 +72,37 @@ def test_apply_and_restore_is_bit_exact_and_matches_module_path():
     assert trainable and all(n.endswith(".values") for n in trainable)
     back = detach(model)
     assert fingerprint(model) == before and set(back) == set(delta)
+
+
+def test_top_layers_keeps_the_budget_and_stops_backprop_below():
+    model = build_model("tkllm-tiny", seed=4)
+    mods = target_linears(model)
+    sens = collect_sensitivity(model, _batches(2), lm_loss, mods)
+    weights = {n: m.weight for n, m in mods.items()}
+    full = select(sens, weights, density=0.01)
+    one = select(sens, weights, density=0.01, top_layers=1)
+    assert one.k == full.k  # same budget, confined
+    layers = {layer_of(n) for n, i in one.indices.items() if i.numel()} - {None}
+    assert len(layers) == 1
+    # The favoured layer is the one the unrestricted selection gave the most entries.
+    per_layer = {}
+    for n, i in full.indices.items():
+        if layer_of(n) is not None:
+            per_layer[layer_of(n)] = per_layer.get(layer_of(n), 0) + i.numel()
+    assert layers == {max(per_layer, key=lambda k: (per_layer[k], k))}
+    # Nothing below the lowest selected layer takes part in the backward pass.
+    low = min(layers)
+    attach(model, one.indices)
+    seen = {}
+    hooks = [model.model.layers[i].register_forward_hook(lambda m, a, out, i=i: seen.__setitem__(i, out[0] if isinstance(out, tuple) else out))
+             for i in range(len(model.model.layers))]
+    lm_loss(model, _batches(1, seed=9)[0]).backward()
+    for h in hooks:
+        h.remove()
+    assert all(not seen[i].requires_grad for i in range(low))
+    assert seen[low].requires_grad
+
+
+def test_layer_of_reads_decoder_layer_numbers():
+    assert layer_of("model.layers.12.mlp.up_proj") == 12
+    assert layer_of("lm_head") is None

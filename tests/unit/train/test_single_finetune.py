@@ -1,6 +1,7 @@
 """`tkllm finetune` for one account on the tiny model, from a dataset in the ingest layout."""
 
 import json
+from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -13,8 +14,10 @@ from tkllm_ray.data.tokenizer import cached_tokenizer
 from tkllm_ray.data.validate import RowRules, record_to_row
 from tkllm_ray.models import build_model, fingerprint
 from tkllm_ray.sparse.delta_store import load_delta
+from tkllm_ray.sparse.model import AppliedDelta
 from tkllm_ray.storage import join, publish
-from tkllm_ray.train.data import pack
+from tkllm_ray.train.data import account_posts, pack
+from tkllm_ray.train.single import perplexity
 
 
 @pytest.fixture(scope="module")
@@ -45,7 +48,17 @@ def dataset(tmp_path_factory):
 
 def _result(out: str) -> dict:
     # DeepSpeed (imported by transformers' save path) prints an accelerator warning to stdout.
-    return json.loads(out[out.index("{\n"):])
+    r = json.loads(out[out.index("{\n"):])
+    # Every method reports its costs: fp32 params + grads + two AdamW moments (+ step counters); no
+    # peak memory on the CPU (not measured, so not reported as a number).
+    assert r["trainable_params"] > 0 and r["step_time_s"] > 0 and r["train_time_s"] > 0
+    assert 16 * r["trainable_params"] <= r["train_state_bytes"] < 17 * r["trainable_params"]
+    assert r["peak_memory_bytes"] is None
+    return r
+
+
+def _linear_entries(model) -> int:
+    return sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear))
 
 
 def test_pack_closes_posts_with_eos_and_masks_padding():
@@ -71,19 +84,39 @@ def test_gspf_finetune_publishes_a_delta_that_lowers_heldout_perplexity(dataset,
     assert (vdir / "placement.png").stat().st_size > 1000
     assert sum(map(sum, json.loads((vdir / "placement.json").read_text())["count"])) == r["trainable_params"]
     k = sum(i.numel() for i, _ in delta.values())
-    assert k == r["trainable_params"] == round(0.01 * sum(m.weight.numel() for m in base.modules()
-                                                           if isinstance(m, torch.nn.Linear)))
+    assert k == r["trainable_params"] == round(0.01 * _linear_entries(base))
 
 
-@pytest.mark.parametrize("method", ["full", "lora"])
+def test_diffpruning_publishes_the_projected_delta_it_evaluated(dataset, tmp_path, capsys):
+    root, accounts = dataset
+    store = str(tmp_path / "deltas")
+    assert main(["finetune", "--account", accounts[0], "--data", root, "--method", "diffpruning", "--output", store,
+                 "--epochs", "2", "--lr", "0.01", "--density", "0.01", "--seq-len", "64", "--json"]) == 0
+    r = _result(capsys.readouterr().out)
+    base = build_model("tkllm-tiny", vocab_size=8192, seed=0)
+    n = _linear_entries(base)
+    delta, manifest = load_delta(store, accounts[0], base_fingerprint=fingerprint(base))
+    assert manifest["method"] == "diffpruning" and sum(i.numel() for i, _ in delta.values()) == round(0.01 * n)
+    assert r["trainable_params"] == 2 * n  # while training: a dense delta and a gate per target entry
+    AppliedDelta(base, delta)
+    ids, labels = pack(account_posts(root, accounts[0], "eval"), cached_tokenizer().eos_token_id, 64)
+    assert perplexity(base, ids, labels, 8) == r["eval_ppl_after"] < r["eval_ppl_before"]
+
+
+EXPORTS = {"full": "model.safetensors", "lora": "adapter_model.safetensors", "adapter": "adapter.safetensors"}
+
+
+@pytest.mark.parametrize("method", sorted(EXPORTS))
 def test_baselines_train_and_export(dataset, tmp_path, method, capsys):
     root, accounts = dataset
     assert main(["finetune", "--account", accounts[1], "--data", root, "--method", method, "--epochs", "1",
-                 "--output", str(tmp_path / "out"), "--seq-len", "64", "--lora-rank", "4", "--json"]) == 0
+                 "--output", str(tmp_path / "out"), "--seq-len", "64", "--lora-rank", "4", "--adapter-bottleneck", "8",
+                 "--json"]) == 0
     r = _result(capsys.readouterr().out)
-    files = {p.name for p in (tmp_path / "out" / accounts[1] / method).iterdir()}
-    assert ("model.safetensors" if method == "full" else "adapter_model.safetensors") in files
-    assert r["trainable_params"] > 0 and r["eval_ppl_after"] < r["eval_ppl_before"]
+    assert r["model_uri"].startswith(str(tmp_path / "out" / accounts[1] / method))  # a new version dir per run
+    files = {p.name for p in Path(r["model_uri"]).iterdir()}
+    assert EXPORTS[method] in files
+    assert r["eval_ppl_after"] < r["eval_ppl_before"]
 
 
 def test_unknown_account_is_a_clear_error(dataset, capsys):
