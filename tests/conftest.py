@@ -1,5 +1,7 @@
+import importlib.util
 import os
 import uuid
+from pathlib import Path
 
 import pytest
 
@@ -43,3 +45,17 @@ def shared_data():
     if d is None:
         pytest.skip("../shared/data is absent (set TKLLM_SHARED_DATA to run this test)")
     return d
+
+
+@pytest.fixture(scope="session")
+def benchmark_script():
+    """Load benchmarks/<name>.py as a module (benchmarks/ is scripts, not a package)."""
+
+    def load(name: str):
+        path = Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"
+        spec = importlib.util.spec_from_file_location(name, path)
+        mod = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(mod)
+        return mod
+
+    return load

@@ -1,23 +1,11 @@
 """benchmarks/pretrain_base.py: a few steps of the cpu size on the first 3,000 tweets of the corpus."""
 
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
 
-SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "pretrain_base.py"
 
-
-def load_script():
-    # benchmarks/ is no package: load the script as a module from its path.
-    spec = importlib.util.spec_from_file_location("pretrain_base", SCRIPT)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
-def test_pretrain_cpu_saves_a_loadable_base_that_learned(shared_data, tmp_path):
+def test_pretrain_cpu_saves_a_loadable_base_that_learned(shared_data, tmp_path, benchmark_script):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     corpus = shared_data / "tweets-corpus.txt"
@@ -29,7 +17,7 @@ def test_pretrain_cpu_saves_a_loadable_base_that_learned(shared_data, tmp_path):
     small.write_text("".join(head), encoding="utf-8")
     out = tmp_path / "base"
 
-    r = load_script().pretrain_base(str(small), str(out), size="cpu", steps=10, device="cpu", progress=False)
+    r = benchmark_script("pretrain_base").pretrain_base(str(small), str(out), size="cpu", steps=10, device="cpu", progress=False)
 
     assert sorted(p.name for p in tmp_path.iterdir()) == ["base", "corpus.txt"]  # the temp dir was renamed
     model = AutoModelForCausalLM.from_pretrained(out)

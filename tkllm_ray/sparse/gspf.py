@@ -78,9 +78,9 @@ class GSPF:
     def _install(self, sel: Selection, learned: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> None:
         values, carried, kept, old_total = {}, {}, 0, sum(i.numel() for i, _ in learned.values())
         for n, idx in sel.indices.items():
-            v = torch.zeros(idx.numel())
-            if n in learned:
-                old_idx, old_v = learned[n]
+            v = torch.zeros(idx.numel(), device=idx.device)
+            if n in learned:  # learned values come back on the CPU (detach); selections live on the device
+                old_idx, old_v = learned[n][0].to(idx.device), learned[n][1].to(idx.device)
                 pos, hit = _match(idx, old_idx)
                 v[hit] = old_v[pos[hit]]
                 carried[n] = (pos, hit)
@@ -121,6 +121,6 @@ class GSPF:
 def _match(new_idx: torch.Tensor, old_idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """For each new index: its position in the sorted `old_idx` and whether it is there."""
     if old_idx.numel() == 0:
-        return torch.zeros_like(new_idx), torch.zeros(new_idx.numel(), dtype=torch.bool)
+        return torch.zeros_like(new_idx), torch.zeros(new_idx.numel(), dtype=torch.bool, device=new_idx.device)
     pos = torch.searchsorted(old_idx, new_idx).clamp(max=old_idx.numel() - 1)
     return pos, old_idx[pos] == new_idx

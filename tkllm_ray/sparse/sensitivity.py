@@ -15,11 +15,17 @@ from torch import nn
 
 
 def target_linears(model: nn.Module, include: Iterable[str] | None = None) -> dict[str, nn.Linear]:
-    """Linear layers to fine-tune: all of them, the LM head included (GSPF's default), or those
+    """Linear layers to fine-tune: all of them, the LM head included unless tied (GSPF's default), or those
     whose qualified name contains one of `include` (e.g. ["q_proj", "down_proj", "lm_head"])."""
+    # A head tied to the input embedding (SmolLM2 and other small models) is left out: a delta on
+    # it would change the embedding too once merged, which the training forward never saw.
+    emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    tied = emb.weight if emb is not None else None
     out = {}
     for name, mod in model.named_modules():
         if isinstance(mod, nn.Linear) and (include is None or any(key in name for key in include)):
+            if tied is not None and mod.weight is tied:
+                continue
             out[name] = mod
     return out
 

@@ -221,8 +221,8 @@ def _cycle(ids, labels, batch_size, gen):
 def _wrap_lora(model, cfg: FinetuneConfig):
     from peft import LoraConfig, get_peft_model
 
-    leaves = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)})
-    targets = [t for t in leaves if not cfg.target_modules or any(k in t for k in cfg.target_modules)]
+    # GSPF's targets (all linears, a tied head excluded), as peft module-name suffixes.
+    targets = sorted({n.rsplit(".", 1)[-1] for n in target_linears(model, cfg.target_modules)})
     return get_peft_model(model, LoraConfig(r=cfg.lora_rank, lora_alpha=2 * cfg.lora_rank, target_modules=targets,
                                             lora_dropout=0.0, task_type="CAUSAL_LM"))
 

@@ -106,3 +106,15 @@ def test_top_layers_keeps_the_budget_and_stops_backprop_below():
 def test_layer_of_reads_decoder_layer_numbers():
     assert layer_of("model.layers.12.mlp.up_proj") == 12
     assert layer_of("lm_head") is None
+
+
+def test_a_head_tied_to_the_embedding_is_not_a_target():
+    from transformers import LlamaForCausalLM
+
+    from tkllm_ray.models.presets import preset_config
+
+    cfg = preset_config("tkllm-tiny")
+    cfg.tie_word_embeddings = True
+    model = LlamaForCausalLM(cfg)
+    assert model.lm_head.weight is model.get_input_embeddings().weight
+    assert "lm_head" not in target_linears(model) and "lm_head" in target_linears(build_model("tkllm-tiny"))
