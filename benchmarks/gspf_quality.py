@@ -11,7 +11,8 @@ as `tkllm ingest` splits (same parse, dedupe and split code, without Ray). Each 
 rate is picked per method from a small grid on a validation carve-out of the first accounts'
 *train* posts (their newest 20%), never on the held-out posts. Gain = base ppl - method ppl per
 account; reported as mean ± 95% CI over accounts; `gspf_gain_ratio_vs_full` = GSPF's mean gain /
-full FT's. Writes gspf-quality-<tag>.json and .png.
+full FT's. Also where GSPF's entries fall (pooled over accounts: final-quarter blocks and
+module types vs their share of the weights). Writes gspf-quality-<tag>.json, .png, -placement.png.
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ from tkllm_ray.data.samples import corpus_path, shared_data_dir
 from tkllm_ray.data.tokenizer import load_tokenizer
 from tkllm_ray.data.validate import RowRules
 from tkllm_ray.models.load import load_base_model
+from tkllm_ray.sparse.placement import concentration, heatmap_png, placement_table, pooled
 from tkllm_ray.sparse.selection import budget
 from tkllm_ray.sparse.sensitivity import target_linears
 from tkllm_ray.train.single import train_account
@@ -104,6 +106,8 @@ class Runner:
                              device=self.device.type)
         run = train_account(cfg, copy.deepcopy(self.base), self.tok.eos_token_id, self.encode(train),
                             self.encode(held_out), progress=False)
+        if run.delta is not None:  # where the selection fell, for the placement summary
+            run.result["placement"] = placement_table({n: i for n, (i, _) in run.delta.items()}, run.shapes)
         return run.result
 
 
@@ -209,7 +213,7 @@ def main(argv=None) -> dict:
     methods = args.methods
     if not {"full", "lora", "gspf"} <= set(methods):
         raise SystemExit("--methods must include full, lora and gspf (the ratios compare them)")
-    rows, costs = [], defaultdict(list)
+    rows, costs, placements = [], defaultdict(list), []
     for ds, accts in accounts.items():
         for acct, (train, held_out) in accts.items():
             row = {"dataset": ds, "account": acct, "train_posts": len(train), "eval_posts": len(held_out)}
@@ -218,10 +222,13 @@ def main(argv=None) -> dict:
                 r = runner.run(method, lrs[method]["lr"], train, held_out, reselect_every=0 if m == "gspf_static" else 5)
                 row["base"], row[m] = r["eval_ppl_before"], r["eval_ppl_after"]
                 costs[m].append({k: r[k] for k in ("trainable_params", "step_time_s", "steps", "train_state_bytes")})
+                if m == "gspf":
+                    placements.append(r["placement"])
             rows.append(row)
             print(f"[{time.perf_counter() - t0:5.0f}s] {ds}/{acct}: " +
                   " ".join(f"{m} {row[m]:.1f}" for m in ["base", *methods]), flush=True)
     summary = summarize(rows, methods)
+    where = pooled(placements)
     result = {"gspf_gain_ratio_vs_full": summary["all"]["gspf_gain_ratio_vs_full"],
               "gspf_gain_ratio_vs_lora": summary["all"]["gspf_gain_ratio_vs_lora"],
               "targets": {"gain_ratio_vs_full_min": 0.9, "gain_ratio_vs_lora_min": 1.0},
@@ -229,6 +236,7 @@ def main(argv=None) -> dict:
               else torch.cuda.get_device_name(0), "gspf_k": runner.k, "lora_rank": runner.lora_rank,
               "learning_rates": lrs, "config": vars(args), "summary": summary,
               "costs": {m: {k: statistics.fmean(c[k] for c in cs) for k in cs[0]} for m, cs in costs.items()},
+              "placement": {"concentration": concentration(where), "table": where},
               "accounts": rows, "wall_s": time.perf_counter() - t0}
     os.makedirs(args.out, exist_ok=True)
     stem = os.path.join(args.out, f"gspf-quality-{args.tag}")
@@ -236,6 +244,9 @@ def main(argv=None) -> dict:
         json.dump(result, f, indent=2)
     plot(summary, methods, stem + ".png", f"{args.base}: held-out ppl gain per method "
          f"(GSPF {args.density:.1%}, LoRA r={runner.lora_rank})")
+    with open(stem + "-placement.png", "wb") as f:
+        f.write(heatmap_png(where, f"GSPF {args.density:.1%} selection on {args.base}, "
+                                   f"mean over {len(placements)} accounts"))
     print(f"gspf_gain_ratio_vs_full {result['gspf_gain_ratio_vs_full']:.3f}, vs lora "
           f"{result['gspf_gain_ratio_vs_lora']:.3f}; wrote {stem}.json [{result['wall_s']:.0f}s]", flush=True)
     return result

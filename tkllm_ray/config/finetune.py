@@ -27,6 +27,8 @@ class FinetuneConfig(ConfigModel):
     scope: Literal["global", "per_module"] = Field("global", description="GSPF: top-p over all modules or per module")
     warmup_steps: int = Field(8, ge=1, description="GSPF: sensitivity warm-up batches")
     reselect_every: int = Field(5, ge=0, description="GSPF: re-select every N epochs (0 = static mask)")
+    sensitivity_offload: bool = Field(False, description="GSPF: keep the warm-up's fp32 sensitivity sums in host "
+                                      "memory instead of on the GPU")
     top_layers: int | None = Field(None, ge=1, description="GSPF: confine the budget to the N decoder layers the "
                                    "selection favours (backprop stops below them; default: no limit)")
     target_modules: list[str] | None = Field(None, description="GSPF, DiffPruning, LoRA: name fragments of linear "

@@ -19,6 +19,6 @@ def load_base_model(spec: str, vocab_size: int, seed: int = 0, device: str | tor
 
     # a named pretrained base (converted once into the cache), a local dir, or an s3:// prefix cached locally
     path = pretrained_dir(spec) or local_dir(spec, "model directory", options)
-    model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True, torch_dtype=dtype)
+    model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True, dtype=dtype)
     check_vocab(model, vocab_size, spec, tokenizer_name)
     return model.to(device)

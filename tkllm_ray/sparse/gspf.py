@@ -28,6 +28,7 @@ class GSPFSettings:
     scope: str = "global"  # or "per_module"
     target_modules: list[str] | None = None  # None: every linear layer, LM head included
     top_layers: int | None = None  # confine the budget to the N most-favoured decoder layers
+    offload_sensitivity: bool = False  # keep the fp32 sensitivity sums in host memory (7B: 28 GB off the GPU)
     lr: float = 1e-3
     weight_decay: float = 0.0
     betas: tuple[float, float] = (0.9, 0.999)
@@ -66,7 +67,7 @@ class GSPF:
         applied = AppliedDelta(self.model, learned)
         try:
             lin = self._linears()
-            sens = collect_sensitivity(self.model, batches, self.loss_fn, lin)
+            sens = collect_sensitivity(self.model, batches, self.loss_fn, lin, offload=self.s.offload_sensitivity)
             sel = select(sens, {n: m.weight for n, m in lin.items()}, self.s.density, self.s.scope, self.s.top_layers,
                          inplace=True)  # the sensitivities are not needed after scoring
             del sens

@@ -164,6 +164,7 @@ def _trainer(cfg: FinetuneConfig, model, warm_batches):
     if cfg.method == "gspf":
         trainer = GSPF(model, lm_loss, GSPFSettings(density=cfg.density, scope=cfg.scope,
                                                      target_modules=cfg.target_modules, top_layers=cfg.top_layers,
+                                                     offload_sensitivity=cfg.sensitivity_offload,
                                                      lr=cfg.lr, weight_decay=cfg.weight_decay))
         trainer.sensitivity_select(warm_batches())
         return model, trainer

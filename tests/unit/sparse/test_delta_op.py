@@ -41,3 +41,23 @@ def test_empty_delta_is_the_base_layer():
     e = torch.empty(0, dtype=torch.int64)
     y = sparse_delta_linear(x, w, b, torch.empty(0, dtype=w.dtype), e, e, e)
     torch.testing.assert_close(y, torch.nn.functional.linear(x, w, b))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("merged", [True, False])
+def test_cuda_bf16_op_matches_the_float64_reference(merged, monkeypatch):
+    monkeypatch.setattr(delta_op, "use_merged", lambda *a: merged)
+    x, w, b, idx, v = _case(n=300, din=96, dout=80, k=400)
+    rows, cols = split_indices(idx, w.shape[1])
+    y_ref = sparse_delta_linear(x, w, b, v, idx, rows, cols)
+    dy = torch.randn_like(y_ref)
+    (y_ref * dy).sum().backward()
+    cuda = lambda t: t.detach().to("cuda", torch.bfloat16)  # noqa: E731
+    xc = cuda(x).requires_grad_(True)
+    vc = v.detach().float().cuda().requires_grad_(True)
+    yc = sparse_delta_linear(xc, cuda(w), cuda(b), vc, idx.cuda(), rows.cuda().int(), cols.cuda().int())
+    (yc.float() * dy.cuda().float()).sum().backward()
+    for got, ref in [(yc, y_ref), (xc.grad, x.grad), (vc.grad, v.grad)]:
+        err = (got.double().cpu() - ref).abs().max() / ref.abs().max()
+        assert err < 2e-2, err  # bf16 inputs, fp32 accumulation

@@ -16,3 +16,19 @@ def test_placement_counts_and_shares_per_layer_and_type():
     assert t["share"][1] == [0.0, None, 2 / 16] and t["share"][2][1] == 0.1
     img = Image.open(io.BytesIO(heatmap_png(t, "test")))
     assert img.size[0] > 100 and img.size[1] > 100
+
+
+def test_pooled_tables_and_concentration():
+    from tkllm_ray.sparse.placement import concentration, pooled
+
+    shapes = {"model.layers.0.mlp.down_proj": torch.Size([4, 25]), "model.layers.1.mlp.down_proj": torch.Size([4, 25]),
+              "model.layers.0.self_attn.o_proj": torch.Size([10, 10]), "model.layers.1.self_attn.o_proj": torch.Size([10, 10])}
+    a = placement_table({"model.layers.1.mlp.down_proj": torch.arange(6)}, shapes)
+    b = placement_table({"model.layers.1.mlp.down_proj": torch.arange(2), "model.layers.0.self_attn.o_proj": torch.arange(2)},
+                        shapes)
+    p = pooled([a, b])
+    assert sum(map(sum, p["count"])) == 10 and p["size"] == a["size"]
+    c = concentration(p)
+    # Blocks 0-1: "final quarter" is block >= 1.5 -> none; per type: down_proj holds 8 of 10 entries, half the weights.
+    assert c["by_type"]["down_proj"] == {"entries_share": 0.8, "weights_share": 0.5}
+    assert c["final_quarter_blocks"]["entries_share"] == 0.0
