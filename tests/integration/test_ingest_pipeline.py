@@ -4,7 +4,6 @@ import io
 import json
 
 import pyarrow.dataset as pads
-import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 

@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 
 from tkllm_ray.cli.options import Parser, add_model_options, overrides_from_args
-from tkllm_ray.config.base import deep_merge, load_config
+from tkllm_ray.config.base import load_config
 from tkllm_ray.config.finetune import FinetuneConfig
 from tkllm_ray.config.ingest import IngestConfig
 from tkllm_ray.errors import TkllmError

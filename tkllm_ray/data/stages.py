@@ -11,7 +11,6 @@ from tkllm_ray.data.accounts import order_key
 from tkllm_ray.data.pyramid import plan_account
 from tkllm_ray.data.readers import parse_file
 from tkllm_ray.data.schema import POST_COLUMNS, QUARANTINE_COLUMNS, ROW_SCHEMA
-from tkllm_ray.data.validate import RowRules
 
 PLAN_SCHEMA = pa.schema([
     ("account_id", pa.string()), ("mode", pa.string()), ("bucket", pa.int64()), ("canvas_px", pa.int64()),

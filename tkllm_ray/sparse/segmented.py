@@ -1,0 +1,117 @@
+"""The segmented sparse op (DESIGN.md "central operation") for batches that mix users:
+
+    y[t] = x[t] (W + Δ_u(t))ᵀ + b,   t in user u's rows
+
+x's rows are grouped by user (`token_offsets`: user u owns rows [off[u], off[u+1])); each user's
+delta is its own sorted entry list, all users' lists concatenated (`entry_offsets`). Backward:
+dx through W + Δ_u per row, and dv_j = Σ_{t in u(j)} dy[t, r_j] x[t, c_j] at the selected entries
+only (no dense dW, per user or shared). The base GEMM is one call for the whole batch; the delta
+part is the per-user sparse term. This file is the torch reference (CPU, CI-tested: it loops over
+users, which the GPU path never does); `segmented_triton` holds the CUDA kernels checked against it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from tkllm_ray.sparse.delta_op import sampled_grad_reference, sparse_forward, sparse_input_grad
+
+
+@dataclass
+class Segments:
+    """One module's view of a mixed micro-batch: whose rows are where, whose entries are where."""
+
+    token_offsets: torch.Tensor  # (U + 1,) int64, rows of the flattened x per user
+    entry_offsets: torch.Tensor  # (U + 1,) int64, positions in the concatenated entry lists
+    rows: torch.Tensor  # (K,) output row of each entry (each user's run sorted by flat index)
+    cols: torch.Tensor  # (K,) input column of each entry
+
+    @classmethod
+    def build(cls, token_counts: list[int], indices: list[torch.Tensor], in_features: int,
+              device: torch.device | str = "cpu") -> "Segments":
+        """From per-user row counts and per-user sorted flat indices (r·in + c)."""
+        if len(token_counts) != len(indices):
+            raise ValueError("one token count per user's indices")
+        tok = torch.tensor([0, *token_counts], dtype=torch.int64).cumsum(0)
+        ent = torch.tensor([0, *[i.numel() for i in indices]], dtype=torch.int64).cumsum(0)
+        flat = torch.cat([i.to(torch.int64).cpu() for i in indices]) if indices else torch.empty(0, dtype=torch.int64)
+        rows, cols = torch.div(flat, in_features, rounding_mode="floor"), flat % in_features
+        return cls(tok.to(device), ent.to(device), rows.to(device, torch.int32), cols.to(device, torch.int32))
+
+    @property
+    def users(self) -> int:
+        return self.token_offsets.numel() - 1
+
+    def spans(self):
+        """(t0, t1, e0, e1) per user, as Python ints (the reference's loop)."""
+        tok, ent = self.token_offsets.tolist(), self.entry_offsets.tolist()
+        return [(tok[u], tok[u + 1], ent[u], ent[u + 1]) for u in range(self.users)]
+
+
+def segmented_forward_reference(x2: torch.Tensor, values: torch.Tensor, seg: Segments, out_features: int) -> torch.Tensor:
+    """The delta term of y: out[t, r_j] += v_j x[t, c_j] for each user's rows and entries."""
+    out = x2.new_zeros(x2.shape[0], out_features)
+    rows, cols = seg.rows.long(), seg.cols.long()
+    for t0, t1, e0, e1 in seg.spans():
+        if t1 > t0 and e1 > e0:
+            out[t0:t1] = sparse_forward(x2[t0:t1], rows[e0:e1], cols[e0:e1], values[e0:e1], out_features)
+    return out
+
+
+def segmented_input_grad_reference(dy2: torch.Tensor, values: torch.Tensor, seg: Segments, in_features: int) -> torch.Tensor:
+    """The delta term of dx: out[t, c_j] += v_j dy[t, r_j]."""
+    out = dy2.new_zeros(dy2.shape[0], in_features)
+    rows, cols = seg.rows.long(), seg.cols.long()
+    for t0, t1, e0, e1 in seg.spans():
+        if t1 > t0 and e1 > e0:
+            out[t0:t1] = sparse_input_grad(dy2[t0:t1], rows[e0:e1], cols[e0:e1], values[e0:e1], in_features)
+    return out
+
+
+def segmented_sampled_grad_reference(dy2: torch.Tensor, x2: torch.Tensor, seg: Segments) -> torch.Tensor:
+    """dv_j = Σ over user u(j)'s rows of dy[t, r_j] x[t, c_j], at least fp32."""
+    out = torch.zeros(seg.rows.numel(), dtype=torch.promote_types(dy2.dtype, torch.float32), device=dy2.device)
+    rows, cols = seg.rows.long(), seg.cols.long()
+    for t0, t1, e0, e1 in seg.spans():
+        if t1 > t0 and e1 > e0:
+            out[e0:e1] = sampled_grad_reference(dy2[t0:t1], x2[t0:t1], rows[e0:e1], cols[e0:e1])
+    return out
+
+
+def _kernels(t: torch.Tensor):
+    if t.is_cuda:
+        from tkllm_ray.sparse import segmented_triton
+
+        return (segmented_triton.segmented_forward, segmented_triton.segmented_input_grad,
+                segmented_triton.segmented_sampled_grad)
+    return segmented_forward_reference, segmented_input_grad_reference, segmented_sampled_grad_reference
+
+
+class SegmentedDeltaLinearFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias, values, seg: Segments):
+        x2 = x.reshape(-1, x.shape[-1])
+        fwd, _, _ = _kernels(x2)
+        y = torch.nn.functional.linear(x2, weight, bias) + fwd(x2, values, seg, weight.shape[0]).to(x2.dtype)
+        ctx.save_for_backward(x2 if ctx.needs_input_grad[3] else None, weight, values)
+        ctx.seg, ctx.x_shape = seg, x.shape
+        return y.reshape(*x.shape[:-1], weight.shape[0])
+
+    @staticmethod
+    def backward(ctx, dy):
+        x2, weight, values = ctx.saved_tensors
+        dy2 = dy.reshape(-1, dy.shape[-1])
+        _, input_grad, sampled = _kernels(dy2)
+        dx = dvalues = None
+        if ctx.needs_input_grad[0]:
+            dx = (dy2 @ weight + input_grad(dy2, values, ctx.seg, weight.shape[1]).to(dy2.dtype)).reshape(ctx.x_shape)
+        if ctx.needs_input_grad[3]:
+            dvalues = sampled(dy2, x2, ctx.seg).to(values.dtype)
+        return dx, None, None, dvalues, None
+
+
+def segmented_delta_linear(x, weight, bias, values, seg: Segments):
+    """x: (..., in) whose flattened rows follow `seg.token_offsets`; values: (K,) all users' values."""
+    return SegmentedDeltaLinearFn.apply(x, weight, bias, values, seg)
