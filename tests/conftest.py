@@ -1,4 +1,7 @@
 import importlib.util
+import os
+import subprocess
+import sys
 import uuid
 from pathlib import Path
 
@@ -58,3 +61,19 @@ def benchmark_script():
         return mod
 
     return load
+
+
+@pytest.fixture(scope="session")
+def triton_interpreter():
+    """Run a check script (which prints "ok" at the end) with Triton's CPU interpreter: how CI
+    holds the GPU kernels to their torch references. A fresh process, since the interpreter
+    switch is read when triton is imported."""
+    pytest.importorskip("triton")
+
+    def run(code: str) -> None:
+        env = {**os.environ, "TRITON_INTERPRET": "1"}
+        out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
+        assert out.returncode == 0, out.stderr[-3000:]
+        assert out.stdout.strip().endswith("ok")
+
+    return run

@@ -50,24 +50,23 @@ class Segments:
         return [(tok[u], tok[u + 1], ent[u], ent[u + 1]) for u in range(self.users)]
 
 
-def segmented_forward_reference(x2: torch.Tensor, values: torch.Tensor, seg: Segments, out_features: int) -> torch.Tensor:
-    """The delta term of y: out[t, r_j] += v_j x[t, c_j] for each user's rows and entries."""
-    out = x2.new_zeros(x2.shape[0], out_features)
+def _per_user(op, src: torch.Tensor, values: torch.Tensor, seg: Segments, width: int):
+    out = src.new_zeros(src.shape[0], width)
     rows, cols = seg.rows.long(), seg.cols.long()
     for t0, t1, e0, e1 in seg.spans():
         if t1 > t0 and e1 > e0:
-            out[t0:t1] = sparse_forward(x2[t0:t1], rows[e0:e1], cols[e0:e1], values[e0:e1], out_features)
+            out[t0:t1] = op(src[t0:t1], rows[e0:e1], cols[e0:e1], values[e0:e1], width)
     return out
+
+
+def segmented_forward_reference(x2: torch.Tensor, values: torch.Tensor, seg: Segments, out_features: int) -> torch.Tensor:
+    """The delta term of y: out[t, r_j] += v_j x[t, c_j] for each user's rows and entries."""
+    return _per_user(sparse_forward, x2, values, seg, out_features)
 
 
 def segmented_input_grad_reference(dy2: torch.Tensor, values: torch.Tensor, seg: Segments, in_features: int) -> torch.Tensor:
     """The delta term of dx: out[t, c_j] += v_j dy[t, r_j]."""
-    out = dy2.new_zeros(dy2.shape[0], in_features)
-    rows, cols = seg.rows.long(), seg.cols.long()
-    for t0, t1, e0, e1 in seg.spans():
-        if t1 > t0 and e1 > e0:
-            out[t0:t1] = sparse_input_grad(dy2[t0:t1], rows[e0:e1], cols[e0:e1], values[e0:e1], in_features)
-    return out
+    return _per_user(sparse_input_grad, dy2, values, seg, in_features)
 
 
 def segmented_sampled_grad_reference(dy2: torch.Tensor, x2: torch.Tensor, seg: Segments) -> torch.Tensor:
