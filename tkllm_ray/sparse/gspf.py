@@ -1,10 +1,8 @@
 """GSPF as a reusable object: warm-up sensitivity -> select -> sparse AdamW -> re-select -> export.
 
-Re-selection keeps the learned value of every entry that stays selected; new entries start at
-zero. Optimizer state is carried for staying entries (`carry`) or dropped (`reset`). AdamW keeps
-one step counter per tensor, so under `carry` new entries share the tensor's bias correction: a
-deliberate approximation (SpIEL keeps a per-entry age instead); `reset` is exact Adam from scratch.
-Weight decay is decoupled and acts on Δ (pulls the delta toward the base), not on W + Δ.
+The trainable state (indices, values, AdamW, re-selection carry rules) is a `SparseState`
+(sparse/state.py); GSPF attaches it to one model, whose SparseDeltaLinear modules share its value
+tensors, and measures sensitivity on that model.
 """
 
 from __future__ import annotations
@@ -18,6 +16,7 @@ from torch import nn
 from tkllm_ray.sparse.model import AppliedDelta, SparseDeltaLinear, attach, detach
 from tkllm_ray.sparse.selection import Selection, select
 from tkllm_ray.sparse.sensitivity import collect_sensitivity, target_linears
+from tkllm_ray.sparse.state import SparseState
 
 LossFn = Callable[[nn.Module, object], torch.Tensor]
 
@@ -41,7 +40,7 @@ class GSPF:
         self.model, self.loss_fn, self.s = model, loss_fn, settings or GSPFSettings()
         self.targets = list(target_linears(model, self.s.target_modules))
         self.modules: dict[str, SparseDeltaLinear] = {}
-        self.opt: torch.optim.Optimizer | None = None
+        self.state = SparseState(self.s.lr, self.s.betas, self.s.weight_decay, self.s.reselect_state)
 
     @classmethod
     def from_delta(cls, model: nn.Module, loss_fn: LossFn, delta: dict[str, tuple[torch.Tensor, torch.Tensor]],
@@ -77,34 +76,15 @@ class GSPF:
         return sel
 
     def _install(self, sel: Selection, learned: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> None:
-        values, carried, kept, old_total = {}, {}, 0, sum(i.numel() for i, _ in learned.values())
-        for n, idx in sel.indices.items():
-            v = torch.zeros(idx.numel(), device=idx.device)
-            if n in learned:  # learned values come back on the CPU (detach); selections live on the device
-                old_idx, old_v = learned[n][0].to(idx.device), learned[n][1].to(idx.device)
-                pos, hit = _match(idx, old_idx)
-                v[hit] = old_v[pos[hit]]
-                carried[n] = (pos, hit)
-                kept += int(hit.sum())
-            values[n] = v
-        old_state = self._state_by_module() if self.opt is not None else {}
-        self.modules = attach(self.model, sel.indices, values)
-        self.opt = torch.optim.AdamW([m.values for m in self.modules.values()], lr=self.s.lr,
-                                     betas=self.s.betas, weight_decay=self.s.weight_decay)
-        if self.s.reselect_state == "carry" and old_state:
-            for n, m in self.modules.items():
-                if n in old_state and n in carried:
-                    pos, hit = carried[n]
-                    st = old_state[n]
-                    new = {"step": st["step"].clone(), "exp_avg": torch.zeros_like(m.values),
-                           "exp_avg_sq": torch.zeros_like(m.values)}
-                    new["exp_avg"][hit] = st["exp_avg"][pos[hit]]
-                    new["exp_avg_sq"][hit] = st["exp_avg_sq"][pos[hit]]
-                    self.opt.state[m.values] = new
-        self.s.history.append({"entries": sel.k, "overlap": kept / old_total if old_total else None})
+        if self.modules:
+            detach(self.model)
+        record = self.state.install(sel.indices, learned)
+        self.modules = attach(self.model, self.state.indices, self.state.values)
+        self.s.history.append(record)
 
-    def _state_by_module(self) -> dict[str, dict]:
-        return {n: dict(self.opt.state[m.values]) for n, m in self.modules.items() if m.values in self.opt.state}
+    @property
+    def opt(self) -> torch.optim.Optimizer | None:
+        return self.state.opt
 
     # -- training --------------------------------------------------------------------------
     def step(self, batch) -> float:
@@ -116,12 +96,4 @@ class GSPF:
         return float(loss.detach())
 
     def export(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-        return {n: (m.indices.detach().cpu(), m.values.detach().cpu()) for n, m in self.modules.items()}
-
-
-def _match(new_idx: torch.Tensor, old_idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """For each new index: its position in the sorted `old_idx` and whether it is there."""
-    if old_idx.numel() == 0:
-        return torch.zeros_like(new_idx), torch.zeros(new_idx.numel(), dtype=torch.bool, device=new_idx.device)
-    pos = torch.searchsorted(old_idx, new_idx).clamp(max=old_idx.numel() - 1)
-    return pos, old_idx[pos] == new_idx
+        return self.state.export()

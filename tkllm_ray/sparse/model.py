@@ -26,8 +26,13 @@ class SparseDeltaLinear(nn.Module):
         self.register_buffer("indices", indices, persistent=False)
         self.register_buffer("rows", rows, persistent=False)
         self.register_buffer("cols", cols, persistent=False)
-        init = torch.zeros(indices.numel(), dtype=torch.float32, device=base.weight.device)
-        self.values = nn.Parameter(init if values is None else values.detach().float().to(init.device).clone())
+        if isinstance(values, nn.Parameter):  # a SparseState's own tensor: shared, so its optimizer trains it
+            if values.numel() != indices.numel():
+                raise ValueError("one value per delta index")
+            self.values = values
+        else:
+            init = torch.zeros(indices.numel(), dtype=torch.float32, device=base.weight.device)
+            self.values = nn.Parameter(init if values is None else values.detach().float().to(init.device).clone())
 
     def forward(self, x):
         if self.values.numel() == 0:
