@@ -28,6 +28,7 @@ from tkllm_ray.sparse.sensitivity import target_linears
 from tkllm_ray.storage import join, new_version_id, write_dir
 from tkllm_ray.train.baselines import Adapter, DenseTrainer
 from tkllm_ray.train.data import account_posts, pack
+from tkllm_ray.train.schedule import events, total_steps
 from tkllm_ray.train.diffpruning import DiffPruning, DiffPruningSettings
 
 SPARSE_METHODS = ("gspf", "diffpruning")  # published as sparse deltas; the others as model/adapter directories
@@ -55,13 +56,6 @@ def _device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(name)
-
-
-def _batches(ids, labels, batch_size, gen):
-    order = torch.randperm(ids.shape[0], generator=gen)
-    for s in range(0, len(order), batch_size):
-        sel = order[s : s + batch_size]
-        yield ids[sel], labels[sel]
 
 
 def run_finetune(cfg: FinetuneConfig, progress: bool = True) -> dict:
@@ -99,27 +93,22 @@ def train_account(cfg: FinetuneConfig, model, eos_id: int, train_posts: list[lis
     base_fp = fingerprint(model)
     ppl_before = perplexity(model, eval_ids, eval_labels, cfg.batch_size)
     gen = torch.Generator().manual_seed(cfg.seed)
-
-    def warm_batches():  # the sensitivity warm-up: warmup_steps batches, cycling if the data is short
-        return [b for _, b in zip(range(cfg.warmup_steps), _cycle(train_ids, train_labels, cfg.batch_size, gen))]
-
     shapes = {n: lin.weight.shape for n, lin in target_linears(model, cfg.target_modules).items()}
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)  # the peak reported covers the method's setup and training
     adapter = Adapter(model, cfg.adapter_bottleneck) if cfg.method == "adapter" else None
-    model, trainer = _trainer(cfg, model, warm_batches)
-    steps_per_epoch = -(-train_ids.shape[0] // cfg.batch_size)
-    bar = tqdm(total=cfg.epochs * steps_per_epoch, desc=f"{cfg.account} [{cfg.method}]", disable=not progress)
+    model, trainer = _trainer(cfg, model)
+    bar = tqdm(total=total_steps(cfg, train_ids.shape[0]), desc=f"{cfg.account} [{cfg.method}]", disable=not progress)
     losses, times, t0 = [], [], time.perf_counter()
-    for epoch in range(cfg.epochs):
-        if cfg.method == "gspf" and cfg.reselect_every and epoch and epoch % cfg.reselect_every == 0:
-            trainer.sensitivity_select(warm_batches())
-        if cfg.method == "diffpruning" and epoch == cfg.epochs - cfg.diffpruning_mask_epochs:
+    for kind, payload in events(cfg, train_ids, train_labels, gen):
+        if kind == "select":
+            trainer.sensitivity_select(payload)
+        elif kind == "fixed_mask":
             gated = train_costs(trainer.opt, times, device)  # the dense gated phase is the costly one
             trainer = _fixed_mask(cfg, model, trainer)
-        for batch in _batches(train_ids, train_labels, cfg.batch_size, gen):
+        else:
             t = time.perf_counter()
-            losses.append(trainer.step(batch))  # float(loss) waits for the device: this times the whole step
+            losses.append(trainer.step(payload))  # float(loss) waits for the device: this times the whole step
             times.append(time.perf_counter() - t)
             bar.update(1)
             bar.set_postfix(loss=f"{losses[-1]:.3f}")
@@ -159,14 +148,14 @@ def publish_run(cfg: FinetuneConfig, run: AccountRun) -> dict:
     return result
 
 
-def _trainer(cfg: FinetuneConfig, model, warm_batches):
-    """The method's model and trainer (`.step(batch) -> loss`, `.opt`); adapters are already inserted."""
+def _trainer(cfg: FinetuneConfig, model):
+    """The method's model and trainer (`.step(batch) -> loss`, `.opt`); adapters are already inserted;
+    GSPF selects at its first event."""
     if cfg.method == "gspf":
         trainer = GSPF(model, lm_loss, GSPFSettings(density=cfg.density, scope=cfg.scope,
                                                      target_modules=cfg.target_modules, top_layers=cfg.top_layers,
                                                      offload_sensitivity=cfg.sensitivity_offload,
                                                      lr=cfg.lr, weight_decay=cfg.weight_decay))
-        trainer.sensitivity_select(warm_batches())
         return model, trainer
     if cfg.method == "diffpruning":
         return model, DiffPruning(model, lm_loss, DiffPruningSettings(
@@ -212,11 +201,6 @@ def _ship(model, trainer) -> Delta:
         trainer.remove()
     AppliedDelta(model, decode(encode(delta)))  # the model is only evaluated after this: no restore
     return delta
-
-
-def _cycle(ids, labels, batch_size, gen):
-    while True:
-        yield from _batches(ids, labels, batch_size, gen)
 
 
 def _wrap_lora(model, cfg: FinetuneConfig):

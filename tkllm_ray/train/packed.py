@@ -1,0 +1,259 @@
+"""Packed multi-tenant GSPF: one resident base model, many accounts' sparse states, and micro-batches
+that mix accounts (each row through its own account's W + Δ via the segmented op).
+
+Every account follows its own event schedule (train/schedule.py, the one the single-account path
+follows, from the same seed): its sensitivity passes and steps happen in the same order on the
+same batches, only side by side with other accounts'. Each account's loss is its own batch mean,
+and the packed loss is their sum, so each account's values get exactly the gradient they would get
+alone; each account steps its own AdamW. Packing changes the throughput, not the math.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Callable, Iterable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from tkllm_ray.sparse.delta_op import merged_weight
+from tkllm_ray.sparse.delta_store import Delta, decode, encode
+from tkllm_ray.sparse.model import AppliedDelta
+from tkllm_ray.sparse.segmented import Segments, segmented_delta_linear
+from tkllm_ray.sparse.selection import select
+from tkllm_ray.sparse.sensitivity import target_linears
+from tkllm_ray.sparse.state import SparseState
+from tkllm_ray.train.data import pack
+from tkllm_ray.train.schedule import events
+
+EMPTY = torch.empty(0, dtype=torch.int64)
+
+
+@dataclass
+class AccountJob:
+    """One account to fine-tune: its config (FinetuneConfig, method gspf) and its token ids."""
+    cfg: object
+    train_posts: list[list[int]]
+    eval_posts: list[list[int]]
+
+
+@dataclass
+class UserRun:
+    job: AccountJob
+    ids: torch.Tensor
+    labels: torch.Tensor
+    state: SparseState
+    schedule: object
+    pending: tuple | None = None
+    warm: list = field(default_factory=list)  # warm-up batches still to run for the pending selection
+    sens: dict = field(default_factory=dict)
+    warm_done: int = 0
+    losses: list = field(default_factory=list)
+
+    @property
+    def account(self) -> str:
+        return self.job.cfg.account
+
+    def advance(self) -> None:
+        self.pending = next(self.schedule, None)
+        if self.pending is not None and self.pending[0] == "select":
+            self.warm, self.sens, self.warm_done = list(self.pending[1]), {}, 0
+
+
+class BatchContext:
+    """What the packed linears read during one forward/backward: whose rows, whose entries."""
+
+    def __init__(self, users: list[UserRun], token_counts: list[int], sensitivity: bool):
+        self.users, self.token_counts, self.sensitivity = users, token_counts, sensitivity
+        self.offsets = [0, *torch.tensor(token_counts).cumsum(0).tolist()]
+        self._segments: dict[str, Segments] = {}
+
+    def module_inputs(self, name: str, lin: nn.Linear):
+        if not any(name in u.state.values for u in self.users):
+            return None, None
+        if name not in self._segments:
+            idx = [u.state.indices.get(name, EMPTY) for u in self.users]
+            self._segments[name] = Segments.build(self.token_counts, idx, lin.in_features, lin.weight.device)
+        vals = [u.state.values[name] if name in u.state.values else lin.weight.new_zeros(0, dtype=torch.float32)
+                for u in self.users]
+        values = torch.cat(vals)
+        return self._segments[name], (values.detach() if self.sensitivity else values)
+
+
+class PackedLinear(nn.Module):
+    """A frozen base linear that applies each row's own account delta (or none, outside a batch)."""
+
+    def __init__(self, name: str, base: nn.Linear, engine: "PackedGSPF"):
+        super().__init__()
+        self.name, self.base, self.engine = name, base, [engine]  # a list: not a submodule
+
+    @property
+    def weight(self) -> torch.Tensor:  # AppliedDelta and selection address the base weight by module name
+        return self.base.weight
+
+    def forward(self, x):
+        ctx = self.engine[0].ctx
+        seg, values = ctx.module_inputs(self.name, self.base) if ctx is not None else (None, None)
+        y = self.base(x) if seg is None else segmented_delta_linear(x, self.base.weight, self.base.bias, values, seg)
+        if ctx is not None and ctx.sensitivity and y.requires_grad:
+            x2 = x.detach().reshape(-1, x.shape[-1])
+            y.register_hook(lambda dy: self.engine[0].accumulate(self.name, dy, x2))
+        return y
+
+
+class PackedGSPF:
+    def __init__(self, model: nn.Module, target_modules: list[str] | None = None, max_resident: int = 64,
+                 max_rows: int = 64):
+        self.model, self.max_resident, self.max_rows = model, max_resident, max_rows
+        for p in model.parameters():
+            p.requires_grad_(False)
+        self.linears = target_linears(model, target_modules)
+        for name, lin in self.linears.items():
+            parent, _, leaf = name.rpartition(".")
+            setattr(model.get_submodule(parent) if parent else model, leaf, PackedLinear(name, lin, self))
+        self.ctx: BatchContext | None = None
+        self.device = next(model.parameters()).device
+        self._rr = 0  # round-robin start: no account waits behind a fixed order
+        self.stats = {"train_steps": 0, "sensitivity_passes": 0, "rows": 0, "max_resident": 0}
+
+    # -- admission and the loop ---------------------------------------------------------------
+    def admit(self, job: AccountJob, eos_id: int) -> UserRun:
+        cfg = job.cfg
+        if cfg.method != "gspf":
+            raise ValueError(f"the packed engine trains GSPF deltas, not {cfg.method!r}")
+        ids, labels = (t.to(self.device) for t in pack(job.train_posts, eos_id, cfg.seq_len))
+        gen = torch.Generator().manual_seed(cfg.seed)
+        user = UserRun(job, ids, labels, SparseState(cfg.lr, weight_decay=cfg.weight_decay),
+                       events(cfg, ids, labels, gen))
+        user.advance()
+        return user
+
+    def run(self, jobs: Iterable[AccountJob], eos_id: int, on_done: Callable[[UserRun, Delta], None]) -> dict:
+        queue, resident = deque(jobs), []
+        while queue or resident:
+            while queue and len(resident) < self.max_resident:
+                resident.append(self.admit(queue.popleft(), eos_id))
+            self.stats["max_resident"] = max(self.stats["max_resident"], len(resident))
+            selecting = [u for u in resident if u.pending[0] == "select"]
+            if selecting:
+                self._sensitivity_pass(self._fill(selecting, lambda u: u.warm[0]))
+            else:
+                self._train_step(self._fill([u for u in resident if u.pending[0] == "step"], lambda u: u.pending[1]))
+            for u in [u for u in resident if u.pending is None]:
+                resident.remove(u)
+                on_done(u, u.state.export())
+        return self.stats
+
+    def _fill(self, users: list[UserRun], batch_of) -> list[tuple[UserRun, tuple]]:
+        """Accounts for the next micro-batch, round-robin from a moving start, up to max_rows rows
+        (always at least one account)."""
+        start = self._rr % len(users)
+        order = users[start:] + users[:start]
+        self._rr += 1
+        out, rows = [], 0
+        for u in order:
+            b = batch_of(u)
+            if out and rows + b[0].shape[0] > self.max_rows:
+                break
+            out.append((u, b))
+            rows += b[0].shape[0]
+        self.stats["rows"] += rows
+        return out
+
+    def _forward_losses(self, picked, sensitivity: bool) -> list[torch.Tensor]:
+        ids = torch.cat([b[0] for _, b in picked])
+        self.ctx = BatchContext([u for u, _ in picked], [b[0].numel() for _, b in picked], sensitivity)
+        try:
+            if sensitivity:  # gradients must flow with every weight frozen: start at the embedding output
+                emb = self.model.get_input_embeddings()
+                h = emb.register_forward_hook(lambda m, i, out: out.requires_grad_(True))
+            try:
+                logits = self.model(input_ids=ids).logits
+            finally:
+                if sensitivity:
+                    h.remove()
+        except BaseException:
+            self.ctx = None
+            raise
+        losses, r0 = [], 0
+        for _, (b_ids, b_labels) in picked:  # each account's own batch mean, as its loss alone
+            n = b_ids.shape[0]
+            lg = logits[r0 : r0 + n, :-1].float()
+            losses.append(F.cross_entropy(lg.reshape(-1, lg.shape[-1]), b_labels[:, 1:].reshape(-1), ignore_index=-100))
+            r0 += n
+        return losses
+
+    # -- sensitivity ----------------------------------------------------------------------------
+    def accumulate(self, name: str, dy: torch.Tensor, x2: torch.Tensor) -> None:
+        dy2 = dy.reshape(-1, dy.shape[-1])
+        off = self.ctx.offsets
+        with torch.no_grad():
+            for i, u in enumerate(self.ctx.users):
+                g = (dy2[off[i] : off[i + 1]].t() @ x2[off[i] : off[i + 1]]).abs_()
+                if name in u.sens:
+                    u.sens[name].add_(g)
+                else:
+                    u.sens[name] = g.float()
+
+    def _sensitivity_pass(self, picked) -> None:
+        self.model.eval()
+        losses = self._forward_losses(picked, sensitivity=True)
+        try:
+            torch.stack(losses).sum().backward()
+        finally:
+            self.ctx = None
+        self.stats["sensitivity_passes"] += 1
+        for u, _ in picked:
+            u.warm.pop(0)
+            u.warm_done += 1
+            if not u.warm:
+                self._select(u)
+                u.advance()
+
+    def _select(self, u: UserRun) -> None:
+        cfg = u.job.cfg
+        sens = {n: s.div_(u.warm_done) for n, s in u.sens.items()}
+        learned = {n: (i, v.detach()) for n, (i, v) in u.state.live().items()}
+        weights = {n: merged_weight(lin.weight, *learned[n]) if n in learned else lin.weight
+                   for n, lin in self.linears.items()}  # sensitivity and scores are of W + Δ_u
+        sel = select(sens, weights, cfg.density, cfg.scope, cfg.top_layers, inplace=True)
+        u.sens = {}
+        u.state.install(sel.indices, learned)
+
+    # -- training -------------------------------------------------------------------------------
+    def _train_step(self, picked) -> None:
+        self.model.train()
+        for u, _ in picked:
+            u.state.opt.zero_grad(set_to_none=True)
+        losses = self._forward_losses(picked, sensitivity=False)
+        try:
+            torch.stack(losses).sum().backward()
+        finally:
+            self.ctx = None
+        for (u, _), loss in zip(picked, losses):
+            u.state.opt.step()
+            u.losses.append(float(loss.detach()))
+            u.advance()
+        self.stats["train_steps"] += 1
+
+    # -- evaluation with one account owning the model -------------------------------------------
+    @torch.no_grad()
+    def perplexity(self, posts: list[list[int]], eos_id: int, cfg, delta: Delta | None = None) -> float:
+        """Held-out perplexity of base (+ the delta as published, scattered into the weights and
+        restored bit-exactly afterwards: the exact path when one account owns the batch)."""
+        from tkllm_ray.train.single import perplexity
+
+        ids, labels = (t.to(self.device) for t in pack(posts, eos_id, cfg.seq_len))
+        applied = AppliedDelta(self.model, decode(encode(delta))) if delta else None
+        try:
+            return perplexity(self.model, ids, labels, cfg.batch_size)
+        finally:
+            if applied is not None:
+                applied.restore()
+
+
+def mean_loss(values: list[float]) -> float:
+    return sum(values) / len(values) if values else math.nan
