@@ -78,6 +78,30 @@ class SparseState:
         """The delta as it trains (device tensors, values are the Parameters)."""
         return {n: (self.indices[n], self.values[n]) for n in self.values}
 
+    def to_bytes(self) -> bytes:
+        """Everything training needs to resume this account: selection, values, AdamW moments."""
+        import io
+
+        opt = self._state_by_module()
+        blob = {"indices": {n: i.cpu() for n, i in self.indices.items()},
+                "values": {n: v.detach().cpu() for n, v in self.values.items()},
+                "opt": {n: {k: t.cpu() for k, t in st.items()} for n, st in opt.items()}, "history": self.history}
+        buf = io.BytesIO()
+        torch.save(blob, buf)
+        return buf.getvalue()
+
+    def load_bytes(self, data: bytes, device: torch.device | str) -> None:
+        import io
+
+        blob = torch.load(io.BytesIO(data), map_location=device, weights_only=True)
+        self.install({n: i for n, i in blob["indices"].items()}, None)
+        self.history = blob["history"]
+        with torch.no_grad():
+            for n, p in self.values.items():
+                p.copy_(blob["values"][n])
+                if n in blob["opt"]:
+                    self.opt.state[p] = dict(blob["opt"][n])
+
     def export(self) -> Delta:
         return {n: (self.indices[n].detach().cpu(), self.values[n].detach().cpu()) for n in self.values}
 

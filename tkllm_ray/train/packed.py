@@ -52,6 +52,7 @@ class UserRun:
     sens: dict = field(default_factory=dict)
     warm_done: int = 0
     losses: list = field(default_factory=list)
+    consumed: int = 0  # schedule events taken: where a resumed run fast-forwards to
 
     @property
     def account(self) -> str:
@@ -59,6 +60,7 @@ class UserRun:
 
     def advance(self) -> None:
         self.pending = next(self.schedule, None)
+        self.consumed += 1
         if self.pending is not None and self.pending[0] == "select":
             self.warm, self.sens, self.warm_done = list(self.pending[1]), {}, 0
 
@@ -104,10 +106,47 @@ class PackedLinear(nn.Module):
         return y
 
 
+class UserCheckpoints:
+    """Per-account training checkpoints under `root` (path or s3://): taken between steps, so a
+    restarted worker resumes an in-flight account where it was instead of from scratch."""
+
+    def __init__(self, root: str, every: int, options=None):
+        self.root, self.every, self.options = root, every, options
+
+    def _uri(self, account: str) -> str:
+        from tkllm_ray.storage import join
+
+        return join(self.root, account, "state.pt")
+
+    def save(self, user: "UserRun") -> None:
+        import io
+
+        from tkllm_ray.storage import write_bytes
+
+        buf = io.BytesIO()
+        torch.save({"state": user.state.to_bytes(), "consumed": user.consumed, "losses": user.losses}, buf)
+        write_bytes(self._uri(user.account), buf.getvalue(), self.options)  # one atomic object
+
+    def load(self, account: str, device) -> dict | None:
+        import io
+
+        from tkllm_ray.storage import exists, read_bytes
+
+        if not exists(self._uri(account), self.options):
+            return None
+        return torch.load(io.BytesIO(read_bytes(self._uri(account), self.options)), weights_only=True)
+
+    def remove(self, account: str) -> None:
+        from tkllm_ray.storage import join, remove
+
+        remove(join(self.root, account), self.options)
+
+
 class PackedGSPF:
     def __init__(self, model: nn.Module, target_modules: list[str] | None = None, max_resident: int = 64,
-                 max_rows: int = 64):
+                 max_rows: int = 64, checkpoints: UserCheckpoints | None = None):
         self.model, self.max_resident, self.max_rows = model, max_resident, max_rows
+        self.checkpoints = checkpoints
         for p in model.parameters():
             p.requires_grad_(False)
         self.linears = target_linears(model, target_modules)
@@ -115,6 +154,7 @@ class PackedGSPF:
             parent, _, leaf = name.rpartition(".")
             setattr(model.get_submodule(parent) if parent else model, leaf, PackedLinear(name, lin, self))
         self.ctx: BatchContext | None = None
+        self.on_step: Callable | None = None  # called after every train step (progress, fault injection)
         self.device = next(model.parameters()).device
         self._rr = 0  # round-robin start: no account waits behind a fixed order
         self.stats = {"train_steps": 0, "sensitivity_passes": 0, "rows": 0, "max_resident": 0}
@@ -128,7 +168,17 @@ class PackedGSPF:
         gen = torch.Generator().manual_seed(cfg.seed)
         user = UserRun(job, ids, labels, SparseState(cfg.lr, weight_decay=cfg.weight_decay),
                        events(cfg, ids, labels, gen))
-        user.advance()
+        saved = self.checkpoints.load(user.account, self.device) if self.checkpoints else None
+        if saved is None:
+            user.advance()
+            return user
+        # Resume: replay the schedule without computing (it only draws batch orders from the
+        # seeded generator), then put back the state the account had at that point.
+        while user.consumed < saved["consumed"]:
+            user.advance()
+        user.state.load_bytes(saved["state"], self.device)
+        user.losses = list(saved["losses"])
+        self.stats["resumed"] = self.stats.get("resumed", 0) + 1
         return user
 
     def run(self, jobs: Iterable[AccountJob], eos_id: int, on_done: Callable[[UserRun, Delta], None]) -> dict:
@@ -145,6 +195,8 @@ class PackedGSPF:
             for u in [u for u in resident if u.pending is None]:
                 resident.remove(u)
                 on_done(u, u.state.export())
+                if self.checkpoints:
+                    self.checkpoints.remove(u.account)  # published: nothing left to resume
         return self.stats
 
     def _fill(self, users: list[UserRun], batch_of) -> list[tuple[UserRun, tuple]]:
@@ -237,7 +289,12 @@ class PackedGSPF:
             u.state.opt.step()
             u.losses.append(float(loss.detach()))
             u.advance()
+            ck = self.checkpoints
+            if ck and ck.every and len(u.losses) % ck.every == 0 and u.pending and u.pending[0] == "step":
+                ck.save(u)
         self.stats["train_steps"] += 1
+        if self.on_step is not None:
+            self.on_step(self, picked)
 
     # -- evaluation with one account owning the model -------------------------------------------
     @torch.no_grad()

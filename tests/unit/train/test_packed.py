@@ -58,3 +58,36 @@ def test_packed_deltas_equal_solo_deltas():
     for (n, p), (_, q) in zip(sorted(base.state_dict().items()), sorted(
             {k.replace(".base.", "."): v for k, v in model.state_dict().items()}.items())):
         assert torch.equal(p, q), n  # the shared base is untouched
+
+
+def test_a_crash_resumes_from_per_account_checkpoints(tmp_path):
+    from tkllm_ray.train.packed import UserCheckpoints
+
+    base = build_model("tkllm-tiny", seed=0)
+    solo = {j.cfg.account: train_account(j.cfg, copy.deepcopy(base), EOS, j.train_posts, j.eval_posts,
+                                         progress=False).delta for j in _jobs(3)}
+    ck = UserCheckpoints(str(tmp_path / "ck"), every=2)
+    done = {}
+
+    def crash_after(n):
+        def hook(engine, picked):
+            if engine.stats["train_steps"] >= n:
+                raise RuntimeError("worker lost")
+        return hook
+
+    first = PackedGSPF(copy.deepcopy(base), max_resident=2, max_rows=7, checkpoints=ck)
+    first.on_step = crash_after(9)
+    try:
+        first.run(_jobs(3), EOS, lambda u, d: done.__setitem__(u.account, d))
+    except RuntimeError:
+        pass
+    assert 0 < len(list((tmp_path / "ck").iterdir())) and len(done) < 3  # in flight when it died
+    second = PackedGSPF(copy.deepcopy(base), max_resident=2, max_rows=7, checkpoints=ck)
+    stats = second.run([j for j in _jobs(3) if j.cfg.account not in done], EOS,
+                       lambda u, d: done.__setitem__(u.account, d))
+    assert stats.get("resumed", 0) >= 1 and sorted(done) == sorted(solo)
+    assert not (tmp_path / "ck").exists() or not list((tmp_path / "ck").iterdir())  # finished accounts clean up
+    for acct, delta in done.items():
+        for name, (idx, vals) in delta.items():
+            assert torch.equal(idx, solo[acct][name][0])
+            torch.testing.assert_close(vals, solo[acct][name][1], rtol=1e-3, atol=1e-5)
