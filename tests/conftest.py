@@ -77,3 +77,40 @@ def triton_interpreter():
         assert out.stdout.strip().endswith("ok")
 
     return run
+
+
+@pytest.fixture(scope="session")
+def ingested_dataset():
+    """Write synthetic accounts as `tkllm ingest` writes them (train/eval hive partitions with the
+    builtin tokenizer's ids, published): fast enough for unit tests, no Ray."""
+
+    def write_dataset(root: str, accounts: int, posts: int, train: int, seed: int = 3) -> tuple[str, list[str]]:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        from tkllm_ray.data.synth import generate_records
+        from tkllm_ray.data.tokenizer import cached_tokenizer
+        from tkllm_ray.data.validate import RowRules, record_to_row
+        from tkllm_ray.storage import join, publish
+
+        tok = cached_tokenizer()
+        rows = [record_to_row(r, "s", i, RowRules()) for i, r in enumerate(generate_records(accounts, posts, seed=seed))]
+        by_acc: dict[str, list[dict]] = {}
+        for r in rows:
+            r["input_ids"] = tok(r["text"], add_special_tokens=False)["input_ids"]
+            by_acc.setdefault(r["account_id"], []).append(r)
+        cols = ("account_id", "text", "created_at", "position", "source", "source_row", "input_ids")
+
+        def write(vuri):
+            for split in ("train", "eval"):
+                out = []
+                for rs in by_acc.values():
+                    rs.sort(key=lambda r: r["created_at"])
+                    out += rs[:train] if split == "train" else rs[train:]
+                pq.write_to_dataset(pa.Table.from_pylist([{k: r[k] for k in cols} for r in out]), join(vuri, split),
+                                    partition_cols=["account_id"])
+
+        publish(root, write)
+        return root, sorted(by_acc)
+
+    return write_dataset

@@ -10,13 +10,13 @@ from tkllm_ray.config.ingest import IngestConfig
 from tkllm_ray.errors import TkllmError
 
 ROOT = Path(__file__).resolve().parents[2]
-MODELS = {"ingest": IngestConfig}
+MODELS = {"ingest": IngestConfig, "finetune": FinetuneConfig}
 
 
 @pytest.mark.parametrize("path", sorted((ROOT / "configs").glob("*/*.yaml")), ids=lambda p: p.name)
 def test_repo_configs_validate(path):
     cfg = load_config(MODELS[path.parent.name], path)
-    assert cfg.inputs
+    assert cfg.inputs if path.parent.name == "ingest" else cfg.data
 
 
 def test_unknown_key_and_bad_value_are_named(tmp_path):
@@ -40,5 +40,17 @@ def test_unknown_key_and_bad_value_are_named(tmp_path):
 def test_finetune_method_options_are_range_checked(tmp_path, line, error):
     p = tmp_path / "f.yaml"
     p.write_text(f"account: a\ndata: d\n{line}\n")
+    with pytest.raises(TkllmError, match=error):
+        load_config(FinetuneConfig, p)
+
+
+@pytest.mark.parametrize("text, error", [
+    ("data: d\n", r"give either account \(one\) or accounts"),
+    ("account: a\naccounts: all\ndata: d\n", r"give either account \(one\) or accounts"),
+    ("accounts: all\ndata: d\nmethod: lora\n", r"packed training \(accounts\) runs GSPF"),
+])
+def test_finetune_names_accounts_one_way(tmp_path, text, error):
+    p = tmp_path / "f.yaml"
+    p.write_text(text)
     with pytest.raises(TkllmError, match=error):
         load_config(FinetuneConfig, p)

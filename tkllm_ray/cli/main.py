@@ -29,9 +29,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print the summary as JSON instead of a table")
     p.add_argument("--no-progress", action="store_true", help="turn Ray Data's progress bars off")
 
-    p = sub.add_parser("finetune", help="fine-tune one account's model (gspf, full, lora) and publish it",
-                       description="Single-account fine-tune from an ingested dataset: held-out perplexity "
-                                   "before and after, then the delta (GSPF) or model (full, LoRA) is published.")
+    p = sub.add_parser("finetune", help="fine-tune one account (any method) or many (GSPF, packed on Ray Train)",
+                       description="Fine-tune from an ingested dataset: --account ID trains one account with "
+                                   "gspf/full/lora/adapter/diffpruning; --accounts all|FILE packs many accounts' GSPF "
+                                   "fine-tunes onto Ray Train workers. Held-out perplexity before and after; the "
+                                   "delta (sparse methods) or model/adapter directory is published.")
     p.add_argument("--config", metavar="FILE", help="YAML file with FinetuneConfig fields; options below override it")
     add_model_options(p, FinetuneConfig)
     p.add_argument("--json", action="store_true", help="print the result as JSON")
@@ -99,6 +101,8 @@ def cmd_finetune(args) -> int:
 
     over = overrides_from_args(args, FinetuneConfig)
     cfg = load_config(FinetuneConfig, args.config, over) if args.config else _validate(FinetuneConfig, over)
+    if cfg.packed:
+        return _finetune_packed(cfg, args.json)
     r = run_finetune(cfg)
     if args.json:
         print(json.dumps(r, indent=2))
@@ -107,6 +111,20 @@ def cmd_finetune(args) -> int:
               f"({r['step_time_s'] * 1000:.0f} ms/step on {r['device']})")
         print(f"  held-out perplexity {r['eval_ppl_before']:.2f} -> {r['eval_ppl_after']:.2f}")
         print(f"  published: {r.get('delta_uri') or r.get('model_uri')}")
+    return 0
+
+
+def _finetune_packed(cfg: FinetuneConfig, as_json: bool) -> int:
+    from tkllm_ray.train.packed_job import run_packed_finetune
+
+    r = run_packed_finetune(cfg)
+    if as_json:
+        print(json.dumps(r, indent=2, default=str))
+        return 0
+    gains = [a["eval_ppl_before"] - a["eval_ppl_after"] for a in r["per_account"]]
+    print(f"{r['accounts']} accounts on {r['workers']} worker(s) in {r['wall_s']:.0f} s "
+          f"({r['accounts_per_hour']:.0f} accounts/hour, {r['train_tokens_per_s']:.0f} train tokens/s)")
+    print(f"  held-out perplexity gain: mean {sum(gains) / len(gains):.2f}; deltas under {cfg.output}")
     return 0
 
 

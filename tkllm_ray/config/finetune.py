@@ -1,4 +1,4 @@
-"""The single-account fine-tune job's config (`tkllm finetune`)."""
+"""The fine-tune job's config (`tkllm finetune`): one account, or many packed on Ray Train workers."""
 
 from __future__ import annotations
 
@@ -11,7 +11,9 @@ from tkllm_ray.config.storage import StorageOptions
 
 
 class FinetuneConfig(ConfigModel):
-    account: str = Field(description="account id to fine-tune")
+    account: str | None = Field(None, description="one account id to fine-tune (or --accounts)")
+    accounts: str | None = Field(None, description="many accounts, packed on Ray Train workers: 'all' (every "
+                                 "account of the dataset) or a file/URI with one account id per line")
     data: str = Field(description="ingested dataset root (path or s3://), as written by `tkllm ingest`")
     method: Literal["gspf", "full", "lora", "adapter", "diffpruning"] = Field("gspf", description="fine-tuning method")
     model: str = Field("tkllm-tiny", description="model preset (tkllm-tiny/s/m/l) or a Hugging Face model directory")
@@ -42,9 +44,29 @@ class FinetuneConfig(ConfigModel):
                                          "projected mask (Guo et al.; 0 = ship the projection as is)")
     diffpruning_alpha_init: float = Field(5.0, ge=-10, le=10, description="DiffPruning: initial gate log-alpha "
                                           "(5: every gate starts almost surely open)")
+    workers: int = Field(1, ge=1, description="packed: Ray Train workers (each loads the base once)")
+    gpus_per_worker: float = Field(0, ge=0, description="packed: GPUs per worker (0: CPU workers)")
+    max_resident: int = Field(64, ge=1, description="packed: accounts a worker keeps in training at once")
+    max_rows: int = Field(64, ge=1, description="packed: rows per mixed-account micro-batch")
+    checkpoint_every: int = Field(10, ge=0, description="packed: per-account checkpoint every N of its steps (0: off)")
+    max_failures: int = Field(2, ge=0, description="packed: worker-group restarts Ray Train allows")
+    run_dir: str | None = Field(None, description="packed: where the run keeps checkpoints and results "
+                                "(default: {output}/_runs/{run id})")
     seed: int = Field(0, description="random seed")
     device: str = Field("auto", description="cpu, cuda, or auto")
     storage: StorageOptions = Field(default_factory=StorageOptions)
+
+    @model_validator(mode="after")
+    def _one_way_to_name_accounts(self):
+        if (self.account is None) == (self.accounts is None):
+            raise ValueError("give either account (one) or accounts ('all' or a file of ids)")
+        if self.accounts is not None and self.method != "gspf":
+            raise ValueError(f"packed training (accounts) runs GSPF; {self.method!r} fine-tunes one account at a time")
+        return self
+
+    @property
+    def packed(self) -> bool:
+        return self.accounts is not None
 
     @model_validator(mode="after")
     def _mask_epochs_leave_gated_training(self):

@@ -41,7 +41,7 @@ def decode(data: bytes) -> Delta:
 def save_delta(store: str, account_id: str, delta: Delta, base_model: str, base_fingerprint: str,
                method: str, density: float, value_dtype: str = "bf16", metrics: dict | None = None,
                data_watermark: str | None = None, parent_version: str | None = None,
-               extra_files: dict[str, bytes] | None = None, options=None) -> str:
+               extra_files: dict[str, bytes] | None = None, run_id: str | None = None, options=None) -> str:
     """Publish a new version of `account_id`'s delta; returns the version id. `extra_files`
     (reports, plots) go into the same version directory, before it becomes visible."""
     root = join(store, validate_account_id(account_id))
@@ -51,7 +51,7 @@ def save_delta(store: str, account_id: str, delta: Delta, base_model: str, base_
         "base_fingerprint": base_fingerprint, "method": method, "density": density,
         "value_dtype": value_dtype, "entries": sum(int(i.numel()) for i, _ in delta.values()),
         "modules": {n: int(i.numel()) for n, (i, _) in delta.items()},
-        "data_watermark": data_watermark, "metrics": metrics or {},
+        "data_watermark": data_watermark, "metrics": metrics or {}, "run_id": run_id,
         "parent_version": parent_version if parent_version is not None else read_latest(root, options),
         "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "files": {"delta.safetensors": hashlib.sha256(blob).hexdigest()},
@@ -86,3 +86,13 @@ def load_delta(store: str, account_id: str, version: str | None = None, base_fin
             "load the matching base or retrain the account"
         )
     return decode(blob), {**manifest, "version": version}
+
+
+def published_by(store: str, account_id: str, run_id: str, options=None) -> bool:
+    """Whether the account's latest delta was published by run `run_id` (a restarted packed run
+    skips those: each account ends with exactly one delta from the run)."""
+    root = join(store, validate_account_id(account_id))
+    version = read_latest(root, options)
+    if version is None:
+        return False
+    return json.loads(read_bytes(join(root, version, "manifest.json"), options)).get("run_id") == run_id

@@ -26,6 +26,17 @@ def account_posts(dataset: str, account_id: str, split: str, options=None) -> li
     return [r["input_ids"] for r in rows]
 
 
+def list_accounts(dataset: str, options=None) -> list[str]:
+    """Every account with train posts in an ingested dataset (its train/account_id=... partitions)."""
+    import pyarrow.fs as pafs
+
+    root = resolve_latest(dataset, options)
+    fs, path = filesystem_for(join(root, "train"), options)
+    infos = fs.get_file_info(pafs.FileSelector(path, allow_not_found=True))
+    names = [i.base_name for i in infos if i.type == pafs.FileType.Directory and i.base_name.startswith("account_id=")]
+    return sorted(n.split("=", 1)[1] for n in names)
+
+
 def pack(posts: list[list[int]], eos_id: int, seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Concatenate posts, each closed by EOS, and cut into rows of `seq_len`. Returns
     (input_ids, labels); the padding after the last post is labelled -100 (not predicted)."""

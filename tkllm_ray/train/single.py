@@ -126,7 +126,7 @@ def train_account(cfg: FinetuneConfig, model, eos_id: int, train_posts: list[lis
     return AccountRun(result, model, base_fp, shapes, delta, adapter, trainer)
 
 
-def publish_run(cfg: FinetuneConfig, run: AccountRun) -> dict:
+def publish_run(cfg: FinetuneConfig, run: AccountRun, run_id: str | None = None) -> dict:
     """Sparse methods: a delta version (+ placement table and heatmap); Adapter: its directory;
     full FT: a standalone HF directory; LoRA: the peft adapter directory."""
     result = dict(run.result)
@@ -138,7 +138,7 @@ def publish_run(cfg: FinetuneConfig, run: AccountRun) -> dict:
         result["version"] = save_delta(
             cfg.output, cfg.account, run.delta, cfg.model, run.base_fingerprint, cfg.method, cfg.density,
             metrics=metrics, extra_files={"placement.json": json.dumps(table).encode(), "placement.png": plot},
-            options=cfg.storage)
+            run_id=run_id, options=cfg.storage)
         result["delta_uri"] = join(cfg.output, cfg.account, result["version"])
     elif run.adapter is not None:
         result["model_uri"] = run.adapter.save(join(cfg.output, cfg.account, "adapter", new_version_id()),

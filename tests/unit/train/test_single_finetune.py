@@ -3,47 +3,22 @@
 import json
 from pathlib import Path
 
-import pyarrow as pa
-import pyarrow.parquet as pq
 import pytest
 import torch
 
 from tkllm_ray.cli.main import main
-from tkllm_ray.data.synth import generate_records
 from tkllm_ray.data.tokenizer import cached_tokenizer
-from tkllm_ray.data.validate import RowRules, record_to_row
 from tkllm_ray.models import build_model, fingerprint
 from tkllm_ray.sparse.delta_store import load_delta
 from tkllm_ray.sparse.model import AppliedDelta
-from tkllm_ray.storage import join, publish
 from tkllm_ray.train.data import account_posts, pack
 from tkllm_ray.train.single import perplexity
 
 
 @pytest.fixture(scope="module")
-def dataset(tmp_path_factory):
+def dataset(tmp_path_factory, ingested_dataset):
     """Two synthetic accounts written as `tkllm ingest` writes them (train/eval, hive-partitioned)."""
-    root = str(tmp_path_factory.mktemp("ds"))
-    tok = cached_tokenizer()
-    rows = [record_to_row(r, "s", i, RowRules()) for i, r in enumerate(generate_records(2, 60, seed=3))]
-    for r in rows:
-        r["input_ids"] = tok(r["text"], add_special_tokens=False)["input_ids"]
-    by_acc = {}
-    for r in rows:
-        by_acc.setdefault(r["account_id"], []).append(r)
-
-    def write(vuri):
-        for split in ("train", "eval"):
-            out = []
-            for acc, rs in by_acc.items():
-                rs.sort(key=lambda r: r["created_at"])
-                out += rs[:48] if split == "train" else rs[48:]
-            t = pa.Table.from_pylist([{k: r[k] for k in ("account_id", "text", "created_at", "position", "source",
-                                                          "source_row", "input_ids")} for r in out])
-            pq.write_to_dataset(t, join(vuri, split), partition_cols=["account_id"])
-
-    publish(root, write)
-    return root, sorted(by_acc)
+    return ingested_dataset(str(tmp_path_factory.mktemp("ds")), accounts=2, posts=60, train=48)
 
 
 def _result(out: str) -> dict:

@@ -1,0 +1,138 @@
+"""`tkllm finetune --accounts ...`: many accounts' GSPF fine-tunes packed onto Ray Train workers.
+
+Each worker loads the base once and runs the packed engine (train/packed.py) over its share of the
+accounts (account i goes to worker i mod N: a restarted worker finds the same share). Per-account
+checkpoints and results live under the run directory (local or s3://); a worker group that Ray
+Train restarts after a failure (FailureConfig) skips the accounts this run already published and
+resumes the in-flight ones from their checkpoints, so every account ends with exactly one delta.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+
+import torch
+
+from tkllm_ray.config.finetune import FinetuneConfig
+from tkllm_ray.errors import TkllmError
+from tkllm_ray.storage import exists, filesystem_for, join, list_files, new_version_id, read_text, write_text
+
+# Fault injection for the kill-a-worker test: the first worker to reach this many steps exits hard
+# (once per run: a marker in the run directory), as a lost node would.
+FAULT_ENV = "TKLLM_FAULT_AFTER_STEPS"
+
+
+def resolve_accounts(cfg: FinetuneConfig) -> list[str]:
+    from tkllm_ray.train.data import list_accounts
+
+    if cfg.accounts == "all":
+        found = list_accounts(cfg.data, cfg.storage)
+    else:
+        found = [line.strip() for line in read_text(cfg.accounts, cfg.storage).splitlines() if line.strip()]
+    if not found:
+        raise TkllmError(f"no accounts to fine-tune ({cfg.accounts}; dataset {cfg.data})")
+    return found
+
+
+def run_packed_finetune(cfg: FinetuneConfig, progress: bool = True) -> dict:
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    from tkllm_ray.data.ingest import ensure_ray
+
+    accounts = resolve_accounts(cfg)
+    run_id = new_version_id()
+    run_dir = cfg.run_dir or join(cfg.output, "_runs", run_id)
+    ensure_ray()
+    fs, ray_path = filesystem_for(join(run_dir, "ray"), cfg.storage)
+    use_gpu = cfg.gpus_per_worker > 0
+    env = {FAULT_ENV: os.environ[FAULT_ENV]} if FAULT_ENV in os.environ else {}
+    trainer = TorchTrainer(
+        _worker, train_loop_config={"cfg": cfg.model_dump(), "accounts": accounts, "run_id": run_id,
+                                    "run_dir": run_dir},
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=cfg.workers, use_gpu=use_gpu,
+            resources_per_worker={"GPU": cfg.gpus_per_worker} if use_gpu else {"CPU": 1}),
+        run_config=ray.train.RunConfig(
+            name=run_id, storage_path=ray_path, storage_filesystem=fs, worker_runtime_env={"env_vars": env},
+            failure_config=ray.train.FailureConfig(max_failures=cfg.max_failures)))
+    t0 = time.time()
+    trainer.fit()
+    wall = time.time() - t0
+    results = [json.loads(read_text(u, cfg.storage)) for u in list_files(join(run_dir, "results"), cfg.storage)]
+    missing = sorted(set(accounts) - {r["account"] for r in results})
+    if missing:
+        raise TkllmError(f"{len(missing)} accounts did not finish (e.g. {missing[:3]}); see {run_dir}")
+    tokens = sum(r["train_tokens"] for r in results)
+    return {"run_id": run_id, "run_dir": run_dir, "accounts": len(results), "workers": cfg.workers,
+            "wall_s": wall, "accounts_per_hour": 3600 * len(results) / wall, "train_tokens_per_s": tokens / wall,
+            "per_account": sorted(results, key=lambda r: r["account"])}
+
+
+def _worker(config: dict) -> None:
+    """One Ray Train worker: the base once, the engine over this worker's share of the accounts."""
+    import ray.train
+    from ray.train.torch import get_device
+
+    from tkllm_ray.data.tokenizer import load_tokenizer
+    from tkllm_ray.models import fingerprint
+    from tkllm_ray.models.load import load_base_model
+    from tkllm_ray.sparse.delta_store import published_by
+    from tkllm_ray.sparse.sensitivity import target_linears
+    from tkllm_ray.train.data import account_posts
+    from tkllm_ray.train.packed import AccountJob, PackedGSPF, UserCheckpoints
+    from tkllm_ray.train.single import AccountRun, publish_run
+
+    cfg = FinetuneConfig.model_validate(config["cfg"])
+    run_id, run_dir = config["run_id"], config["run_dir"]
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    device = get_device() if cfg.gpus_per_worker > 0 else torch.device("cpu")
+    tok = load_tokenizer(cfg.tokenizer, cfg.storage)
+    model = load_base_model(cfg.model, len(tok), cfg.seed, device, cfg.storage, cfg.tokenizer)
+    base_fp = fingerprint(model)
+    shapes = {n: m.weight.shape for n, m in target_linears(model, cfg.target_modules).items()}
+    checkpoints = UserCheckpoints(join(run_dir, "users"), cfg.checkpoint_every, cfg.storage)
+    mine = [a for a in config["accounts"][rank::world] if not published_by(cfg.output, a, run_id, cfg.storage)]
+    engine = PackedGSPF(model, cfg.target_modules, cfg.max_resident, cfg.max_rows, checkpoints)
+    engine.on_step = _fault_injector(run_dir, cfg)
+    before: dict[str, float] = {}
+
+    def jobs():
+        for account in mine:
+            acfg = cfg.model_copy(update={"account": account, "accounts": None})
+            job = AccountJob(acfg, account_posts(cfg.data, account, "train", cfg.storage),
+                             account_posts(cfg.data, account, "eval", cfg.storage))
+            before[account] = engine.perplexity(job.eval_posts, tok.eos_token_id, acfg)
+            yield job
+
+    def done(user, delta) -> None:
+        acfg, t = user.job.cfg, time.time()
+        result = {"account": user.account, "method": "gspf", "device": str(device), "worker": rank,
+                  "eval_ppl_before": before[user.account],
+                  "eval_ppl_after": engine.perplexity(user.job.eval_posts, tok.eos_token_id, acfg, delta),
+                  "train_loss_last": user.losses[-1], "steps": len(user.losses), "trainable_params": user.state.k,
+                  "train_tokens": int((user.labels != -100).sum()) * acfg.epochs, "reselection": user.state.history}
+        out = publish_run(acfg, AccountRun(result, None, base_fp, shapes, delta), run_id=run_id)
+        out["publish_s"] = time.time() - t
+        write_text(join(run_dir, "results", f"{user.account}.json"), json.dumps(out, default=str), cfg.storage)
+
+    t0 = time.time()
+    stats = engine.run(jobs(), tok.eos_token_id, done)
+    ray.train.report({"worker": rank, "accounts_done": len(mine), "wall_s": time.time() - t0, **stats})
+
+
+def _fault_injector(run_dir: str, cfg: FinetuneConfig):
+    after = int(os.environ.get(FAULT_ENV, "0"))
+    marker = join(run_dir, "fault-injected")
+    if not after or exists(marker, cfg.storage):
+        return None
+
+    def hook(engine, picked) -> None:
+        if engine.stats["train_steps"] >= after and not exists(marker, cfg.storage):
+            write_text(marker, "1", cfg.storage)
+            os._exit(1)  # a hard loss: no exception handling, no cleanup
+
+    return hook
