@@ -42,6 +42,7 @@ def test_packed_run_survives_a_killed_worker(tmp_path, ray_local, ingested_datas
         solo_cfg = solo_cfg.model_copy(update={"accounts": None})
         solo = train_account(solo_cfg, copy.deepcopy(base), eos, account_posts(root, acct, "train"),
                              account_posts(root, acct, "eval"), progress=False).delta
+        assert sorted(delta) == sorted(solo)
         for name, (idx, vals) in delta.items():
             assert torch.equal(idx, solo[name][0])
             # published in bf16: compare at that precision

@@ -4,10 +4,11 @@
 and `values` (k). W itself never gets a gradient; dv is the sampled product
 dv_j = Σ_tokens dy[:, r_j] · x[:, c_j] at the selected entries only (the dense dW is never formed).
 
-Forward and dx take one of two equivalent routes, whichever moves fewer bytes:
+Forward and dx take one of two routes, equal up to rounding, whichever moves fewer bytes:
 - merged: W' = W with the k entries replaced by W + v (a transient copy of one module's weight),
   then one dense GEMM; the same numerics as serving a merged delta. Best for big token batches.
-- gather: y[:, r] += v · x[:, c] on top of x Wᵀ (k·tokens work, no weight copy); the reference
+- gather: y[:, r] += v · x[:, c] on top of x Wᵀ (k·tokens work, no weight copy; in bf16 a value
+  below half a step of W still counts here, where the merged route rounds it away); the reference
   for the mixed-user segmented op where each row has its own delta.
 dv runs the Triton kernel on CUDA (tkllm_ray.sparse.sddmm_triton) and the chunked torch
 reference below elsewhere; tests hold the kernel to this reference.

@@ -58,10 +58,12 @@ def save_delta(store: str, account_id: str, delta: Delta, base_model: str, base_
     }
 
     def write(vuri: str) -> None:
+        # The manifest first: a version left half-written (a killed worker) is still attributable to
+        # its run (see discard_unpublished); readers only ever see versions LATEST points at.
+        write_bytes(join(vuri, "manifest.json"), json.dumps(manifest, indent=2).encode(), options)
         write_bytes(join(vuri, "delta.safetensors"), blob, options)
         for name, data in (extra_files or {}).items():
             write_bytes(join(vuri, name), data, options)
-        write_bytes(join(vuri, "manifest.json"), json.dumps(manifest, indent=2).encode(), options)
 
     return publish(root, write, options=options)
 
@@ -86,6 +88,28 @@ def load_delta(store: str, account_id: str, version: str | None = None, base_fin
             "load the matching base or retrain the account"
         )
     return decode(blob), {**manifest, "version": version}
+
+
+def discard_unpublished(store: str, account_id: str, run_id: str, options=None) -> list[str]:
+    """Remove version directories this run wrote for the account but never pointed LATEST at (a
+    worker killed mid-publish): invisible to readers already, and now gone. Returns them."""
+    import pyarrow.fs as pafs
+
+    from tkllm_ray.storage import exists, filesystem_for, remove
+
+    root = join(store, validate_account_id(account_id))
+    latest = read_latest(root, options)
+    fs, path = filesystem_for(root, options)
+    gone = []
+    for info in fs.get_file_info(pafs.FileSelector(path, allow_not_found=True)):
+        name = info.base_name
+        if info.type != pafs.FileType.Directory or name == latest or name.startswith(("_", ".")):
+            continue
+        manifest = join(root, name, "manifest.json")  # written first by save_delta: a run's own leftovers
+        if exists(manifest, options) and json.loads(read_bytes(manifest, options)).get("run_id") == run_id:
+            remove(join(root, name), options)
+            gone.append(name)
+    return gone
 
 
 def published_by(store: str, account_id: str, run_id: str, options=None) -> bool:

@@ -78,7 +78,9 @@ class GSPF:
     def _install(self, sel: Selection, learned: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> None:
         if self.modules:
             detach(self.model)
-        record = self.state.install(sel.indices, learned)
+        # Indices may come from the CPU (offloaded scores, a DiffPruning export): values live with the weights.
+        on_device = {n: i.to(self.model.get_submodule(n).weight.device) for n, i in sel.indices.items()}
+        record = self.state.install(on_device, learned)
         self.modules = attach(self.model, self.state.indices, self.state.values)
         self.s.history.append(record)
 

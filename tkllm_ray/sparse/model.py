@@ -29,6 +29,8 @@ class SparseDeltaLinear(nn.Module):
         if isinstance(values, nn.Parameter):  # a SparseState's own tensor: shared, so its optimizer trains it
             if values.numel() != indices.numel():
                 raise ValueError("one value per delta index")
+            if values.device != base.weight.device:
+                raise ValueError(f"delta values on {values.device}, weights on {base.weight.device}")
             self.values = values
         else:
             init = torch.zeros(indices.numel(), dtype=torch.float32, device=base.weight.device)

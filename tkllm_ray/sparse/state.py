@@ -99,8 +99,8 @@ class SparseState:
         with torch.no_grad():
             for n, p in self.values.items():
                 p.copy_(blob["values"][n])
-                if n in blob["opt"]:
-                    self.opt.state[p] = dict(blob["opt"][n])
+                if n in blob["opt"]:  # torch keeps AdamW's step counter on the CPU (no sync per step)
+                    self.opt.state[p] = {k: t.cpu() if k == "step" else t for k, t in blob["opt"][n].items()}
 
     def export(self) -> Delta:
         return {n: (self.indices[n].detach().cpu(), self.values[n].detach().cpu()) for n in self.values}

@@ -144,10 +144,11 @@ def write_dir(local: str, uri: str, options: StorageOptions | None = None, last:
     renamed into place; an existing target is an error); on S3, files named in `last` (e.g. a
     model's config.json) are written after everything else, so a loader never finds them early."""
     p = parse_uri(uri)
-    names = sorted(os.listdir(local), key=lambda n: (n in last, n))
+    if exists(uri, options):
+        raise TkllmError(f"{uri} already exists: choose a new output directory")
+    names = sorted((os.path.relpath(os.path.join(d, f), local) for d, _, fs in os.walk(local) for f in fs),
+                   key=lambda n: (os.path.basename(n) in last, n))
     if not p.is_s3:
-        if os.path.exists(p.path):
-            raise TkllmError(f"{uri} already exists: choose a new output directory")
         staging = f"{p.path.rstrip(os.sep)}.tmp-{uuid.uuid4().hex[:12]}"
         try:
             shutil.copytree(local, staging)
@@ -157,4 +158,4 @@ def write_dir(local: str, uri: str, options: StorageOptions | None = None, last:
         return
     for name in names:
         with open(os.path.join(local, name), "rb") as f:
-            write_bytes(join(uri, name), f.read(), options)
+            write_bytes(join(uri, *name.split(os.sep)), f.read(), options)

@@ -3,8 +3,9 @@
 Each worker loads the base once and runs the packed engine (train/packed.py) over its share of the
 accounts (account i goes to worker i mod N: a restarted worker finds the same share). Per-account
 checkpoints and results live under the run directory (local or s3://); a worker group that Ray
-Train restarts after a failure (FailureConfig) skips the accounts this run already published and
-resumes the in-flight ones from their checkpoints, so every account ends with exactly one delta.
+Train restarts after a failure (FailureConfig) skips the accounts this run already published
+(recovering their result records), discards versions it left half-published, and resumes the
+in-flight accounts from their checkpoints: every account ends with exactly one delta of the run.
 """
 
 from __future__ import annotations
@@ -79,7 +80,7 @@ def _worker(config: dict) -> None:
     from tkllm_ray.data.tokenizer import load_tokenizer
     from tkllm_ray.models import fingerprint
     from tkllm_ray.models.load import load_base_model
-    from tkllm_ray.sparse.delta_store import published_by
+    from tkllm_ray.sparse.delta_store import discard_unpublished, published_by
     from tkllm_ray.sparse.sensitivity import target_linears
     from tkllm_ray.train.data import account_posts
     from tkllm_ray.train.packed import AccountJob, PackedGSPF, UserCheckpoints
@@ -94,8 +95,14 @@ def _worker(config: dict) -> None:
     model = load_base_model(cfg.model, len(tok), cfg.seed, device, cfg.storage, cfg.tokenizer)
     base_fp = fingerprint(model)
     shapes = {n: m.weight.shape for n, m in target_linears(model, cfg.target_modules).items()}
-    checkpoints = UserCheckpoints(join(run_dir, "users"), cfg.checkpoint_every, cfg.storage)
-    mine = [a for a in config["accounts"][rank::world] if not published_by(cfg.output, a, run_id, cfg.storage)]
+    checkpoints = UserCheckpoints(join(run_dir, "users"), cfg.checkpoint_every, cfg.storage, run_id)
+    mine = []
+    for account in config["accounts"][rank::world]:
+        if published_by(cfg.output, account, run_id, cfg.storage):
+            _recover_result(cfg, account, run_dir)  # died after publishing, before writing the result
+        else:
+            discard_unpublished(cfg.output, account, run_id, cfg.storage)  # died mid-publish
+            mine.append(account)
     engine = PackedGSPF(model, cfg.target_modules, cfg.max_resident, cfg.max_rows, checkpoints)
     engine.on_step = _fault_injector(run_dir, cfg)
     before: dict[str, float] = {}
@@ -122,6 +129,19 @@ def _worker(config: dict) -> None:
     t0 = time.time()
     stats = engine.run(jobs(), tok.eos_token_id, done)
     ray.train.report({"worker": rank, "accounts_done": len(mine), "wall_s": time.time() - t0, **stats})
+
+
+def _recover_result(cfg: FinetuneConfig, account: str, run_dir: str) -> None:
+    """An account this run published has its result file, rebuilt from the manifest if need be."""
+    from tkllm_ray.sparse.delta_store import load_delta
+
+    uri = join(run_dir, "results", f"{account}.json")
+    if exists(uri, cfg.storage):
+        return
+    _, manifest = load_delta(cfg.output, account, options=cfg.storage)
+    result = {"account": account, "method": manifest["method"], **manifest["metrics"],
+              "version": manifest["version"], "delta_uri": join(cfg.output, account, manifest["version"])}
+    write_text(uri, json.dumps(result, default=str), cfg.storage)
 
 
 def _fault_injector(run_dir: str, cfg: FinetuneConfig):

@@ -2,7 +2,8 @@
 
 The step is the reusable piece (`GSPF.step`, `DiffPruning.step`, `DenseTrainer.step`, all one
 `optimizer_step`); this module wires data, eval, cost reporting and publishing around it for one
-account, in one training loop for every method. The packed multi-tenant engine reuses the same steps.
+account, in one training loop for every method. The packed multi-tenant engine (train/packed.py)
+follows the same per-account event schedule (train/schedule.py).
 """
 
 from __future__ import annotations

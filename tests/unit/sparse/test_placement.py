@@ -21,14 +21,15 @@ def test_placement_counts_and_shares_per_layer_and_type():
 def test_pooled_tables_and_concentration():
     from tkllm_ray.sparse.placement import concentration, pooled
 
-    shapes = {"model.layers.0.mlp.down_proj": torch.Size([4, 25]), "model.layers.1.mlp.down_proj": torch.Size([4, 25]),
-              "model.layers.0.self_attn.o_proj": torch.Size([10, 10]), "model.layers.1.self_attn.o_proj": torch.Size([10, 10])}
-    a = placement_table({"model.layers.1.mlp.down_proj": torch.arange(6)}, shapes)
-    b = placement_table({"model.layers.1.mlp.down_proj": torch.arange(2), "model.layers.0.self_attn.o_proj": torch.arange(2)},
+    shapes = {f"model.layers.{i}.{m}": torch.Size([4, 25] if m.endswith("down_proj") else [10, 10])
+              for i in range(4) for m in ("mlp.down_proj", "self_attn.o_proj")}
+    a = placement_table({"model.layers.3.mlp.down_proj": torch.arange(6)}, shapes)
+    b = placement_table({"model.layers.3.mlp.down_proj": torch.arange(2), "model.layers.0.self_attn.o_proj": torch.arange(2)},
                         shapes)
     p = pooled([a, b])
     assert sum(map(sum, p["count"])) == 10 and p["size"] == a["size"]
+    assert p["share"][3][0] == (6 / 100 + 2 / 100) / 2  # down_proj of block 3, mean over the two tables
     c = concentration(p)
-    # Blocks 0-1: "final quarter" is block >= 1.5 -> none; per type: down_proj holds 8 of 10 entries, half the weights.
+    # 4 blocks: the final quarter is block 3 (a quarter of the weights), holding 8 of the 10 entries.
+    assert c["final_quarter_blocks"] == {"entries_share": 0.8, "weights_share": 0.25}
     assert c["by_type"]["down_proj"] == {"entries_share": 0.8, "weights_share": 0.5}
-    assert c["final_quarter_blocks"]["entries_share"] == 0.0

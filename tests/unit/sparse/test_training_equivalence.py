@@ -111,3 +111,31 @@ def test_corrupt_delta_is_refused(tmp_path):
     path.write_bytes(bytes(data))
     with pytest.raises(TkllmError, match=rf"delta ana_b/{v} is corrupt"):
         load_delta(store, "ana_b")
+
+
+def test_a_half_published_version_of_a_run_is_discarded(tmp_path):
+    from tkllm_ray.sparse.delta_store import discard_unpublished, published_by
+
+    store = str(tmp_path / "deltas")
+    model = build_model("tkllm-tiny", seed=6)
+    delta = {"lm_head": (torch.tensor([1, 5, 9]), torch.ones(3))}
+    v1 = save_delta(store, "a1", delta, "tkllm-tiny", fingerprint(model), "gspf", 0.01, run_id="r1")
+    orphan = tmp_path / "deltas" / "a1" / "20990101T000000Z-orphan"
+    orphan.mkdir()
+    (orphan / "manifest.json").write_text('{"run_id": "r2"}')
+    assert published_by(store, "a1", "r1") and not published_by(store, "a1", "r2")
+    assert discard_unpublished(store, "a1", "r2") == [orphan.name]
+    assert sorted(p.name for p in (tmp_path / "deltas" / "a1").iterdir()) == sorted(["LATEST", v1])
+    load_delta(store, "a1")  # the published one is untouched
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_from_delta_with_cpu_indices_trains_on_the_gpu():
+    from tkllm_ray.sparse.gspf import GSPF, GSPFSettings
+
+    model = build_model("tkllm-tiny", seed=6).cuda()
+    g = GSPF.from_delta(model, lm_loss, {"lm_head": (torch.tensor([1, 5, 9]), torch.zeros(3))}, GSPFSettings(lr=1e-2))
+    assert g.state.values["lm_head"].device.type == "cuda"
+    g.step(torch.randint(2, 8192, (2, 12), device="cuda"))
+    assert g.state.values["lm_head"].abs().sum() > 0
