@@ -48,6 +48,8 @@ class FinetuneConfig(ConfigModel):
     gpus_per_worker: float = Field(0, ge=0, description="packed: GPUs per worker (0: CPU workers)")
     max_resident: int = Field(64, ge=1, description="packed: accounts a worker keeps in training at once")
     max_rows: int = Field(64, ge=1, description="packed: rows per mixed-account micro-batch")
+    state_memory_gb: float | None = Field(None, gt=0, description="packed: memory budget of a worker's resident "
+                                          "account states (estimated; default: only max_resident limits)")
     checkpoint_every: int = Field(10, ge=0, description="packed: per-account checkpoint every N of its steps (0: off)")
     max_failures: int = Field(2, ge=0, description="packed: worker-group restarts Ray Train allows")
     run_dir: str | None = Field(None, description="packed: where the run keeps checkpoints and results "

@@ -147,8 +147,9 @@ class UserCheckpoints:
 
 class PackedGSPF:
     def __init__(self, model: nn.Module, target_modules: list[str] | None = None, max_resident: int = 64,
-                 max_rows: int = 64, checkpoints: UserCheckpoints | None = None):
+                 max_rows: int = 64, checkpoints: UserCheckpoints | None = None, state_budget: int | None = None):
         self.model, self.max_resident, self.max_rows = model, max_resident, max_rows
+        self.state_budget = state_budget  # bytes for the resident accounts' states (None: count only)
         self.checkpoints = checkpoints
         for p in model.parameters():
             p.requires_grad_(False)
@@ -163,6 +164,20 @@ class PackedGSPF:
         self.stats = {"train_steps": 0, "sensitivity_passes": 0, "rows": 0, "max_resident": 0}
 
     # -- admission and the loop ---------------------------------------------------------------
+    def state_bytes(self, cfg, warming: bool) -> int:
+        """Estimated memory of one account's state: per selected entry an fp32 value, its gradient
+        and two AdamW moments, an int64 index and two int32 row/col copies (32 B); while it warms up,
+        also an fp32 sensitivity sum per target weight."""
+        n = sum(m.weight.numel() for m in self.linears.values())
+        k = max(1, round(cfg.density * n))
+        return 32 * k + (4 * n if warming else 0)
+
+    def fits(self, job: AccountJob, resident: list[UserRun]) -> bool:
+        if self.state_budget is None:
+            return True
+        used = sum(self.state_bytes(u.job.cfg, u.pending is not None and u.pending[0] == "select") for u in resident)
+        return used + self.state_bytes(job.cfg, warming=True) <= self.state_budget
+
     def admit(self, job: AccountJob, eos_id: int) -> UserRun:
         cfg = job.cfg
         if cfg.method != "gspf":
@@ -186,13 +201,17 @@ class PackedGSPF:
 
     def run(self, jobs: Iterable[AccountJob], eos_id: int, on_done: Callable[[UserRun, Delta], None]) -> dict:
         queue, resident = iter(jobs), []  # pulled lazily: an account's data is read when it is admitted
-        exhausted = False
+        exhausted, waiting = False, None
         while not exhausted or resident:
             while not exhausted and len(resident) < self.max_resident:
-                job = next(queue, None)
+                job = waiting or next(queue, None)
                 if job is None:
                     exhausted = True
+                elif resident and not self.fits(job, resident):
+                    waiting = job  # admitted once a resident account retires and frees its memory
+                    break
                 else:
+                    waiting = None
                     resident.append(self.admit(job, eos_id))
             if not resident:
                 break

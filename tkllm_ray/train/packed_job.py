@@ -60,7 +60,7 @@ def run_packed_finetune(cfg: FinetuneConfig, progress: bool = True) -> dict:
             name=run_id, storage_path=ray_path, storage_filesystem=fs, worker_runtime_env={"env_vars": env},
             failure_config=ray.train.FailureConfig(max_failures=cfg.max_failures)))
     t0 = time.time()
-    trainer.fit()
+    _fit_with_progress(trainer, join(run_dir, "results"), len(accounts), cfg, progress)
     wall = time.time() - t0
     results = [json.loads(read_text(u, cfg.storage)) for u in list_files(join(run_dir, "results"), cfg.storage)]
     missing = sorted(set(accounts) - {r["account"] for r in results})
@@ -70,6 +70,31 @@ def run_packed_finetune(cfg: FinetuneConfig, progress: bool = True) -> dict:
     return {"run_id": run_id, "run_dir": run_dir, "accounts": len(results), "workers": cfg.workers,
             "wall_s": wall, "accounts_per_hour": 3600 * len(results) / wall, "train_tokens_per_s": tokens / wall,
             "per_account": sorted(results, key=lambda r: r["account"])}
+
+
+def _fit_with_progress(trainer, results: str, total: int, cfg: FinetuneConfig, progress: bool) -> None:
+    """trainer.fit() with a bar of accounts published (the workers write one result file each)."""
+    import threading
+
+    from tqdm import tqdm
+
+    box: dict = {}
+    thread = threading.Thread(target=lambda: box.update(result=_capture(trainer.fit)), daemon=True)
+    thread.start()
+    with tqdm(total=total, desc="accounts", unit="acct", disable=not progress) as bar:
+        while thread.is_alive():
+            thread.join(timeout=2.0)
+            done = len(list_files(results, cfg.storage)) if exists(results, cfg.storage) else 0
+            bar.update(done - bar.n)
+    if isinstance(box.get("result"), BaseException):
+        raise box["result"]
+
+
+def _capture(fn):
+    try:
+        return fn()
+    except BaseException as e:  # re-raised on the driver's thread
+        return e
 
 
 def _worker(config: dict) -> None:
@@ -103,7 +128,8 @@ def _worker(config: dict) -> None:
         else:
             discard_unpublished(cfg.output, account, run_id, cfg.storage)  # died mid-publish
             mine.append(account)
-    engine = PackedGSPF(model, cfg.target_modules, cfg.max_resident, cfg.max_rows, checkpoints)
+    budget = int(cfg.state_memory_gb * 2**30) if cfg.state_memory_gb else None
+    engine = PackedGSPF(model, cfg.target_modules, cfg.max_resident, cfg.max_rows, checkpoints, budget)
     engine.on_step = _fault_injector(run_dir, cfg)
     before: dict[str, float] = {}
 
@@ -121,6 +147,7 @@ def _worker(config: dict) -> None:
                   "eval_ppl_before": before[user.account],
                   "eval_ppl_after": engine.perplexity(user.job.eval_posts, tok.eos_token_id, acfg, delta),
                   "train_loss_last": user.losses[-1], "steps": len(user.losses), "trainable_params": user.state.k,
+                  "loss_curve": [round(x, 4) for x in user.losses],
                   "train_tokens": int((user.labels != -100).sum()) * acfg.epochs, "reselection": user.state.history}
         out = publish_run(acfg, AccountRun(result, None, base_fp, shapes, delta), run_id=run_id)
         out["publish_s"] = time.time() - t

@@ -91,3 +91,19 @@ def test_a_crash_resumes_from_per_account_checkpoints(tmp_path):
         for name, (idx, vals) in delta.items():
             assert torch.equal(idx, solo[acct][name][0])
             torch.testing.assert_close(vals, solo[acct][name][1], rtol=1e-3, atol=1e-5)
+
+
+def test_admission_keeps_the_state_budget_and_gives_the_same_deltas():
+    base = build_model("tkllm-tiny", seed=0)
+    jobs = _jobs(3)
+    probe = PackedGSPF(copy.deepcopy(base))
+    # Room for one account warming up (dense fp32 sensitivity sums) beside one training: never three.
+    budget = probe.state_bytes(jobs[0].cfg, warming=True) + probe.state_bytes(jobs[0].cfg, warming=False)
+    engine = PackedGSPF(copy.deepcopy(base), max_resident=10, max_rows=7, state_budget=budget)
+    done = {}
+    stats = engine.run(jobs, EOS, lambda u, d: done.__setitem__(u.account, d))
+    assert stats["max_resident"] == 2 and len(done) == 3  # the others waited for memory, then ran
+    for job in _jobs(3):
+        ref = train_account(job.cfg, copy.deepcopy(base), EOS, job.train_posts, job.eval_posts, progress=False).delta
+        for name, (idx, vals) in done[job.cfg.account].items():
+            assert torch.equal(idx, ref[name][0])
