@@ -59,6 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workdir", default="runs/quickstart", help="where to write everything (default: runs/quickstart)")
     p.add_argument("--modes", nargs="+", default=["tiny", "base", "hifi"], choices=["tiny", "base", "hifi"],
                    help="OCC rendering modes (default: all three)")
+    p.add_argument("--skip-finetune", action="store_true", help="stop after ingest (no packed GSPF fine-tunes)")
 
     p = sub.add_parser("tokenizer-train", help="train the byte-level BPE tokenizer on a text corpus")
     p.add_argument("--corpus", nargs="+", required=True, help="text files, one document per line")
@@ -151,7 +152,7 @@ def cmd_synth(args) -> int:
 def cmd_quickstart(args) -> int:
     from tkllm_ray.quickstart import run_quickstart
 
-    return run_quickstart(args.workdir, modes=args.modes)
+    return run_quickstart(args.workdir, modes=args.modes, finetune=not args.skip_finetune)
 
 
 def cmd_tokenizer_train(args) -> int:

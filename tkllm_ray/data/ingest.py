@@ -31,8 +31,11 @@ def ensure_ray(address: str | None = None) -> None:
     # Ray Data logs every execution plan at INFO; the summary table is what a user reads.
     logging.getLogger("ray.data").setLevel(logging.WARNING)
     if not ray.is_initialized():
+        # A local cluster runs without the dashboard, so Ray Train's placement-group cleaner warns
+        # every second that the state API is unreachable: library logs in workers at ERROR.
+        quiet = ray.LoggingConfig(log_level="ERROR") if address is None else None
         ray.init(address=address, include_dashboard=False, logging_level=logging.WARNING,
-                 ignore_reinit_error=True)
+                 logging_config=quiet, ignore_reinit_error=True)
 
 
 def run_ingest(cfg: IngestConfig, version: str | None = None, progress: bool | None = None) -> dict:
