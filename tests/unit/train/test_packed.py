@@ -3,6 +3,7 @@ the deltas they get when each is trained alone (same seed, same data), re-select
 
 import copy
 
+import pytest
 import torch
 
 from tkllm_ray.config.finetune import FinetuneConfig
@@ -107,3 +108,25 @@ def test_admission_keeps_the_state_budget_and_gives_the_same_deltas():
         ref = train_account(job.cfg, copy.deepcopy(base), EOS, job.train_posts, job.eval_posts, progress=False).delta
         for name, (idx, vals) in done[job.cfg.account].items():
             assert torch.equal(idx, ref[name][0])
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_packed_on_cuda_bf16_runs_the_triton_path_and_agrees_with_solo_in_fp32():
+    base = build_model("tkllm-tiny", seed=0).cuda()
+    solo = {j.cfg.account: train_account(j.cfg, copy.deepcopy(base), EOS, j.train_posts, j.eval_posts,
+                                         progress=False).delta for j in _jobs(3)}
+    done = {}
+    PackedGSPF(copy.deepcopy(base), max_resident=3, max_rows=7).run(_jobs(3), EOS,
+                                                                     lambda u, d: done.__setitem__(u.account, d))
+    for acct, delta in done.items():  # fp32 on the GPU: the Triton kernels against the solo path
+        for name, (idx, vals) in delta.items():
+            ref_idx, ref_vals = solo[acct][name]
+            # GPU GEMMs of other shapes sum in other orders: an entry at the threshold may flip.
+            mine, theirs = torch.isin(idx, ref_idx), torch.isin(ref_idx, idx)
+            assert int(mine.sum()) >= 0.99 * ref_idx.numel()
+            torch.testing.assert_close(vals[mine], ref_vals[theirs], rtol=1e-2, atol=1e-4)
+    bf16 = {}
+    PackedGSPF(copy.deepcopy(base).to(torch.bfloat16), max_resident=3, max_rows=7).run(
+        _jobs(3), EOS, lambda u, d: bf16.__setitem__(u.account, d))
+    assert sorted(bf16) == sorted(solo) and all(torch.isfinite(v).all() for d in bf16.values() for _, v in d.values())
