@@ -22,6 +22,13 @@ import torch
 CHUNK = 1 << 16
 
 
+def check_sorted(indices: torch.Tensor, what: str = "delta indices") -> None:
+    """Entries must be sorted and unique: loads, merges and the GPU kernels (which group entries by
+    row) all rely on it, and unsorted input would go wrong silently there."""
+    if indices.numel() > 1 and not bool((indices[1:] > indices[:-1]).all()):
+        raise ValueError(f"{what} must be sorted and unique")
+
+
 def split_indices(indices: torch.Tensor, in_features: int) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.div(indices, in_features, rounding_mode="floor"), indices % in_features
 

@@ -7,7 +7,7 @@ tensors, and measures sensitivity on that model.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable, Iterable
 
 import torch
@@ -32,7 +32,6 @@ class GSPFSettings:
     weight_decay: float = 0.0
     betas: tuple[float, float] = (0.9, 0.999)
     reselect_state: str = "carry"  # or "reset"
-    history: list[dict] = field(default_factory=list)
 
 
 class GSPF:
@@ -63,6 +62,7 @@ class GSPF:
     def sensitivity_select(self, batches: Iterable) -> Selection:
         # Sensitivity of the current model W + Δ: fold the learned Δ in, measure, fold it out.
         learned = detach(self.model) if self.modules else {}
+        self.modules = {}
         applied = AppliedDelta(self.model, learned)
         try:
             lin = self._linears()
@@ -76,13 +76,10 @@ class GSPF:
         return sel
 
     def _install(self, sel: Selection, learned: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> None:
-        if self.modules:
-            detach(self.model)
         # Indices may come from the CPU (offloaded scores, a DiffPruning export): values live with the weights.
         on_device = {n: i.to(self.model.get_submodule(n).weight.device) for n, i in sel.indices.items()}
-        record = self.state.install(on_device, learned)
+        self.state.install(on_device, learned)  # records entries and mask overlap in state.history
         self.modules = attach(self.model, self.state.indices, self.state.values)
-        self.s.history.append(record)
 
     @property
     def opt(self) -> torch.optim.Optimizer | None:

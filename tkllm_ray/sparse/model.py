@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from tkllm_ray.sparse.delta_op import add_rounded, sparse_delta_linear, split_indices
+from tkllm_ray.sparse.delta_op import add_rounded, check_sorted, sparse_delta_linear, split_indices
 
 
 class SparseDeltaLinear(nn.Module):
@@ -18,8 +18,7 @@ class SparseDeltaLinear(nn.Module):
         for p in base.parameters():
             p.requires_grad_(False)
         indices = indices.to(device=base.weight.device, dtype=torch.int64)
-        if indices.numel() > 1 and not bool((indices[1:] > indices[:-1]).all()):
-            raise ValueError("delta indices must be sorted and unique")
+        check_sorted(indices)
         rows, cols = split_indices(indices, base.in_features)
         if base.weight.numel() < 2**31:  # int32 halves the index memory; the kernels read either
             rows, cols = rows.to(torch.int32), cols.to(torch.int32)

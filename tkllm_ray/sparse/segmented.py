@@ -16,7 +16,13 @@ from dataclasses import dataclass
 
 import torch
 
-from tkllm_ray.sparse.delta_op import sampled_grad_reference, sparse_forward, sparse_input_grad
+from tkllm_ray.sparse.delta_op import (
+    check_sorted,
+    sampled_grad_reference,
+    sparse_forward,
+    sparse_input_grad,
+    split_indices,
+)
 
 
 @dataclass
@@ -36,11 +42,10 @@ class Segments:
             raise ValueError("one token count per user's indices")
         tok = torch.tensor([0, *token_counts], dtype=torch.int64).cumsum(0)
         ent = torch.tensor([0, *[i.numel() for i in indices]], dtype=torch.int64).cumsum(0)
-        for i in indices:  # the GPU kernels group entries by row: unsorted input would race silently
-            if i.numel() > 1 and not bool((i[1:] > i[:-1]).all()):
-                raise ValueError("each user's delta indices must be sorted and unique")
+        for i in indices:
+            check_sorted(i, "each user's delta indices")
         flat = torch.cat([i.to(torch.int64).cpu() for i in indices]) if indices else torch.empty(0, dtype=torch.int64)
-        rows, cols = torch.div(flat, in_features, rounding_mode="floor"), flat % in_features
+        rows, cols = split_indices(flat, in_features)
         return cls(tok.to(device), ent.to(device), rows.to(device, torch.int32), cols.to(device, torch.int32))
 
     @property

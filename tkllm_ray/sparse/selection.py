@@ -100,13 +100,15 @@ def top_k(sc: dict[str, torch.Tensor], k: int) -> dict[str, torch.Tensor]:
     """The k highest-scoring entries over all modules: module -> sorted flat int64 positions."""
     threshold = _kth_largest_key(sc, k)
     # Entries above the threshold, then ties at it in module order, to exactly k in total.
-    idx, left = {}, k
-    above = {n: (_order_key(s.flatten()) > threshold).nonzero().flatten() for n, s in sc.items()}
-    left -= sum(a.numel() for a in above.values())
+    above, ties = {}, {}
     for n, s in sc.items():
-        ties = (_order_key(s.flatten()) == threshold).nonzero().flatten()[: max(left, 0)]
-        left -= ties.numel()
-        idx[n] = torch.sort(torch.cat([above[n], ties])).values.to(torch.int64)
+        key = _order_key(s.flatten())
+        above[n], ties[n] = (key > threshold).nonzero().flatten(), (key == threshold).nonzero().flatten()
+    idx, left = {}, k - sum(a.numel() for a in above.values())
+    for n in sc:
+        tied = ties[n][: max(left, 0)]
+        left -= tied.numel()
+        idx[n] = torch.sort(torch.cat([above[n], tied])).values.to(torch.int64)
     return idx
 
 
@@ -132,7 +134,3 @@ def _kth_largest_key(sc: dict[str, torch.Tensor], k: int) -> int:
 def _top(flat: torch.Tensor, k: int) -> torch.Tensor:
     return torch.sort(torch.topk(flat, k).indices).values.to(torch.int64)
 
-
-def placement(sel: Selection, shapes: dict[str, torch.Size]) -> dict[str, dict]:
-    """Where the selected entries fall: count and share of each module's weights."""
-    return {n: {"selected": int(i.numel()), "share": i.numel() / shapes[n].numel()} for n, i in sel.indices.items()}

@@ -31,11 +31,18 @@ def target_linears(model: nn.Module, include: Iterable[str] | None = None) -> di
 
 
 @torch.no_grad()
-def _accumulate(acc: torch.Tensor, dy: torch.Tensor, x: torch.Tensor) -> None:
+def add_abs_grad(acc: torch.Tensor, dy: torch.Tensor, x: torch.Tensor) -> None:
+    """acc += |dyᵀx|: one step's weight gradient of a linear, in absolute value."""
     # In the model's dtype: for a bf16 model this is exactly the weight gradient autograd would
     # give (fp32-accumulated GEMM), without fp32 copies of dy and x; the running sum is fp32.
     g = dy.reshape(-1, dy.shape[-1]).t() @ x.reshape(-1, x.shape[-1])
     acc.add_(g.abs_().to(acc.device))
+
+
+def grads_from_embeddings(model: nn.Module):
+    """Gradients must flow with every weight frozen: start the graph at the embedding output.
+    Returns the hook handle (`.remove()` when the pass is done)."""
+    return model.get_input_embeddings().register_forward_hook(lambda m, i, out: out.requires_grad_(True))
 
 
 def collect_sensitivity(
@@ -59,14 +66,12 @@ def collect_sensitivity(
         def hook(mod, inputs, output):
             x = inputs[0].detach()
             if output.requires_grad:
-                output.register_hook(lambda dy: _accumulate(acc[name], dy, x))
+                output.register_hook(lambda dy: add_abs_grad(acc[name], dy, x))
         return hook
 
     for name, mod in modules.items():
         handles.append(mod.register_forward_hook(make_hook(name)))
-    emb = model.get_input_embeddings()
-    # Gradients must flow with every weight frozen: start the graph at the embedding output.
-    handles.append(emb.register_forward_hook(lambda m, i, out: out.requires_grad_(True)))
+    handles.append(grads_from_embeddings(model))
     steps = 0
     try:
         for batch in batches:

@@ -25,7 +25,7 @@ from tkllm_ray.sparse.delta_store import Delta, decode, encode
 from tkllm_ray.sparse.model import AppliedDelta
 from tkllm_ray.sparse.segmented import Segments, segmented_delta_linear
 from tkllm_ray.sparse.selection import select
-from tkllm_ray.sparse.sensitivity import target_linears
+from tkllm_ray.sparse.sensitivity import add_abs_grad, grads_from_embeddings, target_linears
 from tkllm_ray.sparse.state import SparseState
 from tkllm_ray.train.data import pack
 from tkllm_ray.train.schedule import events
@@ -248,13 +248,11 @@ class PackedGSPF:
         ids = torch.cat([b[0] for _, b in picked])
         self.ctx = BatchContext([u for u, _ in picked], [b[0].numel() for _, b in picked], sensitivity)
         try:
-            if sensitivity:  # gradients must flow with every weight frozen: start at the embedding output
-                emb = self.model.get_input_embeddings()
-                h = emb.register_forward_hook(lambda m, i, out: out.requires_grad_(True))
+            h = grads_from_embeddings(self.model) if sensitivity else None
             try:
                 logits = self.model(input_ids=ids).logits
             finally:
-                if sensitivity:
+                if h is not None:
                     h.remove()
         except BaseException:
             self.ctx = None
@@ -271,13 +269,10 @@ class PackedGSPF:
     def accumulate(self, name: str, dy: torch.Tensor, x2: torch.Tensor) -> None:
         dy2 = dy.reshape(-1, dy.shape[-1])
         off = self.ctx.offsets
-        with torch.no_grad():
-            for i, u in enumerate(self.ctx.users):
-                g = (dy2[off[i] : off[i + 1]].t() @ x2[off[i] : off[i + 1]]).abs_()
-                if name in u.sens:
-                    u.sens[name].add_(g)
-                else:
-                    u.sens[name] = g.float()
+        for i, u in enumerate(self.ctx.users):
+            if name not in u.sens:
+                u.sens[name] = torch.zeros(self.linears[name].weight.shape, dtype=torch.float32, device=dy.device)
+            add_abs_grad(u.sens[name], dy2[off[i] : off[i + 1]], x2[off[i] : off[i + 1]])
 
     def _sensitivity_pass(self, picked) -> None:
         self.model.eval()

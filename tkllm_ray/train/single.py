@@ -123,7 +123,7 @@ def train_account(cfg: FinetuneConfig, model, eos_id: int, train_posts: list[lis
                "steps": len(losses), **costs, "train_tokens": int((train_labels != -100).sum()) * cfg.epochs}
     result = {"account": cfg.account, "method": cfg.method, "device": str(device), **metrics}
     if cfg.method == "gspf":
-        result["reselection"] = trainer.s.history
+        result["reselection"] = trainer.state.history
     return AccountRun(result, model, base_fp, shapes, delta, adapter, trainer)
 
 

@@ -31,7 +31,7 @@ def test_gspf_learns_and_reselection_keeps_values():
     before = g.export()
     g.sensitivity_select(data[:2])
     after = g.export()
-    assert g.s.history[-1]["entries"] == sel.k and 0 < g.s.history[-1]["overlap"] <= 1
+    assert g.state.history[-1]["entries"] == sel.k and 0 < g.state.history[-1]["overlap"] <= 1
     stay = 0
     for n, (idx, vals) in after.items():
         if n in before:
