@@ -14,7 +14,7 @@ from safetensors.torch import save as st_save
 
 from tkllm_ray.data.schema import validate_account_id
 from tkllm_ray.errors import TkllmError
-from tkllm_ray.storage import join, publish, read_bytes, read_latest, write_bytes
+from tkllm_ray.storage import exists, join, list_dirs, publish, read_bytes, read_latest, remove, write_bytes
 
 FORMAT_VERSION = 1
 VALUE_DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
@@ -76,9 +76,8 @@ def load_delta(store: str, account_id: str, version: str | None = None, base_fin
     version = version or read_latest(root, options)
     if version is None:
         raise TkllmError(f"no delta published for account {account_id!r} under {store}")
-    vuri = join(root, version)
-    manifest = json.loads(read_bytes(join(vuri, "manifest.json"), options))
-    blob = read_bytes(join(vuri, "delta.safetensors"), options)
+    manifest = read_manifest(store, account_id, version, options)
+    blob = read_bytes(join(root, version, "delta.safetensors"), options)
     if hashlib.sha256(blob).hexdigest() != manifest["files"]["delta.safetensors"]:
         raise TkllmError(f"delta {account_id}/{version} is corrupt (sha256 mismatch): republish it")
     if base_fingerprint is not None and manifest["base_fingerprint"] != base_fingerprint:
@@ -90,23 +89,20 @@ def load_delta(store: str, account_id: str, version: str | None = None, base_fin
     return decode(blob), {**manifest, "version": version}
 
 
+def read_manifest(store: str, account_id: str, version: str, options=None) -> dict:
+    return json.loads(read_bytes(join(store, validate_account_id(account_id), version, "manifest.json"), options))
+
+
 def discard_unpublished(store: str, account_id: str, run_id: str, options=None) -> list[str]:
     """Remove version directories this run wrote for the account but never pointed LATEST at (a
     worker killed mid-publish): invisible to readers already, and now gone. Returns them."""
-    import pyarrow.fs as pafs
-
-    from tkllm_ray.storage import exists, filesystem_for, remove
-
     root = join(store, validate_account_id(account_id))
     latest = read_latest(root, options)
-    fs, path = filesystem_for(root, options)
     gone = []
-    for info in fs.get_file_info(pafs.FileSelector(path, allow_not_found=True)):
-        name = info.base_name
-        if info.type != pafs.FileType.Directory or name == latest or name.startswith(("_", ".")):
+    for name in list_dirs(root, options):
+        if name == latest or not exists(join(root, name, "manifest.json"), options):
             continue
-        manifest = join(root, name, "manifest.json")  # written first by save_delta: a run's own leftovers
-        if exists(manifest, options) and json.loads(read_bytes(manifest, options)).get("run_id") == run_id:
+        if read_manifest(store, account_id, name, options).get("run_id") == run_id:  # written first: attributable
             remove(join(root, name), options)
             gone.append(name)
     return gone
@@ -115,8 +111,5 @@ def discard_unpublished(store: str, account_id: str, run_id: str, options=None) 
 def published_by(store: str, account_id: str, run_id: str, options=None) -> bool:
     """Whether the account's latest delta was published by run `run_id` (a restarted packed run
     skips those: each account ends with exactly one delta from the run)."""
-    root = join(store, validate_account_id(account_id))
-    version = read_latest(root, options)
-    if version is None:
-        return False
-    return json.loads(read_bytes(join(root, version, "manifest.json"), options)).get("run_id") == run_id
+    version = read_latest(join(store, validate_account_id(account_id)), options)
+    return version is not None and read_manifest(store, account_id, version, options).get("run_id") == run_id

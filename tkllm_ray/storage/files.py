@@ -125,6 +125,15 @@ def list_files(uri: str, options: StorageOptions | None = None) -> list[str]:
     return sorted(out)
 
 
+def list_dirs(uri: str, options: StorageOptions | None = None) -> list[str]:
+    """Names of the directories (S3: common prefixes) right under `uri`, sorted; none if it is
+    missing. Hidden, underscore-prefixed and temporary names are skipped, as in list_files."""
+    fs, path = filesystem_for(uri, options)
+    infos = fs.get_file_info(pafs.FileSelector(path, allow_not_found=True))
+    return sorted(i.base_name for i in infos if i.type == pafs.FileType.Directory
+                  and not i.base_name.startswith((".", "_")) and ".tmp-" not in i.base_name)
+
+
 def _to_uri(p: ParsedUri, path: str) -> str:
     return f"s3://{path}" if p.is_s3 else path
 

@@ -8,7 +8,7 @@ import torch
 from tkllm_ray.data.accounts import order_key
 from tkllm_ray.data.schema import validate_account_id
 from tkllm_ray.errors import TkllmError
-from tkllm_ray.storage import filesystem_for, join, resolve_latest
+from tkllm_ray.storage import filesystem_for, join, list_dirs, resolve_latest
 
 
 def account_posts(dataset: str, account_id: str, split: str, options=None) -> list[list[int]]:
@@ -28,13 +28,8 @@ def account_posts(dataset: str, account_id: str, split: str, options=None) -> li
 
 def list_accounts(dataset: str, options=None) -> list[str]:
     """Every account with train posts in an ingested dataset (its train/account_id=... partitions)."""
-    import pyarrow.fs as pafs
-
-    root = resolve_latest(dataset, options)
-    fs, path = filesystem_for(join(root, "train"), options)
-    infos = fs.get_file_info(pafs.FileSelector(path, allow_not_found=True))
-    names = [i.base_name for i in infos if i.type == pafs.FileType.Directory and i.base_name.startswith("account_id=")]
-    return sorted(n.split("=", 1)[1] for n in names)
+    partitions = list_dirs(join(resolve_latest(dataset, options), "train"), options)
+    return sorted(n.split("=", 1)[1] for n in partitions if n.startswith("account_id="))
 
 
 def pack(posts: list[list[int]], eos_id: int, seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:

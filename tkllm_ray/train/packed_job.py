@@ -18,7 +18,16 @@ import torch
 
 from tkllm_ray.config.finetune import FinetuneConfig
 from tkllm_ray.errors import TkllmError
-from tkllm_ray.storage import exists, filesystem_for, join, list_files, new_version_id, read_text, write_text
+from tkllm_ray.storage import (
+    exists,
+    filesystem_for,
+    join,
+    list_files,
+    new_version_id,
+    read_latest,
+    read_text,
+    write_text,
+)
 
 # Fault injection for the kill-a-worker test: the first worker to reach this many steps exits hard
 # (once per run: a marker in the run directory), as a lost node would.
@@ -160,14 +169,15 @@ def _worker(config: dict) -> None:
 
 def _recover_result(cfg: FinetuneConfig, account: str, run_dir: str) -> None:
     """An account this run published has its result file, rebuilt from the manifest if need be."""
-    from tkllm_ray.sparse.delta_store import load_delta
+    from tkllm_ray.sparse.delta_store import read_manifest
 
     uri = join(run_dir, "results", f"{account}.json")
     if exists(uri, cfg.storage):
         return
-    _, manifest = load_delta(cfg.output, account, options=cfg.storage)
+    version = read_latest(join(cfg.output, account), cfg.storage)
+    manifest = read_manifest(cfg.output, account, version, cfg.storage)
     result = {"account": account, "method": manifest["method"], **manifest["metrics"],
-              "version": manifest["version"], "delta_uri": join(cfg.output, account, manifest["version"])}
+              "version": version, "delta_uri": join(cfg.output, account, version)}
     write_text(uri, json.dumps(result, default=str), cfg.storage)
 
 

@@ -130,3 +130,21 @@ def test_packed_on_cuda_bf16_runs_the_triton_path_and_agrees_with_solo_in_fp32()
     PackedGSPF(copy.deepcopy(base).to(torch.bfloat16), max_resident=3, max_rows=7).run(
         _jobs(3), EOS, lambda u, d: bf16.__setitem__(u.account, d))
     assert sorted(bf16) == sorted(solo) and all(torch.isfinite(v).all() for d in bf16.values() for _, v in d.values())
+
+
+def test_a_result_lost_after_publishing_is_rebuilt_from_the_manifest(tmp_path):
+    import json
+
+    from tkllm_ray.models import fingerprint
+    from tkllm_ray.sparse.delta_store import save_delta
+    from tkllm_ray.train.packed_job import _recover_result
+
+    out, run_dir = str(tmp_path / "deltas"), str(tmp_path / "run")
+    base = build_model("tkllm-tiny", seed=0)
+    version = save_delta(out, "a1", {"lm_head": (torch.tensor([2, 4]), torch.ones(2))}, "tkllm-tiny", fingerprint(base),
+                         "gspf", 0.01, metrics={"eval_ppl_after": 12.5, "steps": 7}, run_id="r1")
+    cfg = FinetuneConfig(accounts="all", data="-", output=out)
+    _recover_result(cfg, "a1", run_dir)
+    result = json.loads((tmp_path / "run" / "results" / "a1.json").read_text())
+    assert result == {"account": "a1", "method": "gspf", "eval_ppl_after": 12.5, "steps": 7, "version": version,
+                      "delta_uri": f"{out}/a1/{version}"}
