@@ -12,7 +12,7 @@ a separate segmented term; in fp32 the deltas match to ~1e-5, tested; in bf16 th
 
 from __future__ import annotations
 
-import math
+import io
 from dataclasses import dataclass, field
 from typing import Callable, Iterable
 
@@ -27,6 +27,7 @@ from tkllm_ray.sparse.segmented import Segments, segmented_delta_linear
 from tkllm_ray.sparse.selection import select
 from tkllm_ray.sparse.sensitivity import add_abs_grad, grads_from_embeddings, target_linears
 from tkllm_ray.sparse.state import SparseState
+from tkllm_ray.storage import exists, join, read_bytes, remove, write_bytes
 from tkllm_ray.train.data import pack
 from tkllm_ray.train.schedule import events
 
@@ -115,33 +116,21 @@ class UserCheckpoints:
         self.root, self.every, self.options, self.run_id = root, every, options, run_id
 
     def _uri(self, account: str) -> str:
-        from tkllm_ray.storage import join
-
         return join(self.root, account, "state.pt")
 
     def save(self, user: "UserRun") -> None:
-        import io
-
-        from tkllm_ray.storage import write_bytes
-
         buf = io.BytesIO()
         torch.save({"state": user.state.to_bytes(), "consumed": user.consumed, "losses": user.losses,
                     "run_id": self.run_id}, buf)
         write_bytes(self._uri(user.account), buf.getvalue(), self.options)  # one atomic object
 
-    def load(self, account: str, device) -> dict | None:
-        import io
-
-        from tkllm_ray.storage import exists, read_bytes
-
+    def load(self, account: str) -> dict | None:
         if not exists(self._uri(account), self.options):
             return None
         saved = torch.load(io.BytesIO(read_bytes(self._uri(account), self.options)), weights_only=True)
         return saved if saved.get("run_id") == self.run_id else None  # another run's state: start over
 
     def remove(self, account: str) -> None:
-        from tkllm_ray.storage import join, remove
-
         remove(join(self.root, account), self.options)
 
 
@@ -186,7 +175,7 @@ class PackedGSPF:
         gen = torch.Generator().manual_seed(cfg.seed)
         user = UserRun(job, ids, labels, SparseState(cfg.lr, weight_decay=cfg.weight_decay),
                        events(cfg, ids, labels, gen))
-        saved = self.checkpoints.load(user.account, self.device) if self.checkpoints else None
+        saved = self.checkpoints.load(user.account) if self.checkpoints else None
         if saved is None:
             user.advance()
             return user
@@ -244,25 +233,25 @@ class PackedGSPF:
         self.stats["rows"] += rows
         return out
 
-    def _forward_losses(self, picked, sensitivity: bool) -> list[torch.Tensor]:
+    def _forward_backward(self, picked, sensitivity: bool) -> list[torch.Tensor]:
+        """One packed forward and backward; returns each account's loss (its own batch mean)."""
         ids = torch.cat([b[0] for _, b in picked])
         self.ctx = BatchContext([u for u, _ in picked], [b[0].numel() for _, b in picked], sensitivity)
+        h = grads_from_embeddings(self.model) if sensitivity else None
         try:
-            h = grads_from_embeddings(self.model) if sensitivity else None
-            try:
-                logits = self.model(input_ids=ids).logits
-            finally:
-                if h is not None:
-                    h.remove()
-        except BaseException:
+            logits = self.model(input_ids=ids).logits
+            losses, r0 = [], 0
+            for _, (b_ids, b_labels) in picked:
+                n = b_ids.shape[0]
+                lg = logits[r0 : r0 + n, :-1].float()
+                losses.append(F.cross_entropy(lg.reshape(-1, lg.shape[-1]), b_labels[:, 1:].reshape(-1),
+                                              ignore_index=-100))
+                r0 += n
+            torch.stack(losses).sum().backward()
+        finally:
             self.ctx = None
-            raise
-        losses, r0 = [], 0
-        for _, (b_ids, b_labels) in picked:  # each account's own batch mean, as its loss alone
-            n = b_ids.shape[0]
-            lg = logits[r0 : r0 + n, :-1].float()
-            losses.append(F.cross_entropy(lg.reshape(-1, lg.shape[-1]), b_labels[:, 1:].reshape(-1), ignore_index=-100))
-            r0 += n
+            if h is not None:
+                h.remove()
         return losses
 
     # -- sensitivity ----------------------------------------------------------------------------
@@ -276,11 +265,7 @@ class PackedGSPF:
 
     def _sensitivity_pass(self, picked) -> None:
         self.model.eval()
-        losses = self._forward_losses(picked, sensitivity=True)
-        try:
-            torch.stack(losses).sum().backward()
-        finally:
-            self.ctx = None
+        self._forward_backward(picked, sensitivity=True)
         self.stats["sensitivity_passes"] += 1
         for u, _ in picked:
             u.warm.pop(0)
@@ -304,11 +289,7 @@ class PackedGSPF:
         self.model.train()
         for u, _ in picked:
             u.state.opt.zero_grad(set_to_none=True)
-        losses = self._forward_losses(picked, sensitivity=False)
-        try:
-            torch.stack(losses).sum().backward()
-        finally:
-            self.ctx = None
+        losses = self._forward_backward(picked, sensitivity=False)
         for (u, _), loss in zip(picked, losses):
             u.state.opt.step()
             u.losses.append(float(loss.detach()))
@@ -335,6 +316,3 @@ class PackedGSPF:
             if applied is not None:
                 applied.restore()
 
-
-def mean_loss(values: list[float]) -> float:
-    return sum(values) / len(values) if values else math.nan
