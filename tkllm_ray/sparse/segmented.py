@@ -87,20 +87,27 @@ def segmented_sampled_grad_reference(dy2: torch.Tensor, x2: torch.Tensor, seg: S
     return out
 
 
+def segmented_backward_reference(dy2: torch.Tensor, x2: torch.Tensor | None, values: torch.Tensor, seg: Segments,
+                                 in_features: int, need_dx: bool, need_dv: bool):
+    """(delta term of dx or None, dv or None)."""
+    dx = segmented_input_grad_reference(dy2, values, seg, in_features) if need_dx else None
+    return dx, (segmented_sampled_grad_reference(dy2, x2, seg) if need_dv else None)
+
+
 def _kernels(t: torch.Tensor):
+    """(forward delta term, backward) for t's device: Triton on CUDA, the torch reference elsewhere."""
     if t.is_cuda:
         from tkllm_ray.sparse import segmented_triton
 
-        return (segmented_triton.segmented_forward, segmented_triton.segmented_input_grad,
-                segmented_triton.segmented_sampled_grad)
-    return segmented_forward_reference, segmented_input_grad_reference, segmented_sampled_grad_reference
+        return segmented_triton.segmented_forward, segmented_triton.segmented_backward
+    return segmented_forward_reference, segmented_backward_reference
 
 
 class SegmentedDeltaLinearFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, values, seg: Segments):
         x2 = x.reshape(-1, x.shape[-1])
-        fwd, _, _ = _kernels(x2)
+        fwd, _ = _kernels(x2)
         y = torch.nn.functional.linear(x2, weight, bias) + fwd(x2, values, seg, weight.shape[0]).to(x2.dtype)
         ctx.save_for_backward(x2 if ctx.needs_input_grad[3] else None, weight, values)
         ctx.seg, ctx.x_shape = seg, x.shape
@@ -110,13 +117,11 @@ class SegmentedDeltaLinearFn(torch.autograd.Function):
     def backward(ctx, dy):
         x2, weight, values = ctx.saved_tensors
         dy2 = dy.reshape(-1, dy.shape[-1])
-        _, input_grad, sampled = _kernels(dy2)
-        dx = dvalues = None
-        if ctx.needs_input_grad[0]:
-            dx = (dy2 @ weight + input_grad(dy2, values, ctx.seg, weight.shape[1]).to(dy2.dtype)).reshape(ctx.x_shape)
-        if ctx.needs_input_grad[3]:
-            dvalues = sampled(dy2, x2, ctx.seg).to(values.dtype)
-        return dx, None, None, dvalues, None
+        _, backward = _kernels(dy2)
+        dx_delta, dvalues = backward(dy2, x2, values, ctx.seg, weight.shape[1], ctx.needs_input_grad[0],
+                                     ctx.needs_input_grad[3])
+        dx = None if dx_delta is None else (dy2 @ weight + dx_delta.to(dy2.dtype)).reshape(ctx.x_shape)
+        return dx, None, None, None if dvalues is None else dvalues.to(values.dtype), None
 
 
 def segmented_delta_linear(x, weight, bias, values, seg: Segments):

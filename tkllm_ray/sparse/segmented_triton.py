@@ -102,34 +102,47 @@ def plan(seg) -> dict:
     return out
 
 
-def _csr(inp: torch.Tensor, src: torch.Tensor, vals: torch.Tensor, groups, seg, width: int, max_tokens: int):
-    n = inp.shape[0]
-    outT = torch.zeros(width, n, dtype=torch.float32, device=inp.device)
+def _csr(inT: torch.Tensor, src: torch.Tensor, vals: torch.Tensor, groups, seg, width: int, max_tokens: int):
+    """inT: (features, tokens), already transposed -> (tokens, width) fp32."""
+    outT = torch.zeros(width, inT.shape[1], dtype=torch.float32, device=inT.device)
     ptr, line, user = groups
     if line.numel() and max_tokens:
-        inT = transpose(inp)
         grid = (line.numel(), triton.cdiv(max_tokens, BLOCK_T))
         _csr_lines[grid](inT, outT, src, vals.contiguous(), ptr, line, user, seg.token_offsets,
                          inT.stride(0), outT.stride(0), BLOCK_T=BLOCK_T)
     return transpose(outT)
 
 
-def segmented_forward(x2: torch.Tensor, values: torch.Tensor, seg, out_features: int) -> torch.Tensor:
+def _input_grad_T(dyT: torch.Tensor, values: torch.Tensor, seg, in_features: int) -> torch.Tensor:
     p = plan(seg)
-    return _csr(x2, seg.cols, values, p["by_row"], seg, out_features, p["max_tokens"])
+    return _csr(dyT, p["rows_perm"], values[p["perm"]], p["by_col"], seg, in_features, p["max_tokens"])
 
 
-def segmented_input_grad(dy2: torch.Tensor, values: torch.Tensor, seg, in_features: int) -> torch.Tensor:
-    p = plan(seg)
-    return _csr(dy2, p["rows_perm"], values[p["perm"]], p["by_col"], seg, in_features, p["max_tokens"])
-
-
-def segmented_sampled_grad(dy2: torch.Tensor, x2: torch.Tensor, seg) -> torch.Tensor:
-    p = plan(seg)
-    out = torch.zeros(seg.rows.numel(), dtype=torch.float32, device=dy2.device)
-    starts, ends, users = p["blocks"]
+def _sampled_grad_T(dyT: torch.Tensor, xT: torch.Tensor, seg) -> torch.Tensor:
+    starts, ends, users = plan(seg)["blocks"]
+    out = torch.zeros(seg.rows.numel(), dtype=torch.float32, device=dyT.device)
     if starts.numel():
-        dyT, xT = transpose(dy2), transpose(x2)
         _seg_sddmm[(starts.numel(),)](dyT, xT, seg.rows, seg.cols, out, starts, ends, users, seg.token_offsets,
                                       dyT.stride(0), xT.stride(0), BLOCK_E=BLOCK_E, BLOCK_T=BLOCK_T)
     return out
+
+
+def segmented_forward(x2: torch.Tensor, values: torch.Tensor, seg, out_features: int) -> torch.Tensor:
+    p = plan(seg)
+    return _csr(transpose(x2), seg.cols, values, p["by_row"], seg, out_features, p["max_tokens"])
+
+
+def segmented_input_grad(dy2: torch.Tensor, values: torch.Tensor, seg, in_features: int) -> torch.Tensor:
+    return _input_grad_T(transpose(dy2), values, seg, in_features)
+
+
+def segmented_sampled_grad(dy2: torch.Tensor, x2: torch.Tensor, seg) -> torch.Tensor:
+    return _sampled_grad_T(transpose(dy2), transpose(x2), seg)
+
+
+def segmented_backward(dy2: torch.Tensor, x2: torch.Tensor | None, values: torch.Tensor, seg, in_features: int,
+                       need_dx: bool, need_dv: bool):
+    """Both backward outputs from one transpose of dy (the two products read the same layout)."""
+    dyT = transpose(dy2)
+    dx = _input_grad_T(dyT, values, seg, in_features) if need_dx else None
+    return dx, (_sampled_grad_T(dyT, transpose(x2), seg) if need_dv else None)

@@ -61,6 +61,8 @@ for dtype in (torch.float32, torch.bfloat16):
     pairs = [(K.segmented_forward(x, v, seg, dout), S.segmented_forward_reference(x.float(), v, seg, dout)),
              (K.segmented_input_grad(dy, v, seg, din), S.segmented_input_grad_reference(dy.float(), v, seg, din)),
              (K.segmented_sampled_grad(dy, x, seg), S.segmented_sampled_grad_reference(dy, x, seg))]
+    dx, dv = K.segmented_backward(dy, x, v, seg, din, True, True)
+    pairs += [(dx, pairs[1][1]), (dv, pairs[2][1])]
     for got, ref in pairs:
         assert got.dtype == torch.float32 and got.shape == ref.shape
         torch.testing.assert_close(got, ref.float(), rtol=1e-4, atol=1e-3)
