@@ -25,12 +25,10 @@ from tkllm_ray.sparse.delta_op import sampled_grad_reference
 from tkllm_ray.sparse.gspf import GSPF, GSPFSettings
 from tkllm_ray.sparse.selection import layer_of
 from tkllm_ray.sparse.sensitivity import target_linears
+from tkllm_ray.train.baselines import DenseTrainer
+from tkllm_ray.train.single import lm_loss
 
 GIB = 2**30
-
-
-def lm_loss(model, batch):
-    return model(input_ids=batch, labels=batch).loss
 
 
 def _fresh(args):
@@ -50,28 +48,15 @@ def _timed(step, batch, args) -> dict:
     losses = [step(batch) for _ in range(args.steps)]
     torch.cuda.synchronize()
     dt = (time.perf_counter() - t0) / args.steps
-    return {"step_time_s": dt, "tokens_per_s": batch.numel() / dt, "peak_memory_gib": torch.cuda.max_memory_allocated() / GIB,
+    return {"step_time_s": dt, "tokens_per_s": batch[0].numel() / dt, "peak_memory_gib": torch.cuda.max_memory_allocated() / GIB,
             "loss_first": losses[0], "loss_last": losses[-1]}
-
-
-def _dense_step(model, params):
-    opt = torch.optim.AdamW(params, lr=1e-5, weight_decay=0.0)
-
-    def step(batch):
-        loss = lm_loss(model, batch)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        return float(loss.detach())
-
-    return step
 
 
 def bench_full(args, batch):
     model = _fresh(args)
-    params = list(model.parameters())
-    out = _timed(_dense_step(model, params), batch, args)
-    return {**out, "trainable_params": sum(p.numel() for p in params)}
+    trainer = DenseTrainer(model, lm_loss, lr=1e-5)
+    out = _timed(trainer.step, batch, args)
+    return {**out, "trainable_params": sum(p.numel() for p in model.parameters())}
 
 
 def bench_lora(args, batch, adapter_fp32):
@@ -82,9 +67,9 @@ def bench_lora(args, batch, adapter_fp32):
     model = get_peft_model(_fresh(args), LoraConfig(r=args.lora_rank, lora_alpha=2 * args.lora_rank, lora_dropout=0.0,
                                                     target_modules="all-linear", task_type="CAUSAL_LM"),
                            autocast_adapter_dtype=adapter_fp32)
-    params = [p for p in model.parameters() if p.requires_grad]
-    out = _timed(_dense_step(model, params), batch, args)
-    return {**out, "trainable_params": sum(p.numel() for p in params)}
+    trainer = DenseTrainer(model, lm_loss, lr=1e-5)  # AdamW over what peft left trainable
+    out = _timed(trainer.step, batch, args)
+    return {**out, "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad)}
 
 
 def bench_gspf(args, batch, top_layers=None, last_blocks=None):
@@ -181,8 +166,9 @@ def main(argv=None) -> dict:
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         raise SystemExit("gspf_bench needs a CUDA GPU")
-    batch = torch.randint(2, args.vocab, (args.batch, args.seq), device="cuda",
-                          generator=torch.Generator(device="cuda").manual_seed(1))
+    ids = torch.randint(2, args.vocab, (args.batch, args.seq), device="cuda",
+                        generator=torch.Generator(device="cuda").manual_seed(1))
+    batch = (ids, ids)  # (input_ids, labels), as every training step in the project takes it
     results = {}
     for name in args.methods:
         t0 = time.perf_counter()
