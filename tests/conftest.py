@@ -63,16 +63,28 @@ def benchmark_script():
     return load
 
 
-@pytest.fixture(scope="session")
-def triton_interpreter():
-    """Run a check script (which prints "ok" at the end) with Triton's CPU interpreter: how CI
-    holds the GPU kernels to their torch references. A fresh process, since the interpreter
-    switch is read when triton is imported."""
+def _cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+@pytest.fixture(params=["interpreter", pytest.param("cuda", marks=[
+    pytest.mark.gpu, pytest.mark.skipif(not _cuda(), reason="needs a CUDA device")])])
+def kernel_check(request):
+    """Run a kernel check script (a format string with {device}, printing "ok" at the end) on the
+    CPU through Triton's interpreter, which is how CI holds the GPU kernels to their torch
+    references, and on a real GPU where one is present. The interpreter runs in a fresh process:
+    its switch is read when triton is imported."""
     pytest.importorskip("triton")
 
     def run(code: str) -> None:
+        if request.param == "cuda":
+            exec(code.format(device="cuda"), {})
+            return
         env = {**os.environ, "TRITON_INTERPRET": "1"}
-        out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
+        out = subprocess.run([sys.executable, "-c", code.format(device="cpu")], env=env, capture_output=True,
+                             text=True, timeout=600)
         assert out.returncode == 0, out.stderr[-3000:]
         assert out.stdout.strip().endswith("ok")
 

@@ -70,11 +70,5 @@ print("ok")
 """
 
 
-def test_triton_kernels_match_reference_in_interpreter(triton_interpreter):
-    triton_interpreter(CHECK.format(device="cpu"))
-
-
-@pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-def test_triton_kernels_match_reference_on_gpu():
-    exec(CHECK.format(device="cuda"), {})
+def test_triton_kernels_match_reference(kernel_check):
+    kernel_check(CHECK)
