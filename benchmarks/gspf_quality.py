@@ -180,6 +180,15 @@ def _pretrain(size: str, workdir: str, reuse: bool) -> str:
     return out
 
 
+def _pretrain_record(base_dir: str) -> dict | None:
+    """What pretrain_base.py measured (time, tokens, val ppl before/after), kept with the result."""
+    path = os.path.join(base_dir, "pretrain.json")
+    if not os.path.isfile(path):
+        return None
+    with open(path) as f:
+        return json.load(f)
+
+
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--base", default="pretrain:gpu", help="pretrain:gpu|pretrain:cpu (train it now), a named "
@@ -232,7 +241,7 @@ def main(argv=None) -> dict:
     result = {"gspf_gain_ratio_vs_full": summary["all"]["gspf_gain_ratio_vs_full"],
               "gspf_gain_ratio_vs_lora": summary["all"]["gspf_gain_ratio_vs_lora"],
               "targets": {"gain_ratio_vs_full_min": 0.9, "gain_ratio_vs_lora_min": 1.0},
-              "base": args.base, "device": str(runner.device) if runner.device.type == "cpu"
+              "base": args.base, "pretrain": _pretrain_record(base), "device": str(runner.device) if runner.device.type == "cpu"
               else torch.cuda.get_device_name(0), "gspf_k": runner.k, "lora_rank": runner.lora_rank,
               "learning_rates": lrs, "config": vars(args), "summary": summary,
               "costs": {m: {k: statistics.fmean(c[k] for c in cs) for k in cs[0]} for m, cs in costs.items()},
