@@ -1,7 +1,7 @@
 """Per-account style fidelity: held-out perplexity of the base vs full FT vs LoRA (rank matched to
 GSPF's trainable count) vs GSPF 0.3% (re-selecting, and with a static mask), on real accounts.
 
-    python benchmarks/gspf_quality.py --base pretrain:gpu --tag h100          # one GPU job, < 10 min
+    python benchmarks/gspf_quality.py --base pretrain:gpu --procs 6 --tag h100   # one GPU job, < 10 min
     python benchmarks/gspf_quality.py --base smollm2-135m --accounts 1 --epochs 2 --lr-accounts 0 \
         --seq-len 64 --methods full lora gspf --tag cpu-smollm2
 
@@ -111,19 +111,48 @@ class Runner:
         return run.result
 
 
-def pick_lrs(runner: Runner, accounts: dict, n: int) -> dict[str, dict]:
+_WORKER: Runner | None = None  # one Runner per pool process
+
+
+def _init_worker(base_spec: str, args) -> None:
+    global _WORKER
+    _WORKER = Runner(base_spec, base_spec, args)
+
+
+def _run_task(task: tuple) -> dict:
+    return _WORKER.run(*task)
+
+
+class Fleet:
+    """Runs fine-tunes in this process or, with --procs N, in N processes sharing the GPU: a 34M
+    base leaves an H100 launch-bound, so independent fine-tunes overlap almost perfectly. Every
+    task is the same deterministic function of its inputs either way."""
+
+    def __init__(self, runner: Runner, procs: int):
+        self.runner, self.pool = runner, None
+        if procs > 1:
+            import multiprocessing as mp
+            from concurrent.futures import ProcessPoolExecutor
+
+            self.pool = ProcessPoolExecutor(procs, mp_context=mp.get_context("spawn"), initializer=_init_worker,
+                                            initargs=(runner.base_spec, runner.args))
+
+    def run_many(self, tasks: list[tuple]) -> list[dict]:
+        if self.pool is None:
+            return [self.runner.run(*t) for t in tasks]
+        return list(self.pool.map(_run_task, tasks))
+
+
+def pick_lrs(fleet: Fleet, accounts: dict, n: int) -> dict[str, dict]:
     """Per method, the grid lr with the lowest mean validation ppl on the first n accounts of each
     dataset, the validation posts being the newest 20% of their train posts."""
     chosen = {}
     picks = [tr for ds in accounts.values() for tr, _ in list(ds.values())[:n]]
+    splits = [(tr[:max(1, round(len(tr) * 0.8))], tr[max(1, round(len(tr) * 0.8)):]) for tr in picks]
+    tasks = [(m, lr, tr, va) for m, grid in LR_GRID.items() for lr in grid for tr, va in splits]
+    ppls = iter(r["eval_ppl_after"] for r in fleet.run_many(tasks))
     for method, grid in LR_GRID.items():
-        scores = {}
-        for lr in grid:
-            ppls = []
-            for train in picks:
-                cut = max(1, round(len(train) * 0.8))
-                ppls.append(runner.run(method, lr, train[:cut], train[cut:])["eval_ppl_after"])
-            scores[lr] = statistics.fmean(math.log(p) for p in ppls)
+        scores = {lr: statistics.fmean(math.log(next(ppls)) for _ in splits) for lr in grid}
         best = min(scores, key=scores.get)
         chosen[method] = {"lr": best, "val_mean_log_ppl": scores}
         print(f"lr {method}: {best} ({ {k: round(v, 3) for k, v in scores.items()} })", flush=True)
@@ -205,6 +234,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--workdir", default="runs/quality")
     ap.add_argument("--reuse-base", action="store_true", help="with pretrain:*, reuse the base a previous run saved")
+    ap.add_argument("--procs", type=int, default=1, help="fine-tunes run in N processes sharing the device")
     ap.add_argument("--tag", default="run")
     ap.add_argument("--out", default=os.environ.get("OUT", "benchmarks/results"))
     args = ap.parse_args(argv)
@@ -218,24 +248,29 @@ def main(argv=None) -> dict:
     print(f"base {args.base}: {sum(p.numel() for p in runner.base.parameters()):,} params on {runner.device}; "
           f"GSPF k={runner.k:,}, LoRA r={runner.lora_rank}; accounts "
           f"{ {d: len(a) for d, a in accounts.items()} } [{time.perf_counter() - t0:.0f}s]", flush=True)
-    lrs = pick_lrs(runner, accounts, args.lr_accounts) if args.lr_accounts else {m: {"lr": g[1]} for m, g in LR_GRID.items()}
     methods = args.methods
     if not {"full", "lora", "gspf"} <= set(methods):
         raise SystemExit("--methods must include full, lora and gspf (the ratios compare them)")
-    rows, costs, placements = [], defaultdict(list), []
-    for ds, accts in accounts.items():
-        for acct, (train, held_out) in accts.items():
-            row = {"dataset": ds, "account": acct, "train_posts": len(train), "eval_posts": len(held_out)}
-            for m in methods:
-                method = "gspf" if m.startswith("gspf") else m
-                r = runner.run(method, lrs[method]["lr"], train, held_out, reselect_every=0 if m == "gspf_static" else 5)
-                row["base"], row[m] = r["eval_ppl_before"], r["eval_ppl_after"]
-                costs[m].append({k: r[k] for k in ("trainable_params", "step_time_s", "steps", "train_state_bytes")})
-                if m == "gspf":
-                    placements.append(r["placement"])
+    fleet = Fleet(runner, args.procs)
+    lrs = pick_lrs(fleet, accounts, args.lr_accounts) if args.lr_accounts else {m: {"lr": g[1]} for m, g in LR_GRID.items()}
+    print(f"[{time.perf_counter() - t0:5.0f}s] learning rates picked", flush=True)
+    jobs = [(ds, acct, train, held_out, m) for ds, accts in accounts.items()
+            for acct, (train, held_out) in accts.items() for m in methods]
+    results = fleet.run_many([("gspf" if m.startswith("gspf") else m, lrs["gspf" if m.startswith("gspf") else m]["lr"],
+                               train, held_out, 0 if m == "gspf_static" else 5) for _, _, train, held_out, m in jobs])
+    rows, by_account, costs, placements = [], {}, defaultdict(list), []
+    for (ds, acct, train, held_out, m), r in zip(jobs, results):
+        row = by_account.get((ds, acct))
+        if row is None:
+            row = by_account[(ds, acct)] = {"dataset": ds, "account": acct, "train_posts": len(train),
+                                            "eval_posts": len(held_out)}
             rows.append(row)
-            print(f"[{time.perf_counter() - t0:5.0f}s] {ds}/{acct}: " +
-                  " ".join(f"{m} {row[m]:.1f}" for m in ["base", *methods]), flush=True)
+        row["base"], row[m] = r["eval_ppl_before"], r["eval_ppl_after"]
+        costs[m].append({k: r[k] for k in ("trainable_params", "step_time_s", "steps", "train_state_bytes")})
+        if m == "gspf":
+            placements.append(r["placement"])
+    for row in rows:
+        print(f"{row['dataset']}/{row['account']}: " + " ".join(f"{m} {row[m]:.1f}" for m in ["base", *methods]))
     summary = summarize(rows, methods)
     where = pooled(placements)
     result = {"gspf_gain_ratio_vs_full": summary["all"]["gspf_gain_ratio_vs_full"],
