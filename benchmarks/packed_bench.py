@@ -41,29 +41,72 @@ def make_jobs(args, n: int, offset: int = 0) -> list[AccountJob]:
     return jobs
 
 
-def run_engine(args, base, jobs, max_resident: int, budget: int | None) -> dict:
-    """The packed engine (max_resident=1: one account at a time, model loaded once) for <= seconds."""
-    engine = PackedGSPF(base, max_resident=max_resident, max_rows=args.max_rows, state_budget=budget)
+def _timed(obj, name: str, phases: dict) -> None:
+    """Diagnostics (--phase-times): wall time per engine phase, the device synchronized around
+    each call (which costs some overlap: use for where-does-time-go, not for the headline)."""
+    fn = getattr(obj, name)
+
+    def wrapper(*a, **kw):
+        torch.cuda.synchronize() if torch.cuda.is_available() else None
+        t = time.perf_counter()
+        try:
+            return fn(*a, **kw)
+        finally:
+            torch.cuda.synchronize() if torch.cuda.is_available() else None
+            phases[name] = phases.get(name, 0.0) + time.perf_counter() - t
+
+    setattr(obj, name, wrapper)
+
+
+def run_engine(args, base, jobs, seconds: float, max_resident: int, budget: int | None,
+               host_budget: int | None = None) -> dict:
+    """The packed engine (max_resident=1: one account at a time, model loaded once) for <= seconds.
+    `accounts_per_hour` counts completions over the whole window, ramp-up included;
+    `steady_accounts_per_hour` those between the first and the last completion."""
+    engine = PackedGSPF(base, max_resident=max_resident, max_rows=args.max_rows, state_budget=budget,
+                        host_budget=host_budget)
+    phases: dict = {}
+    if args.phase_times:
+        for name in ("_sensitivity_pass", "_select", "_train_step"):
+            _timed(engine, name, phases)
+        _timed(engine.pager, "prepare", phases)
     done, tokens = [], [0]
     t0 = time.perf_counter()
+    prof = _Profile(args.profile, args.out) if args.profile and max_resident > 1 else None
 
-    def stop(eng, picked):
+    def stop(eng, picked=()):
         tokens[0] += sum(int((b[1] != -100).sum()) for _, b in picked)
-        if time.perf_counter() - t0 > args.seconds:
+        if prof and picked:  # train steps only
+            prof.step()
+        if time.perf_counter() - t0 > seconds:
             raise TimeoutError
 
     engine.on_step = stop
+    warm = engine._sensitivity_pass  # the deadline holds during warm-ups too
+
+    def warm_then_check(picked):
+        warm(picked)
+        stop(engine)
+
+    engine._sensitivity_pass = warm_then_check
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
     try:
-        engine.run(jobs, 0, lambda u, d: done.append(u.account))
+        engine.run(jobs, 0, lambda u, d: done.append(time.perf_counter() - t0))
     except TimeoutError:
         pass
     wall = time.perf_counter() - t0
+    if prof:
+        prof.finish()
     per_account = args.captions * (args.tokens + 1) * args.epochs  # +1: the EOS closing each caption
+    steady = (len(done) - 1) * 3600 / (done[-1] - done[0]) if len(done) > 2 and done[-1] > done[0] else None
     out = {"accounts_done": len(done), "wall_s": wall, "accounts_per_hour": 3600 * len(done) / wall,
+           "steady_accounts_per_hour": steady, "first_done_s": done[0] if done else None,
            "train_tokens_per_s": tokens[0] / wall, "accounts_per_hour_by_tokens": 3600 * tokens[0] / wall / per_account,
-           "max_resident_accounts": engine.stats["max_resident"], **engine.stats}
+           "max_resident_accounts": engine.stats["max_resident"], "device_budget_gib": budget and budget / 2**30,
+           "host_budget_gib": host_budget and host_budget / 2**30, **engine.stats, **engine.pager.stats}
+    if phases:
+        out["phase_s"] = phases
     if torch.cuda.is_available():
         out["peak_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
     for name, mod in list(base.named_modules()):  # hand the plain base back for the next mode
@@ -71,6 +114,37 @@ def run_engine(args, base, jobs, max_resident: int, budget: int | None) -> dict:
             parent, _, leaf = name.rpartition(".")
             setattr(base.get_submodule(parent) if parent else base, leaf, mod.base)
     return out
+
+
+class _Profile:
+    """--profile N: torch.profiler over train steps 3..3+N of the packed mode; the op table goes to
+    <out>/packed-profile.txt (where the device time goes, by kernel)."""
+
+    def __init__(self, steps: int, out: str):
+        self.steps, self.out, self.n, self.prof = steps, out, 0, None
+
+    def step(self) -> None:
+        self.n += 1
+        if self.n == 3:
+            self.prof = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
+                                                           torch.profiler.ProfilerActivity.CUDA])
+            self.prof.__enter__()
+        elif self.n == 3 + self.steps:
+            self.finish()
+
+    def finish(self) -> None:
+        if self.prof is not None:
+            self.prof.__exit__(None, None, None)
+            os.makedirs(self.out, exist_ok=True)
+            with open(os.path.join(self.out, "packed-profile.txt"), "w") as f:
+                f.write(self.prof.key_averages().table(sort_by="cuda_time_total", row_limit=40))
+                f.write(self.prof.key_averages().table(sort_by="cpu_time_total", row_limit=25))
+            self.prof = None
+
+
+def _host_available() -> int:
+    with open("/proc/meminfo") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable"))
 
 
 def run_hf_peft(args, base, n: int) -> dict:
@@ -113,12 +187,20 @@ def main(argv=None) -> dict:
     ap.add_argument("--seq-len", type=int, default=128)
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--warmup-steps", type=int, default=2)
-    ap.add_argument("--max-rows", type=int, default=256)
-    ap.add_argument("--max-resident", type=int, default=1000)
-    ap.add_argument("--state-gb", type=float, default=None, help="state budget (default: 60%% of free GPU memory)")
-    ap.add_argument("--seconds", type=float, default=150, help="wall budget per mode")
+    ap.add_argument("--max-rows", type=int, default=128, help="rows per micro-batch (16 accounts' batches)")
+    ap.add_argument("--max-resident", type=int, default=64, help="packed mode: accounts in flight (32 fill a "
+                    "micro-batch of max-rows 256; more only adds paging)")
+    ap.add_argument("--resident-accounts", type=int, default=1000, help="resident mode: accounts in flight at once")
+    ap.add_argument("--state-gb", type=float, default=None, help="device state budget (default: 60%% of free memory)")
+    ap.add_argument("--host-gb", type=float, default=None, help="resident mode: pinned host memory for paged "
+                    "states (default: 70%% of available host memory)")
+    ap.add_argument("--seconds", type=float, default=180, help="wall budget of the packed mode")
+    ap.add_argument("--other-seconds", type=float, default=90, help="wall budget of each other mode")
     ap.add_argument("--hf-accounts", type=int, default=5)
-    ap.add_argument("--modes", nargs="+", default=["packed", "unpacked", "hf_peft"])
+    ap.add_argument("--modes", nargs="+", default=["packed", "resident", "unpacked", "hf_peft"],
+                    choices=["packed", "resident", "unpacked", "hf_peft"])
+    ap.add_argument("--phase-times", action="store_true", help="diagnostics: time each engine phase (syncs)")
+    ap.add_argument("--profile", type=int, default=0, help="diagnostics: profile N packed train steps")
     ap.add_argument("--out", default=os.environ.get("OUT", "benchmarks/results"))
     args = ap.parse_args(argv)
     cuda = torch.cuda.is_available()
@@ -126,27 +208,36 @@ def main(argv=None) -> dict:
     base = build_model(args.model, vocab_size=args.vocab, seed=0, dtype=torch.bfloat16 if cuda else torch.float32,
                        device=dev)
     n_params = sum(p.numel() for p in base.parameters())
-    budget = None
-    if cuda:
-        free, _ = torch.cuda.mem_get_info()
-        budget = int(args.state_gb * 2**30) if args.state_gb else int(0.6 * free)
+    budget = int(args.state_gb * 2**30) if args.state_gb else (int(0.6 * torch.cuda.mem_get_info()[0]) if cuda else None)
+    host = int(args.host_gb * 2**30) if args.host_gb else int(0.7 * _host_available())
     results = {}
     for mode in args.modes:
         t0 = time.perf_counter()
         if mode == "hf_peft":
             results[mode] = run_hf_peft(args, base, args.hf_accounts)
+        elif mode == "resident":  # paging: far more accounts in flight than device memory holds
+            results[mode] = run_engine(args, base, make_jobs(args, args.resident_accounts), args.other_seconds,
+                                       args.resident_accounts, budget or host, host)
         else:
-            jobs = make_jobs(args, args.accounts)
-            results[mode] = run_engine(args, base, jobs, args.max_resident if mode == "packed" else 1, budget)
-        print(f"[{time.perf_counter() - t0:5.0f}s] {mode}: {json.dumps(results[mode])[:300]}", flush=True)
+            packed = mode == "packed"
+            results[mode] = run_engine(args, base, make_jobs(args, args.accounts), args.seconds if packed else
+                                       args.other_seconds, args.max_resident if packed else 1, budget)
+        print(f"[{time.perf_counter() - t0:5.0f}s] {mode}: {json.dumps(results[mode])[:400]}", flush=True)
+        out = _write(args, results, n_params)  # after every mode: a cut-off run keeps what it measured
+    return out
+
+
+def _write(args, results: dict, n_params: int) -> dict:
+    cuda = torch.cuda.is_available()
     name = torch.cuda.get_device_name(0) if cuda else "cpu"
     peak = next((v for k, v in PEAK_BF16_TFLOPS.items() if k in name), None)
     packed = results.get("packed", {})
     out = {"device": name, "config": vars(args), "params": n_params,
            "accounts_per_hour": packed.get("accounts_per_hour"),
+           "steady_accounts_per_hour": packed.get("steady_accounts_per_hour"),
            "speedup_vs_hf_peft": _ratio(packed, results.get("hf_peft")),
            "speedup_vs_unpacked": _ratio(packed, results.get("unpacked")),
-           "max_resident_accounts": packed.get("max_resident_accounts"),
+           "max_resident_accounts": max((r.get("max_resident_accounts") or 0) for r in results.values()) or None,
            "mfu": packed["train_tokens_per_s"] * 4 * n_params / (peak * 1e12) if peak and packed else None,
            "modes": results}
     os.makedirs(args.out, exist_ok=True)

@@ -39,6 +39,7 @@ def test_unknown_key_and_bad_value_are_named(tmp_path):
     ("data: d\n", r"give either account \(one\) or accounts"),
     ("account: a\naccounts: all\ndata: d\n", r"give either account \(one\) or accounts"),
     ("accounts: all\ndata: d\nmethod: lora\n", r"packed training \(accounts\) runs GSPF"),
+    ("accounts: all\ndata: d\nhost_state_memory_gb: 64\n", r"set state_memory_gb too"),
 ])
 def test_finetune_config_errors_are_named(tmp_path, text, error):
     p = tmp_path / "f.yaml"

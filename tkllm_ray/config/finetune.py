@@ -50,6 +50,9 @@ class FinetuneConfig(ConfigModel):
     max_rows: int = Field(64, ge=1, description="packed: rows per mixed-account micro-batch")
     state_memory_gb: float | None = Field(None, gt=0, description="packed: memory budget of a worker's resident "
                                           "account states (estimated; default: only max_resident limits)")
+    host_state_memory_gb: float | None = Field(None, gt=0, description="packed: pinned host memory for account "
+                                               "states paged out of the state_memory_gb budget (default: no "
+                                               "paging, accounts wait for device memory)")
     checkpoint_every: int = Field(10, ge=0, description="packed: per-account checkpoint every N of its steps (0: off)")
     max_failures: int = Field(2, ge=0, description="packed: worker-group restarts Ray Train allows")
     run_dir: str | None = Field(None, description="packed: where the run keeps checkpoints and results "
@@ -64,6 +67,12 @@ class FinetuneConfig(ConfigModel):
             raise ValueError("give either account (one) or accounts ('all' or a file of ids)")
         if self.accounts is not None and self.method != "gspf":
             raise ValueError(f"packed training (accounts) runs GSPF; {self.method!r} fine-tunes one account at a time")
+        return self
+
+    @model_validator(mode="after")
+    def _paging_pages_against_a_budget(self):
+        if self.host_state_memory_gb is not None and self.state_memory_gb is None:
+            raise ValueError("host_state_memory_gb pages states out of a device budget: set state_memory_gb too")
         return self
 
     @property

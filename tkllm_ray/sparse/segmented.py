@@ -12,7 +12,7 @@ users, which the GPU path never does); `segmented_triton` holds the CUDA kernels
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -33,20 +33,27 @@ class Segments:
     entry_offsets: torch.Tensor  # (U + 1,) int64, positions in the concatenated entry lists
     rows: torch.Tensor  # (K,) output row of each entry (each user's run sorted by flat index)
     cols: torch.Tensor  # (K,) input column of each entry
+    token_counts: tuple[int, ...] = ()  # the same sizes on the host: kernels launch without a device sync
+    entry_counts: tuple[int, ...] = ()
+    _plans: dict = field(default_factory=dict, repr=False, compare=False)  # GPU index plans, built once
 
     @classmethod
     def build(cls, token_counts: list[int], indices: list[torch.Tensor], in_features: int,
-              device: torch.device | str = "cpu") -> "Segments":
-        """From per-user row counts and per-user sorted flat indices (r·in + c)."""
+              device: torch.device | str = "cpu", check: bool = True) -> "Segments":
+        """From per-user row counts and per-user sorted flat indices (r·in + c), built where the
+        indices are (no host round trip). `check=False` skips the sortedness check (one device sync
+        per user) for indices sorted by construction, e.g. a SparseState's."""
         if len(token_counts) != len(indices):
             raise ValueError("one token count per user's indices")
-        tok = torch.tensor([0, *token_counts], dtype=torch.int64).cumsum(0)
-        ent = torch.tensor([0, *[i.numel() for i in indices]], dtype=torch.int64).cumsum(0)
-        for i in indices:
-            check_sorted(i, "each user's delta indices")
-        flat = torch.cat([i.to(torch.int64).cpu() for i in indices]) if indices else torch.empty(0, dtype=torch.int64)
+        if check:
+            for i in indices:
+                check_sorted(i, "each user's delta indices")
+        entry_counts = [i.numel() for i in indices]
+        flat = torch.cat([i.to(device, torch.int64) for i in indices]) if indices else \
+            torch.empty(0, dtype=torch.int64, device=device)
         rows, cols = split_indices(flat, in_features)
-        return cls(tok.to(device), ent.to(device), rows.to(device, torch.int32), cols.to(device, torch.int32))
+        return cls(_offsets(token_counts, device), _offsets(entry_counts, device), rows.to(torch.int32),
+                   cols.to(torch.int32), tuple(token_counts), tuple(entry_counts))
 
     @property
     def users(self) -> int:
@@ -56,6 +63,16 @@ class Segments:
         """(t0, t1, e0, e1) per user, as Python ints (the reference's loop)."""
         tok, ent = self.token_offsets.tolist(), self.entry_offsets.tolist()
         return [(tok[u], tok[u + 1], ent[u], ent[u + 1]) for u in range(self.users)]
+
+
+def _offsets(counts: list[int], device) -> torch.Tensor:
+    """[0, cumsum(counts)...] on `device`, copied asynchronously from pinned memory on CUDA (a
+    pageable copy would wait for the GPU)."""
+    host = torch.tensor([0, *counts], dtype=torch.int64).cumsum(0)
+    device = torch.device(device)
+    if device.type == "cuda":
+        return host.pin_memory().to(device, non_blocking=True)
+    return host.to(device)
 
 
 def _per_user(op, src: torch.Tensor, values: torch.Tensor, seg: Segments, width: int):

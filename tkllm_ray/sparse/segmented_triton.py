@@ -2,13 +2,14 @@
 
 All three work on (features, tokens) transposes so every nonzero reads a contiguous run of its
 user's tokens (DESIGN.md: "one nonzero reads a contiguous run of that account's activations"):
-- forward / dx: a CSR product per (user, output line): the entries of one user that write the
-  same output row (forward: sorted by row already) or input column (dx: a per-user column sort,
-  computed once per Segments) are summed by one program over that user's tokens: one writer per
-  output element, no atomics, no Python loop over users;
+- forward / dx: a CSR product per (user, run of output lines): the entries of one user that write
+  the same output row (forward: sorted by row already) or input column (dx: a column sort,
+  computed once per Segments) are summed by one program over a block of that user's tokens: one
+  writer per output element, no atomics, no Python loop over users;
 - dv: the sampled product (as `sddmm_triton`), with each block of entries inside one user and
   summing over that user's tokens only.
-Index plans are built once per `Segments` (cached on it) with torch ops, on the device.
+Index plans are built once per `Segments` (cached on it) with torch ops, on the device, without
+waiting for the device.
 """
 
 from __future__ import annotations
@@ -21,24 +22,35 @@ from tkllm_ray.sparse.sddmm_triton import transpose
 
 BLOCK_T = 64
 BLOCK_E = 64
+LINES = 32  # output lines per program of the CSR kernels
 
 
 @triton.jit
-def _csr_lines(inT, outT, src, vals, group_ptr, group_out, group_user, tok_off, stride_in, stride_out,
-               BLOCK_T: tl.constexpr):
-    # outT[line_g, t] = Σ_{j in group g} v_j · inT[src_j, t] over the tokens t of the group's user.
-    g = tl.program_id(0)
-    u = tl.load(group_user + g)
+def _csr_blocks(inT, outT, src, line_of, vals, blk_ptr, blk_user, tok_off, stride_in, stride_out,
+                BLOCK_T: tl.constexpr):
+    # Block b holds one user's entries for a run of LINES output lines, sorted by line:
+    # outT[line, t] = Σ_{entries j of that line} v_j · inT[src_j, t] over the user's tokens t.
+    b = tl.program_id(0)
+    u = tl.load(blk_user + b)
     t0 = tl.load(tok_off + u)
     t1 = tl.load(tok_off + u + 1)
-    t = t0 + tl.program_id(1) * BLOCK_T + tl.arange(0, BLOCK_T)
-    tm = t < t1
-    acc = tl.zeros((BLOCK_T,), dtype=tl.float32)
-    for j in range(tl.load(group_ptr + g), tl.load(group_ptr + g + 1)):
-        s = tl.load(src + j).to(tl.int64)
-        acc += tl.load(vals + j).to(tl.float32) * tl.load(inT + s * stride_in + t, mask=tm, other=0.0).to(tl.float32)
-    line = tl.load(group_out + g).to(tl.int64)
-    tl.store(outT + line * stride_out + t, acc, mask=tm)
+    ts = t0 + tl.program_id(1) * BLOCK_T
+    e0 = tl.load(blk_ptr + b)
+    e1 = tl.load(blk_ptr + b + 1)
+    if (e0 < e1) & (ts < t1):
+        t = ts + tl.arange(0, BLOCK_T)
+        tm = t < t1
+        cur = tl.load(line_of + e0).to(tl.int64)
+        acc = tl.zeros((BLOCK_T,), dtype=tl.float32)
+        for j in range(e0, e1):
+            line = tl.load(line_of + j).to(tl.int64)
+            if line != cur:  # one writer per (line, token): no atomics
+                tl.store(outT + cur * stride_out + t, acc, mask=tm)
+                acc = tl.zeros((BLOCK_T,), dtype=tl.float32)
+                cur = line
+            s = tl.load(src + j).to(tl.int64)
+            acc += tl.load(vals + j).to(tl.float32) * tl.load(inT + s * stride_in + t, mask=tm, other=0.0).to(tl.float32)
+        tl.store(outT + cur * stride_out + t, acc, mask=tm)
 
 
 @triton.jit
@@ -62,64 +74,79 @@ def _seg_sddmm(dyT, xT, rows, cols, out, block_start, block_end, block_user, tok
     tl.store(out + e, acc, mask=e_ok)
 
 
+# Index plans. Every size comes from the host-side counts on the Segments, so building a plan
+# launches device work but never waits for it (no .item(), nonzero or unsized repeat_interleave):
+# a step issues all its layers' kernels back to back.
+
 def _entry_users(seg) -> torch.Tensor:
     counts = seg.entry_offsets[1:] - seg.entry_offsets[:-1]
-    return torch.repeat_interleave(torch.arange(seg.users, device=counts.device), counts)
+    return torch.repeat_interleave(torch.arange(seg.users, device=counts.device), counts,
+                                   output_size=sum(seg.entry_counts))
 
 
-def _groups(user: torch.Tensor, line: torch.Tensor):
-    """Runs of equal (user, line) in entry order -> (ptr (G+1), line (G), user (G))."""
-    k = user.numel()
-    new = torch.ones(k, dtype=torch.bool, device=user.device)
-    if k > 1:
-        new[1:] = (user[1:] != user[:-1]) | (line[1:] != line[:-1])
-    starts = new.nonzero().flatten()
-    ptr = torch.cat([starts, torch.tensor([k], device=user.device)])
-    return ptr, line[starts].contiguous(), user[starts].contiguous()
+def _line_blocks(key: torch.Tensor, users: int, lines: int):
+    """Entries sorted by key = user·lines + line -> (block pointers, block user) for blocks of
+    LINES lines, each inside one user."""
+    per_user = triton.cdiv(lines, LINES)
+    b = torch.arange(users * per_user + 1, device=key.device)
+    bounds = (b // per_user) * lines + torch.clamp((b % per_user) * LINES, max=lines)
+    return torch.searchsorted(key, bounds), (b[:-1] // per_user).to(torch.int32)
 
 
-def plan(seg) -> dict:
-    """Index plans for the three kernels, built once and cached on the Segments."""
-    cached = getattr(seg, "_triton_plan", None)
-    if cached is not None:
-        return cached
-    user = _entry_users(seg)
-    rows, cols = seg.rows.long(), seg.cols.long()
-    by_row = _groups(user, rows)  # each user's entries are sorted by flat index, hence by row
-    perm = torch.sort(user * (int(cols.max()) + 1 if cols.numel() else 1) + cols, stable=True).indices
-    by_col = _groups(user[perm], cols[perm])
-    # dv blocks: each user's entries cut into BLOCK_E runs, so no block spans two users.
-    counts = seg.entry_offsets[1:] - seg.entry_offsets[:-1]
-    per_user = (counts + BLOCK_E - 1) // BLOCK_E
-    users = torch.repeat_interleave(torch.arange(seg.users, device=counts.device), per_user)
-    first = torch.repeat_interleave(per_user.cumsum(0) - per_user, per_user)
-    starts = seg.entry_offsets[users] + (torch.arange(users.numel(), device=counts.device) - first) * BLOCK_E
-    ends = torch.minimum(starts + BLOCK_E, seg.entry_offsets[users + 1])
-    lengths = seg.token_offsets[1:] - seg.token_offsets[:-1]
-    out = {"by_row": by_row, "by_col": by_col, "perm": perm, "rows_perm": rows[perm].to(torch.int32).contiguous(),
-           "blocks": (starts, ends, users), "max_tokens": int(lengths.max()) if lengths.numel() else 0}
-    seg._triton_plan = out
-    return out
+def _plan_rows(seg, out_features: int) -> dict:
+    """Forward: entries by (user, output row), the order they are stored in."""
+    key = f"rows{out_features}"
+    if key not in seg._plans:
+        k = _entry_users(seg) * out_features + seg.rows
+        seg._plans[key] = {"src": seg.cols, "line": seg.rows, "perm": None,
+                           "blocks": _line_blocks(k, seg.users, out_features)}
+    return seg._plans[key]
 
 
-def _csr(inT: torch.Tensor, src: torch.Tensor, vals: torch.Tensor, groups, seg, width: int, max_tokens: int):
+def _plan_cols(seg, in_features: int) -> dict:
+    """Input gradient: entries by (user, input column), one sort per Segments."""
+    key = f"cols{in_features}"
+    if key not in seg._plans:
+        k, perm = torch.sort(_entry_users(seg) * in_features + seg.cols, stable=True)
+        seg._plans[key] = {"src": seg.rows[perm], "line": seg.cols[perm], "perm": perm,
+                           "blocks": _line_blocks(k, seg.users, in_features)}
+    return seg._plans[key]
+
+
+def _plan_sddmm(seg):
+    """dv: each user's entries cut into runs of BLOCK_E (no block spans two users)."""
+    if "sddmm" not in seg._plans:
+        dev = seg.entry_offsets.device
+        counts = seg.entry_offsets[1:] - seg.entry_offsets[:-1]
+        per_user = (counts + BLOCK_E - 1) // BLOCK_E
+        n = sum(triton.cdiv(c, BLOCK_E) for c in seg.entry_counts)
+        users = torch.repeat_interleave(torch.arange(seg.users, device=dev), per_user, output_size=n)
+        first = torch.repeat_interleave(per_user.cumsum(0) - per_user, per_user, output_size=n)
+        starts = seg.entry_offsets[users] + (torch.arange(n, device=dev) - first) * BLOCK_E
+        ends = torch.minimum(starts + BLOCK_E, seg.entry_offsets[users + 1])
+        seg._plans["sddmm"] = (starts, ends, users)
+    return seg._plans["sddmm"]
+
+
+def _csr(inT: torch.Tensor, values: torch.Tensor, p: dict, seg, width: int):
     """inT: (features, tokens), already transposed -> (tokens, width) fp32."""
     outT = torch.zeros(width, inT.shape[1], dtype=torch.float32, device=inT.device)
-    ptr, line, user = groups
-    if line.numel() and max_tokens:
-        grid = (line.numel(), triton.cdiv(max_tokens, BLOCK_T))
-        _csr_lines[grid](inT, outT, src, vals.contiguous(), ptr, line, user, seg.token_offsets,
-                         inT.stride(0), outT.stride(0), BLOCK_T=BLOCK_T)
+    ptr, user = p["blocks"]
+    max_tokens = max(seg.token_counts, default=0)
+    if user.numel() and max_tokens and seg.rows.numel():
+        vals = values if p["perm"] is None else values[p["perm"]]
+        grid = (user.numel(), triton.cdiv(max_tokens, BLOCK_T))
+        _csr_blocks[grid](inT, outT, p["src"], p["line"], vals.contiguous(), ptr, user, seg.token_offsets,
+                          inT.stride(0), outT.stride(0), BLOCK_T=BLOCK_T)
     return transpose(outT)
 
 
 def _input_grad_T(dyT: torch.Tensor, values: torch.Tensor, seg, in_features: int) -> torch.Tensor:
-    p = plan(seg)
-    return _csr(dyT, p["rows_perm"], values[p["perm"]], p["by_col"], seg, in_features, p["max_tokens"])
+    return _csr(dyT, values, _plan_cols(seg, in_features), seg, in_features)
 
 
 def _sampled_grad_T(dyT: torch.Tensor, xT: torch.Tensor, seg) -> torch.Tensor:
-    starts, ends, users = plan(seg)["blocks"]
+    starts, ends, users = _plan_sddmm(seg)
     out = torch.zeros(seg.rows.numel(), dtype=torch.float32, device=dyT.device)
     if starts.numel():
         _seg_sddmm[(starts.numel(),)](dyT, xT, seg.rows, seg.cols, out, starts, ends, users, seg.token_offsets,
@@ -128,8 +155,7 @@ def _sampled_grad_T(dyT: torch.Tensor, xT: torch.Tensor, seg) -> torch.Tensor:
 
 
 def segmented_forward(x2: torch.Tensor, values: torch.Tensor, seg, out_features: int) -> torch.Tensor:
-    p = plan(seg)
-    return _csr(transpose(x2), seg.cols, values, p["by_row"], seg, out_features, p["max_tokens"])
+    return _csr(transpose(x2), values, _plan_rows(seg, out_features), seg, out_features)
 
 
 def segmented_input_grad(dy2: torch.Tensor, values: torch.Tensor, seg, in_features: int) -> torch.Tensor:

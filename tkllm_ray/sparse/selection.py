@@ -1,7 +1,8 @@
 """GSPF selection: S̃ = z-score(S) · tanh(|θ|), then the top p% entries, globally or per module.
 
-Global selection never concatenates or sorts all scores: the k-th largest score is found by
-bisection over counts, then each module keeps its entries above it (ties fill up to exactly k).
+Global selection never concatenates or sorts all scores: the k-th largest score is found by a
+radix select over order-preserving 32-bit keys (three histogram passes of 11 bits), then each
+module keeps its entries above it (ties fill up to exactly k).
 """
 
 from __future__ import annotations
@@ -27,8 +28,10 @@ class Selection:
 
 def _zstats(tensors: list[torch.Tensor]) -> tuple[float, float]:
     n = sum(t.numel() for t in tensors)
-    s = sum(t.double().sum().item() for t in tensors)
-    ss = sum(t.double().pow(2).sum().item() for t in tensors)
+    # fp64 sums on the device, one host read for all modules (not two per module)
+    sums = torch.stack([torch.stack([t.sum(dtype=torch.float64), t.square().sum(dtype=torch.float64)])
+                        for t in tensors]).sum(0).tolist()
+    s, ss = sums
     mean = s / n
     return mean, max((ss / n - mean * mean), 0.0) ** 0.5
 
@@ -118,17 +121,29 @@ def _order_key(s: torch.Tensor) -> torch.Tensor:
     return torch.where(i < 0, i ^ 0x7FFFFFFF, i)
 
 
+DIGIT_BITS = (11, 11, 10)  # high to low: 2048-bin histograms fit a GPU block's shared memory
+
+
 def _kth_largest_key(sc: dict[str, torch.Tensor], k: int) -> int:
-    """The k-th largest score over all modules, as an order key, by bisection on the 32-bit key
-    space: 32 counting passes, no concatenation or sort of the scores (memory-flat on a 7B)."""
-    lo, hi = -(2**31), 2**31 - 1
-    while lo < hi:
-        mid = (lo + hi + 1) // 2
-        if sum(int((_order_key(s) >= mid).sum()) for s in sc.values()) >= k:
-            lo = mid
-        else:
-            hi = mid - 1
-    return lo
+    """The k-th largest score over all modules, as an order key: a radix select, one histogram
+    pass per digit from the high bits down, narrowing to the bin that holds the k-th largest.
+    Three passes over the scores, no concatenation or sort of them (memory-flat on a 7B)."""
+    prefix, shift, need = 0, 32, k  # the answer's known high bits; `need`-th largest among them
+    for bits in DIGIT_BITS:
+        shift -= bits
+        hist = None
+        for scores_ in sc.values():  # keys recomputed per pass: never all modules' keys at once
+            unsigned = _order_key(scores_.flatten()).to(torch.int64) + 2**31  # the signed order as 0 .. 2^32 - 1
+            digit = (unsigned >> shift) & ((1 << bits) - 1)
+            if shift + bits < 32:  # only keys whose higher digits match the prefix so far
+                digit = torch.where((unsigned >> (shift + bits)) == prefix, digit, 1 << bits)
+            h = torch.bincount(digit, minlength=(1 << bits) + 1)[: 1 << bits]
+            hist = h if hist is None else hist + h
+        above = hist.flip(0).cumsum(0).flip(0)  # keys with this digit or a larger one
+        d = int((above >= need).nonzero().max())  # the largest digit still holding the need-th key
+        need -= int(above[d + 1]) if d + 1 < (1 << bits) else 0
+        prefix = (prefix << bits) | d
+    return prefix - 2**31
 
 
 def _top(flat: torch.Tensor, k: int) -> torch.Tensor:

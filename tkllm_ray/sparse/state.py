@@ -28,6 +28,7 @@ class SparseState:
         self.values: dict[str, nn.Parameter] = {}
         self.opt: torch.optim.Optimizer | None = None
         self.history: list[dict] = []
+        self._copied: torch.cuda.Event | None = None  # set while a copy to pinned host memory is in flight
 
     def install(self, indices: dict[str, torch.Tensor], learned: Delta | None = None) -> dict:
         """A new selection (modules -> sorted indices, on their device). With `learned` (the previous
@@ -78,12 +79,58 @@ class SparseState:
         """The delta as it trains (device tensors, values are the Parameters)."""
         return {n: (self.indices[n], self.values[n]) for n in self.values}
 
+    @property
+    def device(self) -> torch.device | None:
+        return next(iter(self.indices.values())).device if self.indices else None
+
+    def page(self, device: torch.device | str) -> None:
+        """Move the whole state (indices, values, AdamW moments) to `device`, e.g. out to host memory
+        and back while other accounts use the GPU. Each kind of tensor travels as one flat copy (all
+        modules together: a few copies per account, not hundreds); out of a GPU into pinned memory,
+        asynchronously, indices as int32 (16 bytes per entry stay, not 20). Reading the host copy
+        waits for it (`wait`). The Parameter objects stay the same: AdamW keys its state by them."""
+        device = torch.device(device)
+        if self.device is None or self.device == device:
+            return
+        to_host = device.type == "cpu"
+        pin = to_host and torch.cuda.is_available()
+
+        def move(tensors: list[torch.Tensor], dtype: torch.dtype) -> list[torch.Tensor]:
+            flat = torch.cat([t.reshape(-1) for t in tensors]).to(dtype)
+            if to_host:
+                moved = torch.empty(flat.shape, dtype=dtype, pin_memory=pin).copy_(flat, non_blocking=pin)
+            else:
+                moved = flat.to(device, non_blocking=True).to(dtype)
+            return [v.view(t.shape) for v, t in zip(moved.split([t.numel() for t in tensors]), tensors)]
+
+        names = list(self.values)
+        idx = move([self.indices[n] for n in names], torch.int32 if to_host else torch.int64)  # < 2^31 per module
+        self.indices = dict(zip(names, idx))
+        params = [self.values[n] for n in names]
+        for p, v in zip(params, move([p.data for p in params], torch.float32)):
+            p.data, p.grad = v, None
+        for key in ("exp_avg", "exp_avg_sq"):
+            states = [self.opt.state[p] for p in params if key in self.opt.state.get(p, {})]
+            for st, v in zip(states, move([st[key] for st in states], torch.float32) if states else []):
+                st[key] = v
+        if pin:
+            self._copied = torch.cuda.Event()
+            self._copied.record()
+
+    def wait(self) -> None:
+        """Block until a copy out to host memory has landed (before the host reads it)."""
+        if self._copied is not None:
+            self._copied.synchronize()
+            self._copied = None
+
     def to_bytes(self) -> bytes:
         """Everything training needs to resume this account: selection, values, AdamW moments."""
         import io
 
+        self.wait()
+
         opt = self._state_by_module()
-        blob = {"indices": {n: i.cpu() for n, i in self.indices.items()},
+        blob = {"indices": {n: i.cpu().long() for n, i in self.indices.items()},
                 "values": {n: v.detach().cpu() for n, v in self.values.items()},
                 "opt": {n: {k: t.cpu() for k, t in st.items()} for n, st in opt.items()}, "history": self.history}
         buf = io.BytesIO()
@@ -103,7 +150,8 @@ class SparseState:
                     self.opt.state[p] = {k: t.cpu() if k == "step" else t for k, t in blob["opt"][n].items()}
 
     def export(self) -> Delta:
-        return {n: (self.indices[n].detach().cpu(), self.values[n].detach().cpu()) for n in self.values}
+        self.wait()
+        return {n: (self.indices[n].detach().cpu().long(), self.values[n].detach().cpu().clone()) for n in self.values}
 
 
 def match_sorted(new_idx: torch.Tensor, old_idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

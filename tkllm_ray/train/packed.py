@@ -29,6 +29,7 @@ from tkllm_ray.sparse.sensitivity import add_abs_grad, grads_from_embeddings, ta
 from tkllm_ray.sparse.state import SparseState
 from tkllm_ray.storage import exists, join, read_bytes, remove, write_bytes
 from tkllm_ray.train.data import pack
+from tkllm_ray.train.paging import StatePager
 from tkllm_ray.train.schedule import events
 
 EMPTY = torch.empty(0, dtype=torch.int64)
@@ -80,7 +81,8 @@ class BatchContext:
             return None, None
         if name not in self._segments:
             idx = [u.state.indices.get(name, EMPTY) for u in self.users]
-            self._segments[name] = Segments.build(self.token_counts, idx, lin.in_features, lin.weight.device)
+            self._segments[name] = Segments.build(self.token_counts, idx, lin.in_features, lin.weight.device,
+                                                   check=False)  # sorted by selection
         vals = [u.state.values[name] if name in u.state.values else lin.weight.new_zeros(0, dtype=torch.float32)
                 for u in self.users]
         values = torch.cat(vals)
@@ -135,10 +137,16 @@ class UserCheckpoints:
 
 
 class PackedGSPF:
+    """`state_budget`: device bytes for the resident accounts' states (None: only max_resident
+    limits). With `host_budget` (bytes of pinned host memory) as well, states beyond the device
+    budget are paged out to the host instead of keeping accounts waiting (train/paging.py)."""
+
     def __init__(self, model: nn.Module, target_modules: list[str] | None = None, max_resident: int = 64,
-                 max_rows: int = 64, checkpoints: UserCheckpoints | None = None, state_budget: int | None = None):
+                 max_rows: int = 64, checkpoints: UserCheckpoints | None = None, state_budget: int | None = None,
+                 host_budget: int | None = None):
+        if host_budget is not None and state_budget is None:
+            raise ValueError("paging to host memory (host_budget) needs a device state_budget to page against")
         self.model, self.max_resident, self.max_rows = model, max_resident, max_rows
-        self.state_budget = state_budget  # bytes for the resident accounts' states (None: count only)
         self.checkpoints = checkpoints
         for p in model.parameters():
             p.requires_grad_(False)
@@ -149,23 +157,16 @@ class PackedGSPF:
         self.ctx: BatchContext | None = None
         self.on_step: Callable | None = None  # called after every train step (progress, fault injection)
         self.device = next(model.parameters()).device
+        self.pager = StatePager(self.device, sum(m.weight.numel() for m in self.linears.values()), state_budget,
+                                host_budget)
         self._rr = 0  # round-robin start: no account waits behind a fixed order
         self.stats = {"train_steps": 0, "sensitivity_passes": 0, "rows": 0, "max_resident": 0}
 
     # -- admission and the loop ---------------------------------------------------------------
     def state_bytes(self, cfg, warming: bool) -> int:
-        """Estimated memory of one account's state: per selected entry an fp32 value, its gradient
-        and two AdamW moments, an int64 index and two int32 row/col copies (32 B); while it warms up,
-        also an fp32 sensitivity sum per target weight."""
-        n = sum(m.weight.numel() for m in self.linears.values())
-        k = max(1, round(cfg.density * n))
-        return 32 * k + (4 * n if warming else 0)
-
-    def fits(self, job: AccountJob, resident: list[UserRun]) -> bool:
-        if self.state_budget is None:
-            return True
-        used = sum(self.state_bytes(u.job.cfg, u.pending is not None and u.pending[0] == "select") for u in resident)
-        return used + self.state_bytes(job.cfg, warming=True) <= self.state_budget
+        """Estimated device memory of one account's state (train/paging.py), and while it warms up
+        its fp32 sensitivity sums."""
+        return self.pager.entries(cfg) * 32 + (self.pager.warm_bytes() if warming else 0)
 
     def admit(self, job: AccountJob, eos_id: int) -> UserRun:
         cfg = job.cfg
@@ -196,25 +197,33 @@ class PackedGSPF:
                 job = waiting or next(queue, None)
                 if job is None:
                     exhausted = True
-                elif resident and not self.fits(job, resident):
+                elif resident and not self.pager.fits(job.cfg, resident):
                     waiting = job  # admitted once a resident account retires and frees its memory
                     break
                 else:
                     waiting = None
                     resident.append(self.admit(job, eos_id))
+                    self.pager.admitted(resident[-1])
             if not resident:
                 break
             self.stats["max_resident"] = max(self.stats["max_resident"], len(resident))
             selecting = [u for u in resident if u.pending[0] == "select"]
-            if selecting:
-                self._sensitivity_pass(self._fill(selecting, lambda u: u.warm[0]))
+            if selecting:  # warm-ups under way first: each holds dense sensitivity sums until it selects
+                selecting.sort(key=lambda u: not u.sens)
+                picked = self._fill(selecting[: self.pager.max_warming()], lambda u: u.warm[0])
+                self.pager.prepare([u for u, _ in picked], resident)
+                self._sensitivity_pass(picked)
             else:
-                self._train_step(self._fill([u for u in resident if u.pending[0] == "step"], lambda u: u.pending[1]))
+                picked = self._fill([u for u in resident if u.pending[0] == "step"], lambda u: u.pending[1])
+                self.pager.prepare([u for u, _ in picked], resident)
+                self._train_step(picked)
             for u in [u for u in resident if u.pending is None]:
                 resident.remove(u)
+                self.pager.retired(u)
                 on_done(u, u.state.export())
                 if self.checkpoints:
                     self.checkpoints.remove(u.account)  # published: nothing left to resume
+        self.stats.update(self.pager.stats)
         return self.stats
 
     def _fill(self, users: list[UserRun], batch_of) -> list[tuple[UserRun, tuple]]:

@@ -138,7 +138,8 @@ def _worker(config: dict) -> None:
             discard_unpublished(cfg.output, account, run_id, cfg.storage)  # died mid-publish
             mine.append(account)
     budget = int(cfg.state_memory_gb * 2**30) if cfg.state_memory_gb else None
-    engine = PackedGSPF(model, cfg.target_modules, cfg.max_resident, cfg.max_rows, checkpoints, budget)
+    host = int(cfg.host_state_memory_gb * 2**30) if cfg.host_state_memory_gb else None
+    engine = PackedGSPF(model, cfg.target_modules, cfg.max_resident, cfg.max_rows, checkpoints, budget, host)
     engine.on_step = _fault_injector(run_dir, cfg)
     before: dict[str, float] = {}
 

@@ -118,3 +118,18 @@ def test_a_head_tied_to_the_embedding_is_not_a_target():
     model = LlamaForCausalLM(cfg)
     assert model.lm_head.weight is model.get_input_embeddings().weight
     assert "lm_head" not in target_linears(model) and "lm_head" in target_linears(build_model("tkllm-tiny"))
+
+
+def test_radix_select_finds_the_kth_largest_score_over_modules():
+    from tkllm_ray.sparse.selection import _kth_largest_key, _order_key
+
+    g = torch.Generator().manual_seed(0)
+    for trial in range(20):
+        sc = {f"m{i}": torch.randn(int(torch.randint(1, 800, (1,), generator=g)), generator=g) *
+              10.0 ** int(torch.randint(-3, 3, (1,), generator=g)) for i in range(4)}
+        sc["m0"][:40] = 0.5  # ties
+        sc["m1"][:30] = 0.0 if trial % 2 else -0.0  # both zeros, and negatives elsewhere
+        flat = torch.cat(list(sc.values()))
+        for k in (1, int(torch.randint(1, flat.numel() + 1, (1,), generator=g)), flat.numel()):
+            kth = torch.sort(flat, descending=True).values[k - 1].reshape(1)
+            assert _kth_largest_key(sc, k) == int(_order_key(kth)[0]), (trial, k)

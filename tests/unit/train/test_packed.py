@@ -14,13 +14,13 @@ from tkllm_ray.train.single import train_account
 EOS = 0
 
 
-def _jobs(n=4):
+def _jobs(n=4, density=0.01):
     g = torch.Generator().manual_seed(7)
     jobs = []
     for a in range(n):
         posts = [torch.randint(2, 400 + 300 * a, (int(torch.randint(5, 30, (1,), generator=g)),), generator=g).tolist()
                  for _ in range(14 + 6 * a)]  # accounts of different sizes: different step counts
-        cfg = FinetuneConfig(account=f"acct{a}", data="-", method="gspf", epochs=3, reselect_every=2, density=0.01,
+        cfg = FinetuneConfig(account=f"acct{a}", data="-", method="gspf", epochs=3, reselect_every=2, density=density,
                              seq_len=32, batch_size=3, warmup_steps=2, lr=1e-2, seed=a)
         jobs.append(AccountJob(cfg, posts[:-3], posts[-3:]))
     return jobs
@@ -110,6 +110,42 @@ def test_admission_keeps_the_state_budget_and_gives_the_same_deltas():
             assert torch.equal(idx, ref[name][0])
 
 
+def _run(base, jobs, **kw) -> tuple[dict, dict]:
+    done = {}
+    stats = PackedGSPF(copy.deepcopy(base), max_resident=len(jobs), **kw).run(
+        jobs, EOS, lambda u, d: done.__setitem__(u.account, d))
+    return stats, done
+
+
+def _paged_run(base, jobs, device_states: int, max_rows: int = 7):
+    """Room on the device for one warm-up and `device_states` trained states; the rest paged out
+    (at density 5% four trained states need more than that room)."""
+    probe, cfg = PackedGSPF(copy.deepcopy(base)), jobs[0].cfg
+    state = probe.state_bytes(cfg, warming=False)
+    budget = probe.state_bytes(cfg, warming=True) - state + device_states * state
+    return _run(base, jobs, max_rows=max_rows, state_budget=budget, host_budget=1 << 34)
+
+
+def test_paging_to_host_holds_more_accounts_than_the_device_budget_and_keeps_the_math():
+    base = build_model("tkllm-tiny", seed=0)
+    # One account per micro-batch (max_rows = batch_size): each account's arithmetic is then the
+    # same whatever runs beside it, so paging must leave the deltas bit-identical.
+    stats, paged = _paged_run(base, _jobs(4, density=0.05), device_states=1, max_rows=3)
+    assert stats["max_resident"] == 4 and len(paged) == 4  # all in flight at once, not queued
+    assert stats["paged_out"] > 0 and stats["paged_in"] > 0 and stats["max_states_on_device"] < 4
+    _, kept = _run(base, _jobs(4, density=0.05), max_rows=3)
+    for acct, delta in kept.items():
+        assert sorted(paged[acct]) == sorted(delta)
+        for name, (idx, vals) in delta.items():
+            assert paged[acct][name][0].dtype == torch.int64
+            assert torch.equal(paged[acct][name][0], idx) and torch.equal(paged[acct][name][1], vals)
+
+
+def test_paging_needs_a_device_budget():
+    with pytest.raises(ValueError, match="needs a device state_budget"):
+        PackedGSPF(build_model("tkllm-tiny", seed=0), host_budget=1 << 30)
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_packed_on_cuda_bf16_runs_the_triton_path_and_agrees_with_solo_in_fp32():
@@ -130,6 +166,15 @@ def test_packed_on_cuda_bf16_runs_the_triton_path_and_agrees_with_solo_in_fp32()
     PackedGSPF(copy.deepcopy(base).to(torch.bfloat16), max_resident=3, max_rows=7).run(
         _jobs(3), EOS, lambda u, d: bf16.__setitem__(u.account, d))
     assert sorted(bf16) == sorted(solo) and all(torch.isfinite(v).all() for d in bf16.values() for _, v in d.values())
+    done = {}
+    PackedGSPF(copy.deepcopy(base), max_resident=3, max_rows=7).run(_jobs(3, density=0.05), EOS,
+                                                                     lambda u, d: done.__setitem__(u.account, d))
+    stats, paged = _paged_run(base, _jobs(3, density=0.05), device_states=1)  # pinned host memory, asynchronous copies
+    assert stats["paged_out"] > 0
+    for acct, delta in paged.items():  # the same fp32 run as `done` above, only paged in between
+        for name, (idx, vals) in delta.items():
+            assert torch.equal(idx, done[acct][name][0])
+            torch.testing.assert_close(vals, done[acct][name][1], rtol=1e-4, atol=1e-6)
 
 
 def test_a_result_lost_after_publishing_is_rebuilt_from_the_manifest(tmp_path):
