@@ -201,10 +201,16 @@ def main(argv=None) -> dict:
                     choices=["packed", "resident", "unpacked", "hf_peft"])
     ap.add_argument("--phase-times", action="store_true", help="diagnostics: time each engine phase (syncs)")
     ap.add_argument("--profile", type=int, default=0, help="diagnostics: profile N packed train steps")
+    ap.add_argument("--tune", action="store_true", help="first sweep the segmented kernels' tiles and time a "
+                    "selection (packed_kernels.py, its own JSON), then train with the fastest tiles")
     ap.add_argument("--out", default=os.environ.get("OUT", "benchmarks/results"))
     args = ap.parse_args(argv)
     cuda = torch.cuda.is_available()
     dev = "cuda" if cuda else "cpu"
+    if args.tune and cuda:
+        import packed_kernels  # the sibling script (this script's folder is on sys.path)
+
+        packed_kernels.main(["--out", args.out])
     base = build_model(args.model, vocab_size=args.vocab, seed=0, dtype=torch.bfloat16 if cuda else torch.float32,
                        device=dev)
     n_params = sum(p.numel() for p in base.parameters())
@@ -232,7 +238,11 @@ def _write(args, results: dict, n_params: int) -> dict:
     name = torch.cuda.get_device_name(0) if cuda else "cpu"
     peak = next((v for k, v in PEAK_BF16_TFLOPS.items() if k in name), None)
     packed = results.get("packed", {})
-    out = {"device": name, "config": vars(args), "params": n_params,
+    try:
+        from tkllm_ray.sparse.segmented_triton import CONFIG
+    except ImportError:  # no triton: the CPU reference ran
+        CONFIG = None
+    out = {"device": name, "config": vars(args), "kernel_tiles": CONFIG, "params": n_params,
            "accounts_per_hour": packed.get("accounts_per_hour"),
            "steady_accounts_per_hour": packed.get("steady_accounts_per_hour"),
            "speedup_vs_hf_peft": _ratio(packed, results.get("hf_peft")),

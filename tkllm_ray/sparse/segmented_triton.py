@@ -20,37 +20,40 @@ import triton.language as tl
 
 from tkllm_ray.sparse.sddmm_triton import transpose
 
-BLOCK_T = 64
-BLOCK_E = 64
-LINES = 32  # output lines per program of the CSR kernels
+# Tile sizes; `benchmarks/packed_kernels.py` sweeps them on a GPU and may set CONFIG before a run.
+CONFIG = {"csr": {"LINES": 16, "BLOCK_J": 16, "BLOCK_T": 64, "num_warps": 4},
+          "sddmm": {"BLOCK_E": 64, "BLOCK_T": 64, "num_warps": 4}}
 
 
 @triton.jit
-def _csr_blocks(inT, outT, src, line_of, vals, blk_ptr, blk_user, tok_off, stride_in, stride_out,
-                BLOCK_T: tl.constexpr):
-    # Block b holds one user's entries for a run of LINES output lines, sorted by line:
-    # outT[line, t] = Σ_{entries j of that line} v_j · inT[src_j, t] over the user's tokens t.
+def _csr_lines(inT, outT, src, vals, line_ptr, tok_off, lines, blocks_per_user, stride_in, stride_out,
+               LINES: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_T: tl.constexpr):
+    # Program (user u, LINES output lines, BLOCK_T of u's tokens): for each line l,
+    # outT[l, t] = Σ_{entries j of (u, l)} v_j · inT[src_j, t]: the line's entries are loaded
+    # BLOCK_J at a time and their input rows gathered as one tile. One writer per output element.
     b = tl.program_id(0)
-    u = tl.load(blk_user + b)
+    u = b // blocks_per_user
+    l0 = (b % blocks_per_user) * LINES
     t0 = tl.load(tok_off + u)
     t1 = tl.load(tok_off + u + 1)
     ts = t0 + tl.program_id(1) * BLOCK_T
-    e0 = tl.load(blk_ptr + b)
-    e1 = tl.load(blk_ptr + b + 1)
-    if (e0 < e1) & (ts < t1):
+    if ts < t1:
         t = ts + tl.arange(0, BLOCK_T)
         tm = t < t1
-        cur = tl.load(line_of + e0).to(tl.int64)
-        acc = tl.zeros((BLOCK_T,), dtype=tl.float32)
-        for j in range(e0, e1):
-            line = tl.load(line_of + j).to(tl.int64)
-            if line != cur:  # one writer per (line, token): no atomics
-                tl.store(outT + cur * stride_out + t, acc, mask=tm)
+        for l in range(l0, tl.minimum(l0 + LINES, lines)):
+            p0 = tl.load(line_ptr + u * lines + l)
+            p1 = tl.load(line_ptr + u * lines + l + 1)
+            if p1 > p0:
                 acc = tl.zeros((BLOCK_T,), dtype=tl.float32)
-                cur = line
-            s = tl.load(src + j).to(tl.int64)
-            acc += tl.load(vals + j).to(tl.float32) * tl.load(inT + s * stride_in + t, mask=tm, other=0.0).to(tl.float32)
-        tl.store(outT + cur * stride_out + t, acc, mask=tm)
+                for j0 in range(p0, p1, BLOCK_J):
+                    j = j0 + tl.arange(0, BLOCK_J)
+                    jm = j < p1
+                    sj = tl.load(src + j, mask=jm, other=0).to(tl.int64)
+                    v = tl.load(vals + j, mask=jm, other=0.0).to(tl.float32)
+                    x = tl.load(inT + sj[:, None] * stride_in + t[None, :], mask=jm[:, None] & tm[None, :],
+                                other=0.0).to(tl.float32)
+                    acc += tl.sum(v[:, None] * x, axis=0)
+                tl.store(outT + tl.cast(l, tl.int64) * stride_out + t, acc, mask=tm)
 
 
 @triton.jit
@@ -84,13 +87,9 @@ def _entry_users(seg) -> torch.Tensor:
                                    output_size=sum(seg.entry_counts))
 
 
-def _line_blocks(key: torch.Tensor, users: int, lines: int):
-    """Entries sorted by key = user·lines + line -> (block pointers, block user) for blocks of
-    LINES lines, each inside one user."""
-    per_user = triton.cdiv(lines, LINES)
-    b = torch.arange(users * per_user + 1, device=key.device)
-    bounds = (b // per_user) * lines + torch.clamp((b % per_user) * LINES, max=lines)
-    return torch.searchsorted(key, bounds), (b[:-1] // per_user).to(torch.int32)
+def _line_ptr(key: torch.Tensor, users: int, lines: int) -> torch.Tensor:
+    """Entries sorted by key = user·lines + line -> CSR pointers over the (user, line) grid."""
+    return torch.searchsorted(key, torch.arange(users * lines + 1, device=key.device))
 
 
 def _plan_rows(seg, out_features: int) -> dict:
@@ -98,8 +97,7 @@ def _plan_rows(seg, out_features: int) -> dict:
     key = f"rows{out_features}"
     if key not in seg._plans:
         k = _entry_users(seg) * out_features + seg.rows
-        seg._plans[key] = {"src": seg.cols, "line": seg.rows, "perm": None,
-                           "blocks": _line_blocks(k, seg.users, out_features)}
+        seg._plans[key] = {"src": seg.cols, "perm": None, "ptr": _line_ptr(k, seg.users, out_features)}
     return seg._plans[key]
 
 
@@ -108,36 +106,38 @@ def _plan_cols(seg, in_features: int) -> dict:
     key = f"cols{in_features}"
     if key not in seg._plans:
         k, perm = torch.sort(_entry_users(seg) * in_features + seg.cols, stable=True)
-        seg._plans[key] = {"src": seg.rows[perm], "line": seg.cols[perm], "perm": perm,
-                           "blocks": _line_blocks(k, seg.users, in_features)}
+        seg._plans[key] = {"src": seg.rows[perm], "perm": perm, "ptr": _line_ptr(k, seg.users, in_features)}
     return seg._plans[key]
 
 
-def _plan_sddmm(seg):
-    """dv: each user's entries cut into runs of BLOCK_E (no block spans two users)."""
-    if "sddmm" not in seg._plans:
+def _plan_sddmm(seg, block_e: int):
+    """dv: each user's entries cut into runs of block_e (no block spans two users)."""
+    key = f"sddmm{block_e}"
+    if key not in seg._plans:
         dev = seg.entry_offsets.device
         counts = seg.entry_offsets[1:] - seg.entry_offsets[:-1]
-        per_user = (counts + BLOCK_E - 1) // BLOCK_E
-        n = sum(triton.cdiv(c, BLOCK_E) for c in seg.entry_counts)
+        per_user = (counts + block_e - 1) // block_e
+        n = sum(triton.cdiv(c, block_e) for c in seg.entry_counts)
         users = torch.repeat_interleave(torch.arange(seg.users, device=dev), per_user, output_size=n)
         first = torch.repeat_interleave(per_user.cumsum(0) - per_user, per_user, output_size=n)
-        starts = seg.entry_offsets[users] + (torch.arange(n, device=dev) - first) * BLOCK_E
-        ends = torch.minimum(starts + BLOCK_E, seg.entry_offsets[users + 1])
-        seg._plans["sddmm"] = (starts, ends, users)
-    return seg._plans["sddmm"]
+        starts = seg.entry_offsets[users] + (torch.arange(n, device=dev) - first) * block_e
+        ends = torch.minimum(starts + block_e, seg.entry_offsets[users + 1])
+        seg._plans[key] = (starts, ends, users)
+    return seg._plans[key]
 
 
 def _csr(inT: torch.Tensor, values: torch.Tensor, p: dict, seg, width: int):
     """inT: (features, tokens), already transposed -> (tokens, width) fp32."""
     outT = torch.zeros(width, inT.shape[1], dtype=torch.float32, device=inT.device)
-    ptr, user = p["blocks"]
     max_tokens = max(seg.token_counts, default=0)
-    if user.numel() and max_tokens and seg.rows.numel():
+    if seg.users and max_tokens and seg.rows.numel():
+        c = CONFIG["csr"]
         vals = values if p["perm"] is None else values[p["perm"]]
-        grid = (user.numel(), triton.cdiv(max_tokens, BLOCK_T))
-        _csr_blocks[grid](inT, outT, p["src"], p["line"], vals.contiguous(), ptr, user, seg.token_offsets,
-                          inT.stride(0), outT.stride(0), BLOCK_T=BLOCK_T)
+        per_user = triton.cdiv(width, c["LINES"])
+        grid = (seg.users * per_user, triton.cdiv(max_tokens, c["BLOCK_T"]))
+        _csr_lines[grid](inT, outT, p["src"], vals.contiguous(), p["ptr"], seg.token_offsets, width, per_user,
+                         inT.stride(0), outT.stride(0), LINES=c["LINES"], BLOCK_J=c["BLOCK_J"],
+                         BLOCK_T=c["BLOCK_T"], num_warps=c["num_warps"])
     return transpose(outT)
 
 
@@ -146,11 +146,13 @@ def _input_grad_T(dyT: torch.Tensor, values: torch.Tensor, seg, in_features: int
 
 
 def _sampled_grad_T(dyT: torch.Tensor, xT: torch.Tensor, seg) -> torch.Tensor:
-    starts, ends, users = _plan_sddmm(seg)
+    c = CONFIG["sddmm"]
+    starts, ends, users = _plan_sddmm(seg, c["BLOCK_E"])
     out = torch.zeros(seg.rows.numel(), dtype=torch.float32, device=dyT.device)
     if starts.numel():
         _seg_sddmm[(starts.numel(),)](dyT, xT, seg.rows, seg.cols, out, starts, ends, users, seg.token_offsets,
-                                      dyT.stride(0), xT.stride(0), BLOCK_E=BLOCK_E, BLOCK_T=BLOCK_T)
+                                      dyT.stride(0), xT.stride(0), BLOCK_E=c["BLOCK_E"], BLOCK_T=c["BLOCK_T"],
+                                      num_warps=c["num_warps"])
     return out
 
 

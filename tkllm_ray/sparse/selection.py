@@ -124,7 +124,40 @@ def _order_key(s: torch.Tensor) -> torch.Tensor:
 DIGIT_BITS = (11, 11, 10)  # high to low: 2048-bin histograms fit a GPU block's shared memory
 
 
+SAMPLE = 1 << 20  # scores sampled to bracket the k-th largest
+
+
 def _kth_largest_key(sc: dict[str, torch.Tensor], k: int) -> int:
+    """The k-th largest score over all modules, as an order key. Usually one pass: a fixed-seed
+    sample of the scores brackets it, one counting pass finds how many lie above the bracket and
+    gathers the few inside it, and a top-k over those gives it exactly. If the bracket misses
+    (rare; checked, never assumed), the radix select below answers instead."""
+    n = sum(s.numel() for s in sc.values())
+    if n <= SAMPLE:
+        return _radix_kth(sc, k)
+    dev = next(iter(sc.values())).device
+    gen = torch.Generator(device=dev).manual_seed(0)
+    sample = torch.cat([_order_key(s.flatten()[torch.randint(s.numel(), (max(1, s.numel() * SAMPLE // n),),
+                                                              device=dev, generator=gen)]) for s in sc.values()])
+    sample = torch.sort(sample, descending=True).values
+    rank = k * sample.numel() / n  # where the k-th largest falls in the sample, in expectation
+    slack = 8 * rank ** 0.5 + 64  # ~8 standard deviations of a binomial count
+    hi = int(sample[max(0, int(rank - slack))])  # above the k-th largest, almost surely
+    lo = int(sample[min(sample.numel() - 1, int(rank + slack))])  # below it
+    above = torch.zeros((), dtype=torch.int64, device=dev)
+    inside = []
+    for s in sc.values():
+        key = _order_key(s.flatten())
+        above += (key > hi).sum()
+        inside.append(key[(key <= hi) & (key >= lo)])
+    need = k - int(above)
+    inside = torch.cat(inside)
+    if not 1 <= need <= inside.numel():
+        return _radix_kth(sc, k)
+    return int(torch.topk(inside, need).values[-1])
+
+
+def _radix_kth(sc: dict[str, torch.Tensor], k: int) -> int:
     """The k-th largest score over all modules, as an order key: a radix select, one histogram
     pass per digit from the high bits down, narrowing to the bin that holds the k-th largest.
     Three passes over the scores, no concatenation or sort of them (memory-flat on a 7B)."""

@@ -32,8 +32,6 @@ from tkllm_ray.train.data import pack
 from tkllm_ray.train.paging import StatePager
 from tkllm_ray.train.schedule import events
 
-EMPTY = torch.empty(0, dtype=torch.int64)
-
 
 @dataclass
 class AccountJob:
@@ -80,7 +78,8 @@ class BatchContext:
         if not any(name in u.state.values for u in self.users):
             return None, None
         if name not in self._segments:
-            idx = [u.state.indices.get(name, EMPTY) for u in self.users]
+            none = lin.weight.new_empty(0, dtype=torch.int64)  # on the device: no host copy, no sync
+            idx = [u.state.indices.get(name, none) for u in self.users]
             self._segments[name] = Segments.build(self.token_counts, idx, lin.in_features, lin.weight.device,
                                                    check=False)  # sorted by selection
         vals = [u.state.values[name] if name in u.state.values else lin.weight.new_zeros(0, dtype=torch.float32)

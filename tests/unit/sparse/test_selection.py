@@ -133,3 +133,17 @@ def test_radix_select_finds_the_kth_largest_score_over_modules():
         for k in (1, int(torch.randint(1, flat.numel() + 1, (1,), generator=g)), flat.numel()):
             kth = torch.sort(flat, descending=True).values[k - 1].reshape(1)
             assert _kth_largest_key(sc, k) == int(_order_key(kth)[0]), (trial, k)
+
+
+def test_sampled_bracket_and_radix_fallback_agree_with_a_sort(monkeypatch):
+    from tkllm_ray.sparse import selection
+
+    g = torch.Generator().manual_seed(1)
+    sc = {"a": torch.randn(300, 200, generator=g), "b": torch.randn(5000, generator=g) * 1e-3,
+          "c": torch.zeros(700)}  # a block of ties at zero
+    flat = torch.cat([s.flatten() for s in sc.values()])
+    monkeypatch.setattr(selection, "SAMPLE", 4096)  # sample a fraction, as on a real model
+    for k in (1, 37, 2000, 60000, flat.numel() - 350, flat.numel()):
+        kth = torch.sort(flat, descending=True).values[k - 1].reshape(1)
+        want = int(selection._order_key(kth)[0])
+        assert selection._kth_largest_key(sc, k) == want == selection._radix_kth(sc, k), k

@@ -1,0 +1,143 @@
+"""Where a packed step's sparse work goes, at tkllm-s shapes: the segmented kernels (forward,
+input gradient, sampled weight gradient) over a sweep of tile sizes, next to the dense GEMM of
+the same layer, and GSPF selection (scoring, k-th largest score by sampling and by radix select,
+the final gather) over a tkllm-s-sized set of sensitivities.
+
+    python benchmarks/packed_kernels.py            # GPU; writes packed-kernels-<device>.json
+
+`packed_bench.py --tune` runs the sweep first and trains with the fastest tiles.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import os
+import time
+
+import torch
+
+SHAPES = {"up_proj": (2048, 5632), "down_proj": (5632, 2048)}  # (in, out) of tkllm-s's MLP
+CSR_GRID = [{"LINES": 16, "BLOCK_J": bj, "BLOCK_T": bt, "num_warps": w}
+            for bj, bt, w in itertools.product((8, 16, 32), (64, 128), (4, 8))]
+SDDMM_GRID = [{"BLOCK_E": be, "BLOCK_T": bt, "num_warps": w}
+              for be, bt, w in itertools.product((32, 64, 128), (32, 64), (4, 8))]
+DEV = "cuda" if torch.cuda.is_available() else "cpu"  # cpu: Triton's interpreter, to check this script
+
+
+def _sync() -> None:
+    if DEV == "cuda":
+        torch.cuda.synchronize()
+
+
+def _ms(fn, reps: int = 5) -> float:
+    fn()
+    _sync()
+    t = time.perf_counter()
+    for _ in range(reps):
+        fn()
+    _sync()
+    return (time.perf_counter() - t) / reps * 1e3
+
+
+def _segments(users: int, tokens: int, din: int, dout: int, density: float, seed: int = 0):
+    from tkllm_ray.sparse.segmented import Segments
+
+    g = torch.Generator(device=DEV).manual_seed(seed)
+    k = round(density * din * dout)
+    idx = [torch.sort(torch.randperm(din * dout, device=DEV, generator=g)[:k]).values for _ in range(users)]
+    return Segments.build([tokens] * users, idx, din, device=DEV, check=False), users * k
+
+
+def sweep(users: int = 16, tokens: int = 1024, density: float = 0.003, shapes: dict = SHAPES,
+          csr_grid: list = CSR_GRID, sddmm_grid: list = SDDMM_GRID) -> dict:
+    """Time each kernel per tile config on both MLP shapes; set segmented_triton.CONFIG to the
+    fastest (summed over shapes) and return the table."""
+    from tkllm_ray.sparse import segmented_triton as K
+    from tkllm_ray.sparse.sddmm_triton import transpose
+
+    out = {"users": users, "tokens_per_user": tokens, "density": density, "shapes": {}}
+    totals = {"csr": {}, "sddmm": {}}
+    for name, (din, dout) in shapes.items():
+        seg, k = _segments(users, tokens, din, dout, density)
+        x = torch.randn(users * tokens, din, device=DEV, dtype=torch.bfloat16)
+        dy = torch.randn(users * tokens, dout, device=DEV, dtype=torch.bfloat16)
+        w = torch.randn(dout, din, device=DEV, dtype=torch.bfloat16)
+        v = torch.randn(k, device=DEV)
+        xT, dyT = transpose(x), transpose(dy)
+        row = {"entries": k, "dense_gemm_ms": _ms(lambda: x @ w.t()), "csr": {}, "sddmm": {}}
+        for cfg in csr_grid:
+            K.CONFIG["csr"] = cfg
+            key = json.dumps(cfg, sort_keys=True)
+            row["csr"][key] = {"forward_ms": _ms(lambda: K.segmented_forward(x, v, seg, dout)),
+                               "input_grad_ms": _ms(lambda: K._input_grad_T(dyT, v, seg, din))}
+            totals["csr"][key] = totals["csr"].get(key, 0) + sum(row["csr"][key].values())
+        for cfg in sddmm_grid:
+            K.CONFIG["sddmm"] = cfg
+            key = json.dumps(cfg, sort_keys=True)
+            row["sddmm"][key] = _ms(lambda: K._sampled_grad_T(dyT, xT, seg))
+            totals["sddmm"][key] = totals["sddmm"].get(key, 0) + row["sddmm"][key]
+        out["shapes"][name] = row
+    best = {kind: json.loads(min(t, key=t.get)) for kind, t in totals.items()}
+    K.CONFIG.update(best)
+    out["best"] = best
+    out["best_ms"] = {name: {"forward": row["csr"][json.dumps(best["csr"], sort_keys=True)]["forward_ms"],
+                             "input_grad": row["csr"][json.dumps(best["csr"], sort_keys=True)]["input_grad_ms"],
+                             "sampled_grad": row["sddmm"][json.dumps(best["sddmm"], sort_keys=True)],
+                             "dense_gemm": row["dense_gemm_ms"]} for name, row in out["shapes"].items()}
+    return out
+
+
+def selection_times(model: str = "tkllm-s", density: float = 0.003) -> dict:
+    """One GSPF selection over a tkllm-s-sized set of random sensitivities, phase by phase."""
+    from tkllm_ray.models import build_model
+    from tkllm_ray.sparse import selection as S
+    from tkllm_ray.sparse.sensitivity import target_linears
+
+    base = build_model(model, vocab_size=32000, seed=0, dtype=torch.bfloat16, device=DEV)
+    weights = {n: m.weight for n, m in target_linears(base).items()}
+    g = torch.Generator(device=DEV).manual_seed(0)
+    sens = {n: torch.rand(w.shape, device=DEV, generator=g).pow_(4) for n, w in weights.items()}
+    n = sum(s.numel() for s in sens.values())
+    k = S.budget(density, n)
+    out = {"target_weights": n, "k": k}
+    _sync()
+    t = time.perf_counter()
+    sc = S.scores(sens, weights, "global", inplace=True)
+    _sync()
+    out["scores_s"] = time.perf_counter() - t
+    for name, fn in (("kth_sampled", S._kth_largest_key), ("kth_radix", S._radix_kth)):
+        t = time.perf_counter()
+        out[name + "_key"] = fn(sc, k)  # the two must agree
+        _sync()
+        out[name + "_s"] = time.perf_counter() - t
+    t = time.perf_counter()
+    idx = S.top_k(sc, k)
+    _sync()
+    out["top_k_total_s"] = time.perf_counter() - t
+    out["selected"] = sum(i.numel() for i in idx.values())
+    return out
+
+
+def main(argv=None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--users", type=int, default=16)
+    ap.add_argument("--tokens", type=int, default=1024, help="tokens per user in the micro-batch")
+    ap.add_argument("--out", default=os.environ.get("OUT", "benchmarks/results"))
+    args = ap.parse_args(argv)
+    if not torch.cuda.is_available():
+        raise SystemExit("packed_kernels.py times CUDA kernels: it needs a GPU")
+    result = {"device": torch.cuda.get_device_name(0), "kernels": sweep(args.users, args.tokens),
+              "selection": selection_times()}
+    os.makedirs(args.out, exist_ok=True)
+    slug = "".join(c if c.isalnum() else "-" for c in result["device"].lower()).strip("-")
+    with open(os.path.join(args.out, f"packed-kernels-{slug}.json"), "w") as f:
+        json.dump(result, f, indent=2)
+    print(json.dumps({"best": result["kernels"]["best"], "best_ms": result["kernels"]["best_ms"],
+                      "selection": result["selection"]}, indent=1))
+    return result
+
+
+if __name__ == "__main__":
+    main()
