@@ -120,27 +120,36 @@ def _kernels(t: torch.Tensor):
     return segmented_forward_reference, segmented_backward_reference
 
 
-class SegmentedDeltaLinearFn(torch.autograd.Function):
+class SegmentedDeltaFn(torch.autograd.Function):
+    """The per-user delta term alone, apart from the base linear: any base (a plain nn.Linear, one
+    whose weight DeepSpeed ZeRO-3 gathers in its own forward, a quantized one) adds it to its
+    output, and autograd sums the two input gradients."""
+
     @staticmethod
-    def forward(ctx, x, weight, bias, values, seg: Segments):
-        x2 = x.reshape(-1, x.shape[-1])
+    def forward(ctx, x, values, seg: Segments, in_features: int, out_features: int):
+        x2 = x.reshape(-1, in_features)
         fwd, _ = _kernels(x2)
-        y = torch.nn.functional.linear(x2, weight, bias) + fwd(x2, values, seg, weight.shape[0]).to(x2.dtype)
-        ctx.save_for_backward(x2 if ctx.needs_input_grad[3] else None, weight, values)
-        ctx.seg, ctx.x_shape = seg, x.shape
-        return y.reshape(*x.shape[:-1], weight.shape[0])
+        ctx.save_for_backward(x2 if ctx.needs_input_grad[1] else None, values)
+        ctx.seg, ctx.x_shape, ctx.in_features = seg, x.shape, in_features
+        return fwd(x2, values, seg, out_features).to(x.dtype).reshape(*x.shape[:-1], out_features)
 
     @staticmethod
     def backward(ctx, dy):
-        x2, weight, values = ctx.saved_tensors
+        x2, values = ctx.saved_tensors
         dy2 = dy.reshape(-1, dy.shape[-1])
         _, backward = _kernels(dy2)
-        dx_delta, dvalues = backward(dy2, x2, values, ctx.seg, weight.shape[1], ctx.needs_input_grad[0],
-                                     ctx.needs_input_grad[3])
-        dx = None if dx_delta is None else (dy2 @ weight + dx_delta.to(dy2.dtype)).reshape(ctx.x_shape)
-        return dx, None, None, None if dvalues is None else dvalues.to(values.dtype), None
+        dx, dv = backward(dy2, x2, values, ctx.seg, ctx.in_features, ctx.needs_input_grad[0], ctx.needs_input_grad[1])
+        return (None if dx is None else dx.to(dy.dtype).reshape(ctx.x_shape),
+                None if dv is None else dv.to(values.dtype), None, None, None)
+
+
+def segmented_delta(x, values, seg: Segments, in_features: int, out_features: int):
+    """x: (..., in) whose flattened rows follow `seg.token_offsets`; values: (K,) all users'
+    values -> the delta term (..., out): row t gets x[t] Δ_u(t)ᵀ."""
+    return SegmentedDeltaFn.apply(x, values, seg, in_features, out_features)
 
 
 def segmented_delta_linear(x, weight, bias, values, seg: Segments):
-    """x: (..., in) whose flattened rows follow `seg.token_offsets`; values: (K,) all users' values."""
-    return SegmentedDeltaLinearFn.apply(x, weight, bias, values, seg)
+    """y = x Wᵀ + b + the per-user delta term (the op of DESIGN.md, for a plain weight)."""
+    return torch.nn.functional.linear(x, weight, bias) + segmented_delta(x, values, seg, weight.shape[1],
+                                                                        weight.shape[0])

@@ -23,7 +23,7 @@ from torch import nn
 from tkllm_ray.sparse.delta_op import merged_weight
 from tkllm_ray.sparse.delta_store import Delta, decode, encode
 from tkllm_ray.sparse.model import AppliedDelta
-from tkllm_ray.sparse.segmented import Segments, segmented_delta_linear
+from tkllm_ray.sparse.segmented import Segments, segmented_delta
 from tkllm_ray.sparse.selection import select
 from tkllm_ray.sparse.sensitivity import add_abs_grad, grads_from_embeddings, target_linears
 from tkllm_ray.sparse.state import SparseState
@@ -102,7 +102,9 @@ class PackedLinear(nn.Module):
     def forward(self, x):
         ctx = self.engine[0].ctx
         seg, values = ctx.module_inputs(self.name, self.base) if ctx is not None else (None, None)
-        y = self.base(x) if seg is None else segmented_delta_linear(x, self.base.weight, self.base.bias, values, seg)
+        y = self.base(x)  # the base module's own forward: whatever manages its weight (e.g. ZeRO-3) sees it
+        if seg is not None:
+            y = y + segmented_delta(x, values, seg, self.base.in_features, self.base.out_features)
         if ctx is not None and ctx.sensitivity and y.requires_grad:
             x2 = x.detach().reshape(-1, x.shape[-1])
             y.register_hook(lambda dy: self.engine[0].accumulate(self.name, dy, x2))
