@@ -79,7 +79,8 @@ class StatePager:
                 self.stats["paged_in"] += 1
             self.last_used[id(u)] = self.clock
         if self.paging:
-            used = sum(self.device_bytes(u) for u in resident)
+            starting = sum(self.warm_bytes() for u in picked if not u.sens and u.pending and u.pending[0] == "select")
+            used = sum(self.device_bytes(u) for u in resident) + starting  # sums this pass allocates
             victims = sorted((u for u in resident if id(u) in self.last_used and id(u) not in ids and not u.sens
                               and u.state.k), key=lambda u: self.last_used[id(u)])
             for u in victims:
