@@ -1,0 +1,109 @@
+"""The serving delta cache: tiers under byte budgets, one store load per miss, clear errors per
+account, and a new version picked up while the old one serves."""
+
+import asyncio
+import json
+
+import pytest
+import torch
+
+from tkllm_ray.errors import TkllmError
+from tkllm_ray.serve.delta_cache import DeltaCache, DeltaLoadError, UnknownAccount
+from tkllm_ray.sparse.delta_store import save_delta
+
+FP = "sha256:" + "ab" * 32
+
+
+def _delta(seed: int, k: int = 500) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    idx = torch.sort(torch.randperm(64 * 64, generator=g)[:k]).values
+    return {"model.layers.0.mlp.up_proj": (idx, torch.randn(k, generator=g))}
+
+
+def _publish(store, account: str, seed: int, fp: str = FP, options=None) -> str:
+    return save_delta(store, account, _delta(seed), "tkllm-tiny", fp, "gspf", 0.003, value_dtype="fp32",
+                      options=options)
+
+
+def _bytes() -> int:
+    return 500 * 4 + 500 * 4  # int32 indices + fp32 values
+
+
+def test_tiers_evict_lru_and_promote_from_host(tmp_path):
+    store = str(tmp_path / "deltas")
+    for a in ("a1", "a2", "a3"):
+        _publish(store, a, seed=int(a[1]))
+    cache = DeltaCache(store, device_budget=2 * _bytes(), host_budget=3 * _bytes(), base_fingerprint=FP)
+    got = {a: cache.get(a) for a in ("a1", "a2", "a3")}  # a1 falls out of the hot tier
+    assert list(cache.hot.items) == ["a2", "a3"] and list(cache.host.items) == ["a1", "a2", "a3"]
+    assert cache.stats["store_loads"] == 3 and cache.stats["evictions"] == 1
+    again = cache.get("a1")  # from host memory, not the store
+    assert cache.stats["host_hits"] == 1 and cache.stats["store_loads"] == 3
+    assert list(cache.hot.items) == ["a3", "a1"]
+    idx, vals = _delta(1)["model.layers.0.mlp.up_proj"]
+    i, v = again.delta["model.layers.0.mlp.up_proj"]
+    assert i.dtype == torch.int32 and torch.equal(i.long(), idx) and torch.equal(v, vals)
+    assert cache.get("a3") is got["a3"] and cache.stats["hits"] == 1
+    cache.close()
+
+
+def test_concurrent_requests_for_one_account_share_one_load(tmp_path):
+    store = str(tmp_path / "deltas")
+    _publish(store, "a1", seed=1)
+    cache = DeltaCache(store, base_fingerprint=FP)
+
+    async def many():
+        return await asyncio.gather(*(cache.aget("a1") for _ in range(8)))
+
+    items = asyncio.run(many())
+    assert cache.stats["store_loads"] == 1 and all(it.version == items[0].version for it in items)
+    cache.close()
+
+
+def test_bad_accounts_fail_alone_with_clear_errors(tmp_path):
+    store = str(tmp_path / "deltas")
+    _publish(store, "good", seed=1)
+    v = _publish(store, "corrupt", seed=2)
+    (tmp_path / "deltas" / "corrupt" / v / "delta.safetensors").write_bytes(b"not a delta")
+    _publish(store, "other_base", seed=3, fp="sha256:" + "cd" * 32)
+    v = _publish(store, "bad_manifest", seed=4)
+    (tmp_path / "deltas" / "bad_manifest" / v / "manifest.json").write_text("{")
+    cache = DeltaCache(store, base_fingerprint=FP)
+    with pytest.raises(UnknownAccount, match="unknown account 'nobody': no delta is published"):
+        cache.get("nobody")
+    with pytest.raises(DeltaLoadError, match="account 'corrupt': .*corrupt \\(sha256 mismatch\\)"):
+        cache.get("corrupt")
+    with pytest.raises(DeltaLoadError, match="account 'other_base': .*trained on base"):
+        cache.get("other_base")
+    with pytest.raises(DeltaLoadError, match="account 'bad_manifest': its delta cannot be read"):
+        cache.get("bad_manifest")
+    with pytest.raises(TkllmError, match="invalid account id '../escape'"):
+        cache.get("../escape")
+    assert cache.get("good").account == "good" and cache.stats["load_errors"] == 3
+    cache.close()
+
+
+def test_a_new_version_loads_in_the_background_and_then_serves(tmp_path):
+    store = str(tmp_path / "deltas")
+    v1 = _publish(store, "a1", seed=1)
+    cache = DeltaCache(store, base_fingerprint=FP)
+    assert cache.get("a1").version == v1
+    assert cache.refresh() == []  # nothing new
+    v2 = _publish(store, "a1", seed=9)
+    futures = cache.refresh()
+    assert len(futures) == 1
+    futures[0].result(timeout=30)
+    item = cache.get("a1")
+    assert item.version == v2 and cache.stats["swaps"] == 1
+    assert torch.equal(item.delta["model.layers.0.mlp.up_proj"][1], _delta(9)["model.layers.0.mlp.up_proj"][1])
+    assert json.loads((tmp_path / "deltas" / "a1" / v2 / "manifest.json").read_text())["parent_version"] == v1
+    cache.close()
+
+
+@pytest.mark.s3
+def test_loads_from_s3(s3_server, s3_bucket):
+    store, opts = f"s3://{s3_bucket}/deltas", s3_server.options()
+    v = _publish(store, "a1", seed=1, options=opts)
+    cache = DeltaCache(store, base_fingerprint=FP, options=opts)
+    assert cache.get("a1").version == v and cache.stats["store_loads"] == 1
+    cache.close()

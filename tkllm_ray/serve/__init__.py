@@ -1,0 +1,1 @@
+"""Serving: one endpoint, the shared base model, per-account sparse deltas."""
