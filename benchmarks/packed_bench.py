@@ -29,6 +29,7 @@ import torch
 
 from tkllm_ray.config.finetune import FinetuneConfig
 from tkllm_ray.models import build_model
+from tkllm_ray.sparse.mixed import swap_out
 from tkllm_ray.train.packed import AccountJob, PackedGSPF
 
 PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}
@@ -114,10 +115,7 @@ def run_engine(args, base, jobs, seconds: float, max_resident: int, budget: int 
         out["phase_s"] = phases
     if torch.cuda.is_available():
         out["peak_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
-    for name, mod in list(base.named_modules()):  # hand the plain base back for the next mode
-        if type(mod).__name__ == "PackedLinear":
-            parent, _, leaf = name.rpartition(".")
-            setattr(base.get_submodule(parent) if parent else base, leaf, mod.base)
+    swap_out(base)  # hand the plain base back for the next mode
     return out
 
 

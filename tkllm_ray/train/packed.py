@@ -23,7 +23,8 @@ from torch import nn
 from tkllm_ray.sparse.delta_op import merged_weight
 from tkllm_ray.sparse.delta_store import Delta, decode, encode
 from tkllm_ray.sparse.model import AppliedDelta
-from tkllm_ray.sparse.segmented import Segments, segmented_delta
+from tkllm_ray.sparse.mixed import MixedDeltaLinear, swap_in
+from tkllm_ray.sparse.segmented import Segments
 from tkllm_ray.sparse.selection import select
 from tkllm_ray.sparse.sensitivity import add_abs_grad, grads_from_embeddings, target_linears
 from tkllm_ray.sparse.state import SparseState
@@ -88,26 +89,16 @@ class BatchContext:
         return self._segments[name], (values.detach() if self.sensitivity else values)
 
 
-class PackedLinear(nn.Module):
-    """A frozen base linear that applies each row's own account delta (or none, outside a batch)."""
-
-    def __init__(self, name: str, base: nn.Linear, engine: "PackedGSPF"):
-        super().__init__()
-        self.name, self.base, self.engine = name, base, [engine]  # a list: not a submodule
-
-    @property
-    def weight(self) -> torch.Tensor:  # AppliedDelta and selection address the base weight by module name
-        return self.base.weight
+class PackedLinear(MixedDeltaLinear):
+    """A frozen base linear applying each row's own account delta; during a sensitivity pass it
+    also hands its output gradient and input to the engine (per-account |dW| sums)."""
 
     def forward(self, x):
-        ctx = self.engine[0].ctx
-        seg, values = ctx.module_inputs(self.name, self.base) if ctx is not None else (None, None)
-        y = self.base(x)  # the base module's own forward: whatever manages its weight (e.g. ZeRO-3) sees it
-        if seg is not None:
-            y = y + segmented_delta(x, values, seg, self.base.in_features, self.base.out_features)
+        y = super().forward(x)
+        ctx = self.owner[0].ctx
         if ctx is not None and ctx.sensitivity and y.requires_grad:
             x2 = x.detach().reshape(-1, x.shape[-1])
-            y.register_hook(lambda dy: self.engine[0].accumulate(self.name, dy, x2))
+            y.register_hook(lambda dy: self.owner[0].accumulate(self.name, dy, x2))
         return y
 
 
@@ -152,9 +143,7 @@ class PackedGSPF:
         for p in model.parameters():
             p.requires_grad_(False)
         self.linears = target_linears(model, target_modules)
-        for name, lin in self.linears.items():
-            parent, _, leaf = name.rpartition(".")
-            setattr(model.get_submodule(parent) if parent else model, leaf, PackedLinear(name, lin, self))
+        swap_in(model, self.linears, self, PackedLinear)
         self.ctx: BatchContext | None = None
         self.on_step: Callable | None = None  # called after every train step (progress, fault injection)
         self.device = next(model.parameters()).device

@@ -1,0 +1,135 @@
+"""Generation for a batch that mixes accounts: one shared base model, each request's rows through
+its own account's W + Δ (the segmented op, as in packed training), prefill and decode batched,
+a KV cache per request. Greedy output for an account equals the base with that account's delta
+merged in; a request's tokens do not depend on what else is in its batch (tested).
+
+This is the static-batch core a replica runs per batch; the Ray Serve app feeds it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from tkllm_ray.sparse.delta_store import Delta
+from tkllm_ray.sparse.mixed import swap_in
+from tkllm_ray.sparse.segmented import Segments
+from tkllm_ray.sparse.sensitivity import target_linears
+
+
+@dataclass
+class GenRequest:
+    prompt: list[int]
+    delta: Delta | None = None  # the account's delta (module -> (indices, values)); None: the base alone
+    max_tokens: int = 32
+    temperature: float = 0.0  # 0: greedy
+    top_p: float = 1.0
+    seed: int | None = None
+    stop: list[list[int]] = field(default_factory=list)  # token sequences that end the output (not returned)
+    eos_id: int | None = None
+
+
+class _RowDeltas:
+    """The batch context the mixed linears read: request i owns rows [i·L, (i+1)·L) of the
+    flattened activations (L = tokens per request in this forward: the prompt length, then 1)."""
+
+    def __init__(self, deltas: list[Delta | None], device: torch.device, dtype: torch.dtype):
+        self.deltas, self.device, self.dtype = deltas, device, dtype
+        self.tokens, self.sensitivity = 1, False
+        self._segments: dict[tuple[str, int], Segments] = {}
+        self._values: dict[str, torch.Tensor] = {}
+
+    def module_inputs(self, name: str, lin: nn.Linear):
+        if not any(d is not None and name in d for d in self.deltas):
+            return None, None
+        key = (name, self.tokens)
+        if key not in self._segments:  # once per phase: every decode step reuses it
+            none = torch.empty(0, dtype=torch.int64, device=self.device)
+            idx = [d[name][0] if d is not None and name in d else none for d in self.deltas]
+            self._segments[key] = Segments.build([self.tokens] * len(self.deltas), idx, lin.in_features, self.device,
+                                                 check=False)  # published deltas are sorted (checked on load)
+        if name not in self._values:
+            empty = torch.empty(0, dtype=self.dtype, device=self.device)
+            self._values[name] = torch.cat([d[name][1].to(self.device, self.dtype) if d is not None and name in d
+                                            else empty for d in self.deltas])
+        return self._segments[key], self._values[name]
+
+
+class DeltaBatchEngine:
+    def __init__(self, model: nn.Module, pad_id: int = 0, target_modules: list[str] | None = None):
+        self.model, self.pad_id = model.eval(), pad_id
+        for p in model.parameters():
+            p.requires_grad_(False)
+        self.device = next(model.parameters()).device
+        self.dtype = next(model.parameters()).dtype
+        self.ctx: _RowDeltas | None = None
+        swap_in(model, target_linears(model, target_modules), self)
+
+    @torch.no_grad()
+    def generate(self, requests: list[GenRequest]) -> list[list[int]]:
+        """New tokens per request (stop sequences and EOS not included)."""
+        from transformers import DynamicCache
+
+        if not requests:
+            return []
+        for r in requests:
+            if not r.prompt:
+                raise ValueError("every request needs a non-empty prompt")
+        width = max(len(r.prompt) for r in requests)
+        ids = torch.full((len(requests), width), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(requests), width), dtype=torch.long)
+        for i, r in enumerate(requests):  # left padding: every row's next token is at the end
+            ids[i, width - len(r.prompt):] = torch.tensor(r.prompt)
+            mask[i, width - len(r.prompt):] = 1
+        ids, mask = ids.to(self.device), mask.to(self.device)
+        pos = (mask.cumsum(-1) - 1).clamp(min=0)
+        gens = [torch.Generator(device=self.device).manual_seed(r.seed) if r.seed is not None else None
+                for r in requests]
+        self.ctx = _RowDeltas([r.delta for r in requests], self.device, self.dtype)
+        cache, out = DynamicCache(), [[] for _ in requests]
+        done = [r.max_tokens <= 0 for r in requests]
+        try:
+            self.ctx.tokens = width
+            logits = self.model(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=cache,
+                                use_cache=True).logits[:, -1]
+            while not all(done):
+                nxt = [self._pick(logits[i], r, gens[i]) for i, r in enumerate(requests)]
+                for i, r in enumerate(requests):
+                    if not done[i]:
+                        done[i] = self._append(out[i], nxt[i], r)
+                if all(done):
+                    break
+                mask = torch.cat([mask, mask.new_ones(len(requests), 1)], dim=1)
+                pos = pos[:, -1:] + 1
+                self.ctx.tokens = 1
+                step = torch.tensor(nxt, device=self.device).unsqueeze(1)
+                logits = self.model(input_ids=step, attention_mask=mask, position_ids=pos, past_key_values=cache,
+                                    use_cache=True).logits[:, -1]
+        finally:
+            self.ctx = None
+        return out
+
+    @staticmethod
+    def _pick(logits: torch.Tensor, r: GenRequest, gen: torch.Generator | None) -> int:
+        if r.temperature <= 0:
+            return int(logits.argmax())
+        probs = torch.softmax(logits.float() / r.temperature, dim=-1)
+        if r.top_p < 1.0:  # nucleus: the smallest set of top tokens holding top_p of the mass
+            sorted_p, order = torch.sort(probs, descending=True)
+            keep = sorted_p.cumsum(-1) - sorted_p < r.top_p
+            probs = torch.zeros_like(probs).scatter(0, order[keep], sorted_p[keep])
+        return int(torch.multinomial(probs, 1, generator=gen))
+
+    @staticmethod
+    def _append(out: list[int], token: int, r: GenRequest) -> bool:
+        """Add `token`; True when the request is finished (EOS, a stop sequence, max_tokens)."""
+        if r.eos_id is not None and token == r.eos_id:
+            return True
+        out.append(token)
+        for s in r.stop:
+            if s and out[-len(s):] == s:
+                del out[-len(s):]
+                return True
+        return len(out) >= r.max_tokens
