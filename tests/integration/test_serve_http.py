@@ -1,0 +1,141 @@
+"""The serving app on real local Ray Serve, over real HTTP on 127.0.0.1: an account's completion
+equals the base with its delta merged in (greedy), concurrent requests of different accounts get
+their solo answers, keys reach only their accounts, and every bad request gets a clear 4xx."""
+
+import copy
+import json
+import socket
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+import requests
+import torch
+
+from tkllm_ray.data.tokenizer import load_tokenizer
+from tkllm_ray.models import build_model, fingerprint
+from tkllm_ray.serve.api import KeyRing, hash_key
+from tkllm_ray.sparse.delta_store import save_delta
+from tkllm_ray.sparse.model import AppliedDelta
+from tkllm_ray.sparse.sensitivity import target_linears
+
+pytestmark = pytest.mark.ray
+KEYS = {"k-ana": ["ana"], "k-bo": ["bo"], "k-admin": "*"}
+
+
+def _delta(model, seed: int) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    out = {}
+    for name, lin in target_linears(model).items():
+        idx = torch.sort(torch.randperm(lin.weight.numel(), generator=g)[: lin.weight.numel() // 50]).values
+        out[name] = (idx, torch.randn(idx.numel(), generator=g) * 0.3)
+    return out
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory, ray_local):
+    from ray import serve
+
+    from tkllm_ray.serve.app import build_app
+
+    root = tmp_path_factory.mktemp("serve")
+    tok = load_tokenizer("builtin")
+    base = build_model("tkllm-tiny", vocab_size=len(tok), seed=0)
+    base.save_pretrained(root / "tiny")
+    fp = fingerprint(base)
+    deltas = {a: _delta(base, i) for i, a in enumerate(["ana", "bo", "broken"])}
+    for account, delta in deltas.items():
+        version = save_delta(str(root / "deltas"), account, delta, "tiny", fp, "gspf", 0.02, value_dtype="fp32")
+    (root / "deltas" / "broken" / version / "delta.safetensors").write_bytes(b"garbage")
+    keys = KeyRing([{"name": k, "sha256": hash_key(k), "accounts": a} for k, a in KEYS.items()])
+    port = _free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    serve.run(build_app(str(root / "tiny"), "builtin", str(root / "deltas"), base_name="tiny", keys=keys,
+                        batch_wait_ms=50), name="tkllm", route_prefix="/")
+    yield f"http://127.0.0.1:{port}", base, tok, deltas
+    serve.shutdown()
+
+
+def _post(url, path, body, key="k-admin"):
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
+    return requests.post(url + path, json=body, headers=headers, timeout=120)
+
+
+def _reference(base, tok, delta, prompt, n):
+    merged = copy.deepcopy(base)
+    if delta is not None:
+        AppliedDelta(merged, delta)
+    ids = tok(prompt, add_special_tokens=False)["input_ids"]
+    out = merged.generate(torch.tensor([ids]), max_new_tokens=n, do_sample=False, pad_token_id=0, eos_token_id=None,
+                          attention_mask=torch.ones(1, len(ids), dtype=torch.long))
+    return tok.decode(out[0, len(ids):].tolist(), skip_special_tokens=True)
+
+
+def test_completions_equal_the_merged_model_and_mix_accounts(served):
+    url, base, tok, deltas = served
+    prompts = {"ana": "new drop this friday", "bo": "morning routine with", None: "the base says"}
+    want = {a: _reference(base, tok, deltas.get(a), p, 8) for a, p in prompts.items()}
+    assert want["ana"] != want[None]  # the delta matters: the comparison could fail
+
+    def ask(account):
+        model = "tiny" if account is None else f"tiny:{account}"
+        r = _post(url, "/v1/completions", {"model": model, "prompt": prompts[account], "max_tokens": 8,
+                                           "temperature": 0})
+        assert r.status_code == 200, r.text
+        return r.json()
+
+    with ThreadPoolExecutor(6) as pool:  # concurrent: the replica batches them together
+        answers = list(pool.map(ask, ["ana", "bo", None, "ana", "bo", None]))
+    for account, body in zip(["ana", "bo", None] * 2, answers):
+        assert body["choices"][0]["text"] == want[account], account
+        assert body["usage"]["completion_tokens"] == 8 and body["choices"][0]["finish_reason"] == "length"
+    chat = _post(url, "/v1/chat/completions", {"model": "tiny:bo", "messages": [{"role": "user", "content": "hi"}],
+                                               "max_tokens": 4, "temperature": 0}, key="k-bo")
+    assert chat.status_code == 200 and chat.json()["choices"][0]["message"]["role"] == "assistant"
+    assert chat.json()["choices"][0]["message"]["content"] == _reference(base, tok, deltas["bo"], "user: hi\nassistant:", 4)
+
+
+@pytest.mark.parametrize("path,body,key,status,message", [
+    ("/v1/completions", {"model": "tiny:bo", "prompt": "x"}, "k-ana", 403, "may not use account 'bo'"),
+    ("/v1/completions", {"model": "tiny:ana", "prompt": "x"}, None, 401, "missing API key"),
+    ("/v1/completions", {"model": "tiny:ana", "prompt": "x"}, "wrong", 401, "invalid API key"),
+    ("/v1/completions", {"model": "tiny:nobody", "prompt": "x"}, "k-admin", 404, "unknown account 'nobody'"),
+    ("/v1/completions", {"model": "tiny:broken", "prompt": "x"}, "k-admin", 500, "account 'broken'"),
+    ("/v1/completions", {"model": "tiny:../etc", "prompt": "x"}, "k-admin", 400, "invalid account id"),
+    ("/v1/completions", {"model": "other", "prompt": "x"}, "k-admin", 404, "is not served here"),
+    ("/v1/completions", {"model": "tiny", "prompt": "x", "max_tokens": -1}, "k-admin", 400, "max_tokens"),
+    ("/v1/completions", {"model": "tiny", "prompt": "x", "temperature": 3}, "k-admin", 400, "temperature"),
+    ("/v1/completions", {"model": "tiny", "prompt": ""}, "k-admin", 400, "prompt"),
+    ("/v1/completions", {"model": "tiny", "prompt": "x", "stop": ["a"] * 5}, "k-admin", 400, "at most 4"),
+    ("/v1/chat/completions", {"model": "tiny", "messages": [{"role": "robot", "content": "x"}]}, "k-admin", 400,
+     "role"),
+])
+def test_bad_requests_get_clear_errors(served, path, body, key, status, message):
+    url = served[0]
+    r = _post(url, path, body, key)
+    assert r.status_code == status, r.text
+    assert message in r.json()["error"]["message"]
+
+
+def test_a_broken_account_does_not_stop_the_others(served):
+    url = served[0]
+    assert _post(url, "/v1/completions", {"model": "tiny:broken", "prompt": "x"}).status_code == 500
+    r = _post(url, "/v1/completions", {"model": "tiny:ana", "prompt": "x", "max_tokens": 2}, key="k-ana")
+    assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 2
+    assert requests.get(url + "/v1/models", timeout=30).json()["data"][0]["id"] == "tiny"
+
+
+def test_keyring_file_and_bad_entries(tmp_path):
+    path = tmp_path / "keys.json"
+    path.write_text(json.dumps({"keys": [{"name": "a", "sha256": hash_key("s3cret"), "accounts": ["ana"]}]}))
+    ring = KeyRing.from_file(str(path))
+    assert ring.check("Bearer s3cret", "ana")["name"] == "a"
+    with pytest.raises(ValueError, match="accounts must be"):
+        KeyRing([{"name": "b", "sha256": hash_key("x"), "accounts": ["../etc"]}])
+    with pytest.raises(ValueError, match="sha256 must be"):
+        KeyRing([{"name": "c", "sha256": "s3cret", "accounts": "*"}])
