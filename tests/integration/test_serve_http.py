@@ -5,6 +5,7 @@ their solo answers, keys reach only their accounts, and every bad request gets a
 import copy
 import json
 import socket
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -41,7 +42,7 @@ def _free_port() -> int:
 def served(tmp_path_factory, ray_local):
     from ray import serve
 
-    from tkllm_ray.serve.app import build_app
+    from tkllm_ray.serve.app import app_builder
 
     root = tmp_path_factory.mktemp("serve")
     tok = load_tokenizer("builtin")
@@ -52,12 +53,14 @@ def served(tmp_path_factory, ray_local):
     for account, delta in deltas.items():
         version = save_delta(str(root / "deltas"), account, delta, "tiny", fp, "gspf", 0.02, value_dtype="fp32")
     (root / "deltas" / "broken" / version / "delta.safetensors").write_bytes(b"garbage")
-    keys = KeyRing([{"name": k, "sha256": hash_key(k), "accounts": a} for k, a in KEYS.items()])
+    keys = root / "keys.json"  # as an operator writes it: digests only
+    keys.write_text(json.dumps({"keys": [{"name": k, "sha256": hash_key(k), "accounts": a} for k, a in KEYS.items()]}))
     port = _free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
-    serve.run(build_app(str(root / "tiny"), "builtin", str(root / "deltas"), base_name="tiny", keys=keys,
-                        batch_wait_ms=50), name="tkllm", route_prefix="/")
-    yield f"http://127.0.0.1:{port}", base, tok, deltas
+    # the path `tkllm serve` and `serve deploy cluster/serve.yaml` take: ServeConfig fields -> app
+    serve.run(app_builder({"model": str(root / "tiny"), "deltas": str(root / "deltas"), "base_name": "tiny",
+                           "keys_file": str(keys), "batch_wait_ms": 50, "refresh_s": 1.0}), name="tkllm", route_prefix="/")
+    yield f"http://127.0.0.1:{port}", base, tok, deltas, root
     serve.shutdown()
 
 
@@ -77,7 +80,7 @@ def _reference(base, tok, delta, prompt, n):
 
 
 def test_completions_equal_the_merged_model_and_mix_accounts(served):
-    url, base, tok, deltas = served
+    url, base, tok, deltas, _ = served
     prompts = {"ana": "new drop this friday", "bo": "morning routine with", None: "the base says"}
     want = {a: _reference(base, tok, deltas.get(a), p, 8) for a, p in prompts.items()}
     assert want["ana"] != want[None]  # the delta matters: the comparison could fail
@@ -128,6 +131,55 @@ def test_a_broken_account_does_not_stop_the_others(served):
     r = _post(url, "/v1/completions", {"model": "tiny:ana", "prompt": "x", "max_tokens": 2}, key="k-ana")
     assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 2
     assert requests.get(url + "/v1/models", timeout=30).json()["data"][0]["id"] == "tiny"
+
+
+def _sse(url, body, key="k-admin"):
+    r = requests.post(url + "/v1/completions", json={**body, "stream": True}, timeout=120, stream=True,
+                      headers={"Authorization": f"Bearer {key}"})
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream"), r.text
+    events = [line[len("data: "):] for line in r.iter_lines(decode_unicode=True) if line.startswith("data: ")]
+    assert events[-1] == "[DONE]"
+    return [json.loads(e) for e in events[:-1]]
+
+
+def test_streaming_sends_the_same_text_in_pieces_and_honours_stop(served):
+    url = served[0]
+    body = {"model": "tiny:ana", "prompt": "get ready with me", "max_tokens": 10, "temperature": 0}
+    whole = _post(url, "/v1/completions", body).json()["choices"][0]["text"]
+    chunks = _sse(url, body)
+    assert len(chunks) >= 3  # pieces as they are generated, then the finish
+    assert "".join(c["choices"][0].get("text", "") for c in chunks) == whole
+    assert chunks[-1]["choices"][0]["finish_reason"] == "length" and chunks[-1]["usage"]["completion_tokens"] == 10
+    stop = whole.strip()[3:6]  # a piece of the greedy text: output must end right before it
+    assert len(stop) == 3 and stop in whole
+    cut = whole[: whole.index(stop)]
+    stopped = _post(url, "/v1/completions", {**body, "stop": [stop]}).json()["choices"][0]
+    assert stopped["text"] == cut and stopped["finish_reason"] == "stop"
+    streamed = _sse(url, {**body, "stop": [stop]})
+    assert "".join(c["choices"][0].get("text", "") for c in streamed) == cut
+    assert streamed[-1]["choices"][0]["finish_reason"] == "stop"
+    missing = requests.post(url + "/v1/completions", json={**body, "model": "tiny:nobody", "stream": True},
+                            headers={"Authorization": "Bearer k-admin"}, timeout=60)
+    assert missing.status_code == 404 and "unknown account" in missing.json()["error"]["message"]
+
+
+def test_a_new_version_takes_over_mid_traffic_without_an_error(served):
+    url, base, tok, _, root = served
+    body = {"model": "tiny:bo", "prompt": "what i eat in a day", "max_tokens": 6, "temperature": 0}
+    first = _post(url, "/v1/completions", body, key="k-bo").json()["choices"][0]["text"]
+    new = _delta(base, 99)
+    save_delta(str(root / "deltas"), "bo", new, "tiny", fingerprint(base), "gspf", 0.02, value_dtype="fp32")
+    want = _reference(base, tok, new, body["prompt"], 6)
+    assert want != first
+    seen = []
+    for _ in range(60):  # the replica checks LATEST every second; the old version serves meanwhile
+        r = _post(url, "/v1/completions", body, key="k-bo")
+        assert r.status_code == 200, r.text
+        seen.append(r.json()["choices"][0]["text"])
+        if seen[-1] == want:
+            break
+        time.sleep(0.5)
+    assert seen[-1] == want and set(seen) <= {first, want}
 
 
 def test_keyring_file_and_bad_entries(tmp_path):

@@ -7,16 +7,33 @@ import pytest
 from tkllm_ray.config import load_config
 from tkllm_ray.config.finetune import FinetuneConfig
 from tkllm_ray.config.ingest import IngestConfig
+from tkllm_ray.config.serve import ServeConfig
 from tkllm_ray.errors import TkllmError
 
 ROOT = Path(__file__).resolve().parents[2]
-MODELS = {"ingest": IngestConfig, "finetune": FinetuneConfig}
+MODELS = {"ingest": IngestConfig, "finetune": FinetuneConfig, "serve": ServeConfig}
 
 
 @pytest.mark.parametrize("path", sorted((ROOT / "configs").glob("*/*.yaml")), ids=lambda p: p.name)
 def test_repo_configs_validate(path):
     cfg = load_config(MODELS[path.parent.name], path)
-    assert cfg.inputs if path.parent.name == "ingest" else cfg.data
+    assert {"ingest": lambda: cfg.inputs, "finetune": lambda: cfg.data, "serve": lambda: cfg.deltas}[path.parent.name]()
+
+
+def test_cluster_serve_config_is_one_serve_deploy_accepts():
+    """cluster/serve.yaml parses as Ray Serve's deploy schema, and its app args as a ServeConfig."""
+    import yaml
+    from ray.serve.schema import ServeDeploySchema
+
+    doc = yaml.safe_load((ROOT / "cluster" / "serve.yaml").read_text())
+    schema = ServeDeploySchema.model_validate(doc) if hasattr(ServeDeploySchema, "model_validate") \
+        else ServeDeploySchema.parse_obj(doc)
+    app = schema.applications[0]
+    assert app.import_path == "tkllm_ray.serve.app:app_builder"
+    assert {d.name for d in app.deployments} == {"DeltaModel", "Ingress"}
+    ServeConfig(**app.args)
+    with pytest.raises(ValueError, match="give keys_file"):
+        ServeConfig(**{k: v for k, v in app.args.items() if k != "keys_file"})
 
 
 def test_unknown_key_and_bad_value_are_named(tmp_path):

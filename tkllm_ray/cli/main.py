@@ -10,6 +10,7 @@ from tkllm_ray.cli.options import Parser, add_model_options, overrides_from_args
 from tkllm_ray.config.base import load_config
 from tkllm_ray.config.finetune import FinetuneConfig
 from tkllm_ray.config.ingest import IngestConfig
+from tkllm_ray.config.serve import ServeConfig
 from tkllm_ray.errors import TkllmError
 
 
@@ -37,6 +38,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", metavar="FILE", help="YAML file with FinetuneConfig fields; options below override it")
     add_model_options(p, FinetuneConfig)
     p.add_argument("--json", action="store_true", help="print the result as JSON")
+
+    p = sub.add_parser("serve", help="serve the base and every account's delta over HTTP (local Ray Serve)",
+                       description="OpenAI-style /v1/completions and /v1/chat/completions; model = '<base>' or "
+                                   "'<base>:<account>'. Runs until interrupted. On a cluster: serve deploy "
+                                   "cluster/serve.yaml.")
+    p.add_argument("--config", metavar="FILE", help="YAML file with ServeConfig fields; options below override it")
+    add_model_options(p, ServeConfig)
 
     p = sub.add_parser("merge", help="merge an account's sparse delta into its base: a standalone HF model dir",
                        description="W + Δ saved with save_pretrained (and the tokenizer) for users who want a plain "
@@ -170,8 +178,31 @@ def cmd_tokenizer_train(args) -> int:
     return 0
 
 
+def cmd_serve(args) -> int:
+    from ray import serve
+
+    from tkllm_ray.data.ingest import ensure_ray
+    from tkllm_ray.serve.app import app_builder
+
+    over = overrides_from_args(args, ServeConfig)
+    cfg = load_config(ServeConfig, args.config, over) if args.config else _validate(ServeConfig, over)
+    ensure_ray()
+    serve.start(http_options={"host": cfg.host, "port": cfg.port})
+    serve.run(app_builder(cfg.model_dump()), name="tkllm", route_prefix="/", blocking=False)
+    print(f"serving {cfg.model} with the deltas of {cfg.deltas} at http://{cfg.host}:{cfg.port}/v1 "
+          "(Ctrl-C stops)", flush=True)
+    try:
+        import time
+
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        serve.shutdown()
+    return 0
+
+
 COMMANDS = {"ingest": cmd_ingest, "finetune": cmd_finetune, "merge": cmd_merge, "synth": cmd_synth,
-            "quickstart": cmd_quickstart, "tokenizer-train": cmd_tokenizer_train}
+            "quickstart": cmd_quickstart, "tokenizer-train": cmd_tokenizer_train, "serve": cmd_serve}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -10,12 +10,13 @@ batcher takes up to `max_batch` of them, whatever their accounts, into one Delta
 # No `from __future__ import annotations` here: FastAPI reads the body models from the methods' real
 # annotations (as strings, in Serve's class-based view, it took `body` for a query parameter).
 import asyncio
+import json
 import time
 import uuid
 
 from fastapi import FastAPI, Header, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, StreamingResponse
 from ray import serve
 
 from tkllm_ray.serve.api import ApiError, ChatBody, CompletionBody, KeyRing, parse_model
@@ -26,7 +27,8 @@ from tkllm_ray.serve.engine import DeltaBatchEngine, GenRequest
 @serve.deployment
 class DeltaModel:
     def __init__(self, model: str, tokenizer: str, deltas: str, device: str = "cpu", device_cache_mb: int = 1024,
-                 host_cache_mb: int = 4096, max_batch: int = 16, batch_wait_ms: float = 5.0, storage=None):
+                 host_cache_mb: int = 4096, max_batch: int = 16, batch_wait_ms: float = 5.0, refresh_s: float = 5.0,
+                 storage=None):
         from tkllm_ray.data.tokenizer import load_tokenizer
         from tkllm_ray.models import fingerprint
         from tkllm_ray.models.load import load_base_model
@@ -36,8 +38,9 @@ class DeltaModel:
         self.cache = DeltaCache(deltas, device, device_cache_mb << 20, host_cache_mb << 20, fingerprint(base),
                                 next(base.parameters()).dtype, storage)
         self.engine = DeltaBatchEngine(base, pad_id=self.tok.pad_token_id or 0)
-        self.max_batch, self.wait_s = max_batch, batch_wait_ms / 1e3
+        self.max_batch, self.wait_s, self.refresh_s = max_batch, batch_wait_ms / 1e3, refresh_s
         self.queue: asyncio.Queue | None = None
+        self.metrics = _Metrics()
 
     @serve.multiplexed(max_num_models_per_replica=256)
     async def account_version(self, account: str) -> str:
@@ -46,21 +49,78 @@ class DeltaModel:
         return (await self.cache.aget(account)).version
 
     async def generate(self, req: dict) -> dict:
-        """{prompt, account, max_tokens, temperature, top_p, seed, stop} -> {text, tokens, ...} or
-        {error: {status, message, type}} for this request alone."""
+        """{prompt, account, max_tokens, temperature, top_p, seed, stop} -> {text, finish_reason,
+        usage counts} or {error: {status, message, type}} for this request alone."""
+        job = await self._submit(req)
+        if "error" in job:
+            return job
+        while True:
+            item = await job["sink"].get()
+            if "error" in item:
+                return item
+            if item["finished"]:
+                text, reason = self._final_text(job, item["tokens"])
+                return {"text": text, "prompt_tokens": len(job["gen"].prompt),
+                        "completion_tokens": len(item["tokens"]), "finish_reason": reason}
+
+    async def generate_stream(self, req: dict):
+        """As `generate`, as it happens: {"text": new text} chunks, then {"finish_reason", usage}.
+        Text that could still turn into the start of a stop string is held back until it cannot."""
+        job = await self._submit(req)
+        if "error" in job:
+            yield job
+            return
+        hold = max((len(s) for s in req["stop"]), default=1) - 1
+        sent = 0
+        while True:
+            item = await job["sink"].get()
+            if "error" in item:
+                yield item
+                return
+            finished = item["finished"]
+            if finished:
+                text, reason = self._final_text(job, item["tokens"])
+            else:
+                text = self.tok.decode(item["tokens"], skip_special_tokens=True).rstrip("\ufffd")  # no half chars
+                hits = [text.index(s) for s in req["stop"] if s in text]
+                if hits:  # a stop string spelled by other tokens than its own: end here (the batch runs on)
+                    text, finished, reason = text[: min(hits)], True, "stop"
+                else:
+                    text = text[: max(sent, len(text) - hold)]
+            if len(text) > sent:
+                yield {"text": text[sent:]}
+                sent = len(text)
+            if finished:
+                yield {"finish_reason": reason, "prompt_tokens": len(job["gen"].prompt),
+                       "completion_tokens": len(item["tokens"])}
+                return
+
+    async def _submit(self, req: dict) -> dict:
         try:
             if req["account"] is not None:
-                await self.account_version(req["account"])
+                await self.account_version(req["account"])  # routing record; loads the delta here
         except UnknownAccount as e:
             return {"error": {"status": 404, "message": str(e), "type": "model_not_found"}}
         except DeltaLoadError as e:
             return {"error": {"status": 500, "message": str(e), "type": "delta_error"}}
-        if self.queue is None:
+        if self.queue is None:  # the replica's loop runs now: start its batcher and version check
             self.queue = asyncio.Queue()
             asyncio.get_running_loop().create_task(self._batcher())
-        done = asyncio.get_running_loop().create_future()
-        await self.queue.put((req, done))
-        return await done
+            asyncio.get_running_loop().create_task(self._refresher())
+        ids = self.tok(req["prompt"], add_special_tokens=False)["input_ids"]
+        stops = [self.tok(s, add_special_tokens=False)["input_ids"] for s in req["stop"]]
+        job = {"req": req, "sink": asyncio.Queue(), "gen": GenRequest(
+            ids, None, req["max_tokens"], req["temperature"], req["top_p"], req["seed"], stops, self.tok.eos_token_id)}
+        await self.queue.put(job)
+        return job
+
+    def _final_text(self, job: dict, tokens: list[int]) -> tuple[str, str]:
+        text = self.tok.decode(tokens, skip_special_tokens=True)
+        stopped = len(tokens) < job["gen"].max_tokens
+        for s in job["req"]["stop"]:  # stop strings the token-level check can miss (other tokenizations)
+            if s in text:
+                text, stopped = text[: text.index(s)], True
+        return text, "stop" if stopped else "length"
 
     async def _batcher(self) -> None:
         while True:
@@ -74,33 +134,82 @@ class DeltaModel:
             try:
                 await self._run(batch)
             except Exception as e:  # never leave a caller waiting
-                for _, done in batch:
-                    if not done.done():
-                        done.set_result({"error": {"status": 500, "message": f"generation failed: {e}",
-                                                   "type": "server_error"}})
+                for job in batch:
+                    job["sink"].put_nowait({"error": {"status": 500, "message": f"generation failed: {e}",
+                                                      "type": "server_error"}})
+
+    async def _refresher(self) -> None:
+        """Pick up newly published versions: each loads beside the one serving, then replaces it."""
+        while True:
+            await asyncio.sleep(self.refresh_s)
+            try:
+                await asyncio.to_thread(self.cache.refresh)
+            except Exception as e:  # a store hiccup: keep serving what is loaded, try again later
+                print(f"delta refresh failed: {e}")
+            self.metrics.cache(self.cache.stats)
 
     async def _run(self, batch: list) -> None:
-        reqs, live = [], []
-        for req, done in batch:
+        live = []
+        for job in batch:
+            account = job["req"]["account"]
             try:
-                delta = (await self.cache.aget(req["account"])).delta if req["account"] is not None else None
+                job["gen"].delta = (await self.cache.aget(account)).delta if account is not None else None
             except (UnknownAccount, DeltaLoadError) as e:
-                done.set_result({"error": {"status": 404 if isinstance(e, UnknownAccount) else 500,
-                                           "message": str(e), "type": "delta_error"}})
+                job["sink"].put_nowait({"error": {"status": 404 if isinstance(e, UnknownAccount) else 500,
+                                                  "message": str(e), "type": "delta_error"}})
                 continue
-            ids = self.tok(req["prompt"], add_special_tokens=False)["input_ids"]
-            stops = [self.tok(s, add_special_tokens=False)["input_ids"] for s in req["stop"]]
-            reqs.append(GenRequest(ids, delta, req["max_tokens"], req["temperature"], req["top_p"], req["seed"],
-                                   stops, self.tok.eos_token_id))
-            live.append(done)
-        outs = await asyncio.to_thread(self.engine.generate, reqs) if reqs else []
-        for (r, done), tokens in zip(zip(reqs, live), outs):
-            text = self.tok.decode(tokens, skip_special_tokens=True)
-            stopped = len(tokens) < r.max_tokens
-            for s in [s for s in (self.tok.decode(t) for t in r.stop) if s in text]:
-                text, stopped = text[: text.index(s)], True
-            done.set_result({"text": text, "prompt_tokens": len(r.prompt), "completion_tokens": len(tokens),
-                             "finish_reason": "stop" if stopped else "length"})
+            live.append(job)
+        loop, t0, tokens = asyncio.get_running_loop(), time.perf_counter(), [0]
+
+        def work():  # on a thread: the event loop keeps taking requests meanwhile
+            for updates in self.engine.stream([job["gen"] for job in live]):
+                for i, toks, finished in updates:
+                    tokens[0] += 1
+                    loop.call_soon_threadsafe(live[i]["sink"].put_nowait, {"tokens": toks, "finished": finished})
+
+        if live:
+            await asyncio.to_thread(work)
+        self.metrics.batch(len(live), tokens[0], time.perf_counter() - t0)
+        self.metrics.cache(self.cache.stats)
+
+
+class _Metrics:
+    """Prometheus metrics through Ray Serve (exported by every Ray node's metrics agent)."""
+
+    def __init__(self):
+        from ray.serve.metrics import Counter, Gauge, Histogram
+
+        self.requests = Counter("tkllm_requests", "generation requests served")
+        self.tokens = Counter("tkllm_generated_tokens", "tokens generated")
+        self.batch_size = Histogram("tkllm_batch_size", "requests per generation batch",
+                                    boundaries=[1, 2, 4, 8, 16, 32, 64, 128])
+        self.tokens_per_s = Gauge("tkllm_tokens_per_s", "tokens/s of the last batch")
+        self.cache_stats = {k: Gauge(f"tkllm_delta_cache_{k}", f"delta cache: {k} so far")
+                            for k in ("hits", "host_hits", "misses", "evictions", "store_loads", "swaps", "load_errors")}
+        self.load_ms = Gauge("tkllm_delta_load_ms", "delta load time (store to device) of the last load, ms")
+
+    def batch(self, n: int, tokens: int, seconds: float) -> None:
+        if n:
+            self.requests.inc(n)
+            self.tokens.inc(tokens)
+            self.batch_size.observe(n)
+            self.tokens_per_s.set(tokens / max(seconds, 1e-9))
+
+    def cache(self, stats: dict) -> None:
+        for k, g in self.cache_stats.items():
+            g.set(stats[k])
+        if stats["load_ms"]:
+            self.load_ms.set(stats["load_ms"][-1])
+
+
+def _error(out: dict) -> JSONResponse:
+    err = out["error"]
+    return JSONResponse(status_code=err["status"], content={"error": {k: err[k] for k in ("message", "type")}})
+
+
+def _usage(out: dict) -> dict:
+    return {"prompt_tokens": out["prompt_tokens"], "completion_tokens": out["completion_tokens"],
+            "total_tokens": out["prompt_tokens"] + out["completion_tokens"]}
 
 
 def build_ingress(base_name: str, keys: KeyRing | None):
@@ -119,9 +228,6 @@ def build_ingress(base_name: str, keys: KeyRing | None):
 
         async def _complete(self, body, prompt: str, authorization: str | None, chat: bool):
             try:
-                if body.stream:
-                    raise ApiError(400, "stream: server-sent events are not served yet; send stream=false",
-                                   "invalid_request_error")
                 account = parse_model(body.model, base_name)
                 if keys is not None:
                     keys.check(authorization, account)
@@ -130,17 +236,44 @@ def build_ingress(base_name: str, keys: KeyRing | None):
             req = {"prompt": prompt, "account": account, "max_tokens": body.max_tokens,
                    "temperature": body.temperature, "top_p": body.top_p, "seed": body.seed, "stop": body.stop or []}
             handle = self.model.options(multiplexed_model_id=account) if account else self.model
+            head = {"id": f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}", "created": int(time.time()),
+                    "model": body.model}
+            if body.stream:
+                return await self._stream(handle, req, head, chat)
             out = await handle.generate.remote(req)
             if "error" in out:
-                err = out["error"]
-                return JSONResponse(status_code=err["status"], content={"error": {k: err[k] for k in ("message", "type")}})
-            usage = {"prompt_tokens": out["prompt_tokens"], "completion_tokens": out["completion_tokens"],
-                     "total_tokens": out["prompt_tokens"] + out["completion_tokens"]}
+                return _error(out)
             choice = {"index": 0, "finish_reason": out["finish_reason"]}
             choice.update({"message": {"role": "assistant", "content": out["text"]}} if chat else {"text": out["text"]})
-            return {"id": f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}",
-                    "object": "chat.completion" if chat else "text_completion", "created": int(time.time()),
-                    "model": body.model, "choices": [choice], "usage": usage}
+            return {**head, "object": "chat.completion" if chat else "text_completion", "choices": [choice],
+                    "usage": _usage(out)}
+
+        async def _stream(self, handle, req: dict, head: dict, chat: bool):
+            """Server-sent events, OpenAI's chunk format; errors before the first chunk keep their status."""
+            chunks = handle.options(stream=True).generate_stream.remote(req)
+            first = await chunks.__anext__()
+            if "error" in first:
+                return _error(first)
+
+            def event(chunk: dict) -> str:
+                done = "finish_reason" in chunk
+                part = {} if done else ({"delta": {"content": chunk["text"]}} if chat else {"text": chunk["text"]})
+                body = {**head, "object": "chat.completion.chunk" if chat else "text_completion",
+                        "choices": [{"index": 0, **part, "finish_reason": chunk.get("finish_reason")}]}
+                if done:
+                    body["usage"] = _usage(chunk)
+                return f"data: {json.dumps(body)}\n\n"
+
+            async def events():
+                yield event(first)
+                async for chunk in chunks:
+                    if "error" in chunk:  # mid-stream: the status line has gone; say so in the stream
+                        yield f"data: {json.dumps({'error': chunk['error']})}\n\n"
+                        return
+                    yield event(chunk)
+                yield "data: [DONE]\n\n"
+
+            return StreamingResponse(events(), media_type="text/event-stream")
 
         @app.post("/v1/completions")
         async def completions(self, body: CompletionBody, authorization: str | None = Header(None)):
@@ -173,3 +306,14 @@ def build_app(model: str, tokenizer: str, deltas: str, base_name: str | None = N
     base_name = base_name or model.rstrip("/").rsplit("/", 1)[-1]
     replica = DeltaModel.options(**(deployment_options or {})).bind(model, tokenizer, deltas, **model_kwargs)
     return build_ingress(base_name, keys).bind(replica)
+
+
+def app_builder(args: dict):
+    """What `serve deploy cluster/serve.yaml` imports: the app from a ServeConfig's fields."""
+    from tkllm_ray.config.serve import ServeConfig
+
+    cfg = ServeConfig(**args)
+    keys = KeyRing.from_file(cfg.keys_file) if cfg.keys_file else None
+    return build_app(cfg.model, cfg.tokenizer, cfg.deltas, cfg.base_name, keys, device=cfg.device,
+                     device_cache_mb=cfg.device_cache_mb, host_cache_mb=cfg.host_cache_mb, max_batch=cfg.max_batch,
+                     batch_wait_ms=cfg.batch_wait_ms, refresh_s=cfg.refresh_s, storage=cfg.storage)

@@ -16,7 +16,7 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -98,7 +98,7 @@ class DeltaCache:
         self._loading: dict[tuple[str, str | None], Future] = {}
         self._pool = ThreadPoolExecutor(loader_threads, thread_name_prefix="delta-load")
         self.stats = {"hits": 0, "host_hits": 0, "misses": 0, "evictions": 0, "store_loads": 0, "swaps": 0,
-                      "load_errors": 0, "load_ms": []}
+                      "load_errors": 0, "load_ms": deque(maxlen=1024)}  # the recent loads' times
 
     # -- lookups ----------------------------------------------------------------------------------
     def get(self, account: str) -> CachedDelta:

@@ -9,6 +9,7 @@ This is the static-batch core a replica runs per batch; the Ray Serve app feeds 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Iterator
 
 import torch
 from torch import nn
@@ -67,13 +68,23 @@ class DeltaBatchEngine:
         self.ctx: _RowDeltas | None = None
         swap_in(model, target_linears(model, target_modules), self)
 
-    @torch.no_grad()
     def generate(self, requests: list[GenRequest]) -> list[list[int]]:
         """New tokens per request (stop sequences and EOS not included)."""
+        out = [[] for _ in requests]
+        for updates in self.stream(requests):
+            for i, tokens, _ in updates:
+                out[i] = tokens
+        return out
+
+    @torch.no_grad()
+    def stream(self, requests: list[GenRequest]) -> Iterator[list[tuple[int, list[int], bool]]]:
+        """Per decode step, (request index, its tokens so far, finished) for each request that
+        changed. A stop sequence is removed when it completes, so a consumer that streams text
+        holds back the last tokens that could still turn out to start one."""
         from transformers import DynamicCache
 
         if not requests:
-            return []
+            return
         for r in requests:
             if not r.prompt:
                 raise ValueError("every request needs a non-empty prompt")
@@ -87,18 +98,23 @@ class DeltaBatchEngine:
         pos = (mask.cumsum(-1) - 1).clamp(min=0)
         gens = [torch.Generator(device=self.device).manual_seed(r.seed) if r.seed is not None else None
                 for r in requests]
-        self.ctx = _RowDeltas([r.delta for r in requests], self.device, self.dtype)
         cache, out = DynamicCache(), [[] for _ in requests]
         done = [r.max_tokens <= 0 for r in requests]
+        if any(done):
+            yield [(i, [], True) for i in range(len(requests)) if done[i]]
+        self.ctx = _RowDeltas([r.delta for r in requests], self.device, self.dtype)
         try:
             self.ctx.tokens = width
             logits = self.model(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=cache,
                                 use_cache=True).logits[:, -1]
             while not all(done):
                 nxt = [self._pick(logits[i], r, gens[i]) for i, r in enumerate(requests)]
+                updates = []
                 for i, r in enumerate(requests):
                     if not done[i]:
                         done[i] = self._append(out[i], nxt[i], r)
+                        updates.append((i, list(out[i]), done[i]))
+                yield updates
                 if all(done):
                     break
                 mask = torch.cat([mask, mask.new_ones(len(requests), 1)], dim=1)
@@ -109,7 +125,6 @@ class DeltaBatchEngine:
                                     use_cache=True).logits[:, -1]
         finally:
             self.ctx = None
-        return out
 
     @staticmethod
     def _pick(logits: torch.Tensor, r: GenRequest, gen: torch.Generator | None) -> int:

@@ -1,0 +1,34 @@
+"""The serving app's config (`tkllm serve`, and the `args` of cluster/serve.yaml for `serve deploy`)."""
+
+from __future__ import annotations
+
+from pydantic import Field, model_validator
+
+from tkllm_ray.config.base import ConfigModel
+from tkllm_ray.config.storage import StorageOptions
+
+
+class ServeConfig(ConfigModel):
+    model: str = Field(description="base: a preset (tkllm-tiny/s/m/l) or a Hugging Face model directory (path or s3://)")
+    tokenizer: str = Field("builtin", description="tokenizer: 'builtin' or a Hugging Face tokenizer directory")
+    deltas: str = Field(description="delta store root (path or s3://), as fine-tuning publishes it")
+    base_name: str | None = Field(None, description="the name requests use in `model` (default: the model's last "
+                                                     "path component)")
+    keys_file: str | None = Field(None, description="JSON file of hashed API keys (see tkllm_ray/serve/api.py); "
+                                                    "required unless allow_anonymous")
+    allow_anonymous: bool = Field(False, description="serve without API keys (local development only)")
+    device: str = Field("cpu", description="cpu or cuda")
+    device_cache_mb: int = Field(1024, ge=1, description="per replica: deltas kept on the device")
+    host_cache_mb: int = Field(4096, ge=1, description="per replica: deltas kept in host memory")
+    max_batch: int = Field(16, ge=1, le=1024, description="requests per generation batch")
+    batch_wait_ms: float = Field(5.0, ge=0, le=1000, description="how long a batch waits to fill")
+    refresh_s: float = Field(5.0, gt=0, description="how often a replica checks for newly published versions")
+    host: str = Field("127.0.0.1", description="tkllm serve: HTTP address")
+    port: int = Field(8000, ge=1, le=65535, description="tkllm serve: HTTP port")
+    storage: StorageOptions = Field(default_factory=StorageOptions)
+
+    @model_validator(mode="after")
+    def _keys_or_anonymous(self):
+        if self.keys_file is None and not self.allow_anonymous:
+            raise ValueError("give keys_file (hashed API keys) or set allow_anonymous: true (local development only)")
+        return self
