@@ -191,9 +191,14 @@ def cmd_serve(args) -> int:
     serve.run(app_builder(cfg.model_dump()), name="tkllm", route_prefix="/", blocking=False)
     print(f"serving {cfg.model} with the deltas of {cfg.deltas} at http://{cfg.host}:{cfg.port}/v1 "
           "(Ctrl-C stops)", flush=True)
-    try:
-        import time
+    import signal
+    import time
 
+    def stop(*_):
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, stop)  # a service manager's stop: shut Serve down as Ctrl-C does
+    try:
         while True:
             time.sleep(3600)
     except KeyboardInterrupt:
