@@ -56,7 +56,7 @@ def served(tmp_path_factory, ray_local):
     keys = root / "keys.json"  # as an operator writes it: digests only
     keys.write_text(json.dumps({"keys": [{"name": k, "sha256": hash_key(k), "accounts": a} for k, a in KEYS.items()]}))
     port = _free_port()
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    serve.start(http_options={"host": "127.0.0.1", "port": port}, logging_config={"log_level": "WARNING"})
     # the path `tkllm serve` and `serve deploy cluster/serve.yaml` take: ServeConfig fields -> app
     serve.run(app_builder({"model": str(root / "tiny"), "deltas": str(root / "deltas"), "base_name": "tiny",
                            "keys_file": str(keys), "batch_wait_ms": 50, "refresh_s": 1.0}), name="tkllm", route_prefix="/")

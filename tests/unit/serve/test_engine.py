@@ -84,3 +84,20 @@ def test_sampling_is_seeded_and_stop_eos_and_limits_end_a_request(base):
     assert engine.generate([GenRequest(prompt, delta, max_tokens=0)])[0] == []
     with pytest.raises(ValueError, match="non-empty prompt"):
         engine.generate([GenRequest([], delta)])
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_on_cuda_the_triton_path_matches_the_merged_model(base):
+    model = copy.deepcopy(base).float().cuda()  # fp32: the Triton kernels against cuBLAS on the merged weights
+    engine = DeltaBatchEngine(copy.deepcopy(model))
+    reqs = [GenRequest(_prompt(i, 5 + i), {n: (i_.cuda(), v.float().cuda()) for n, (i_, v) in _delta(base, i).items()},
+                       max_tokens=8) for i in range(3)]
+    batch = engine.generate(reqs)
+    for r, got in zip(reqs, batch):
+        merged = copy.deepcopy(model)
+        AppliedDelta(merged, r.delta)
+        ids = torch.tensor([r.prompt], device="cuda")
+        want = merged.generate(ids, max_new_tokens=8, do_sample=False, pad_token_id=0, eos_token_id=None,
+                               attention_mask=torch.ones_like(ids))[0, len(r.prompt):].tolist()
+        assert got == want
