@@ -1,0 +1,217 @@
+"""Serving throughput and latency (issue 5's benchmark), side by side in one run on one device:
+our engine on the base alone, on 64 requests of 64 distinct accounts, on 64 requests of one
+account; `transformers` generate on the base; `peft` serving 64 LoRA adapters in one mixed batch
+(`adapter_names=`); per-request merge/restore of deltas. Then cold delta loads (store -> device)
+and time to first token when the working set is 4x the device cache vs when it all fits.
+
+    python benchmarks/serve_bench.py                     # GPU: tkllm-s bf16
+    python benchmarks/serve_bench.py --model tkllm-tiny --accounts 16 --batch 8 --new-tokens 8   # CPU smoke
+
+Deltas: `--accounts` random 0.3% deltas (bf16 values) published to a local store. Writes
+serving-<device>.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import statistics
+import tempfile
+import time
+
+import torch
+
+from tkllm_ray.models import build_model, fingerprint
+from tkllm_ray.serve.delta_cache import DeltaCache
+from tkllm_ray.serve.engine import DeltaBatchEngine, GenRequest
+from tkllm_ray.sparse.delta_store import save_delta
+from tkllm_ray.sparse.mixed import swap_out
+from tkllm_ray.sparse.model import AppliedDelta
+from tkllm_ray.sparse.sensitivity import target_linears
+
+CUDA = torch.cuda.is_available()
+DEV = "cuda" if CUDA else "cpu"
+
+
+def _sync() -> None:
+    if CUDA:
+        torch.cuda.synchronize()
+
+
+def _pct(xs: list[float], q: float) -> float:
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, int(q * len(xs)))]
+
+
+def random_delta(shapes: dict, density: float, seed: int) -> dict:
+    """Sorted unique random entries per module (a few duplicates drawn are dropped)."""
+    g = torch.Generator().manual_seed(seed)
+    out = {}
+    for name, numel in shapes.items():
+        idx = torch.unique(torch.randint(0, numel, (max(1, round(density * numel)),), generator=g))
+        out[name] = (idx, (torch.randn(idx.numel(), generator=g) * 1e-2).to(torch.bfloat16))
+    return out
+
+
+def _requests(args, deltas: list, seed: int = 0) -> list[GenRequest]:
+    g = torch.Generator().manual_seed(seed)
+    return [GenRequest(torch.randint(3, args.vocab, (args.prompt,), generator=g).tolist(), d, args.new_tokens)
+            for d in deltas]
+
+
+def timed_generate(engine: DeltaBatchEngine, reqs: list[GenRequest]) -> dict:
+    engine.generate(reqs[:2])  # warm-up (kernels compiled, caches allocated)
+    _sync()
+    t = time.perf_counter()
+    out = engine.generate(reqs)
+    _sync()
+    wall = time.perf_counter() - t
+    return {"tokens_per_s": sum(len(o) for o in out) / wall, "wall_s": wall, "batch": len(reqs)}
+
+
+def hf_generate(model, args) -> dict:
+    ids = torch.randint(3, args.vocab, (args.batch, args.prompt), generator=torch.Generator().manual_seed(0)).to(DEV)
+    kw = dict(max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens, do_sample=False, pad_token_id=0)
+    model.generate(ids[:2], attention_mask=torch.ones_like(ids[:2]), **kw)
+    _sync()
+    t = time.perf_counter()
+    model.generate(ids, attention_mask=torch.ones_like(ids), **kw)
+    _sync()
+    return {"tokens_per_s": args.batch * args.new_tokens / (time.perf_counter() - t)}
+
+
+def peft_mixed(model, args) -> dict:
+    """peft LoRA r16 on all linears, one adapter per request, one mixed batch (adapter_names=)."""
+    from peft import LoraConfig, get_peft_model
+
+    m = get_peft_model(copy.deepcopy(model), LoraConfig(r=16, target_modules="all-linear", init_lora_weights=False),
+                       adapter_name="a0")
+    for i in range(1, args.batch):
+        m.add_adapter(f"a{i}", LoraConfig(r=16, target_modules="all-linear", init_lora_weights=False))
+    m = m.to(next(model.parameters()).dtype).eval()
+    ids = torch.randint(3, args.vocab, (args.batch, args.prompt), generator=torch.Generator().manual_seed(0)).to(DEV)
+    names = [f"a{i}" for i in range(args.batch)]
+    kw = dict(max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens, do_sample=False, pad_token_id=0)
+    m.generate(input_ids=ids[:2], attention_mask=torch.ones_like(ids[:2]), adapter_names=names[:2], **kw)
+    _sync()
+    t = time.perf_counter()
+    m.generate(input_ids=ids, attention_mask=torch.ones_like(ids), adapter_names=names, **kw)
+    _sync()
+    return {"tokens_per_s": args.batch * args.new_tokens / (time.perf_counter() - t)}
+
+
+def merge_restore(model, args, deltas: list) -> dict:
+    """One request at a time: scatter its delta into the weights, generate, restore exactly."""
+    reqs = _requests(args, [None] * len(deltas))
+    kw = dict(max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens, do_sample=False, pad_token_id=0)
+    _sync()
+    t, scatter = time.perf_counter(), []
+    for r, d in zip(reqs, deltas):
+        s = time.perf_counter()
+        applied = AppliedDelta(model, {n: (i.to(DEV), v.to(DEV)) for n, (i, v) in d.items()})
+        _sync()
+        scatter.append(time.perf_counter() - s)
+        ids = torch.tensor([r.prompt], device=DEV)
+        model.generate(ids, attention_mask=torch.ones_like(ids), **kw)
+        applied.restore()
+    _sync()
+    wall = time.perf_counter() - t
+    return {"tokens_per_s": len(reqs) * args.new_tokens / wall, "scatter_ms_p50": 1e3 * statistics.median(scatter)}
+
+
+def cache_latency(args, engine: DeltaBatchEngine, store: str, fp: str, accounts: list[str], nbytes: int) -> dict:
+    """Cold loads, then TTFT (cache lookup + prefill + first token) over a random request stream
+    whose working set fits the device cache vs one 4x larger."""
+    out = {}
+    cold = DeltaCache(store, DEV, device_budget=nbytes * len(accounts) * 2, host_budget=1, base_fingerprint=fp,
+                      dtype=torch.bfloat16 if CUDA else torch.float32)
+    loads = []
+    for a in accounts[: args.cold_loads]:
+        t = time.perf_counter()
+        cold.get(a)
+        loads.append((time.perf_counter() - t) * 1e3)
+    out["cold_load_p50_ms"], out["cold_load_p99_ms"] = _pct(loads, 0.5), _pct(loads, 0.99)
+    cold.close()
+    cached = max(2, len(accounts) // 4)
+    g = torch.Generator().manual_seed(1)
+    for name, working_set in (("all_hit", cached), ("4x_working_set", 4 * cached)):
+        cache = DeltaCache(store, DEV, device_budget=nbytes * cached + nbytes // 2, host_budget=1,
+                           base_fingerprint=fp, dtype=torch.bfloat16 if CUDA else torch.float32)
+        for a in accounts[:cached]:
+            cache.get(a)  # warm: the all-hit stream never misses
+        ttft = []
+        for k in torch.randint(0, working_set, (args.ttft_requests,), generator=g).tolist():
+            req = _requests(args, [None])[0]
+            req.max_tokens = 1
+            t = time.perf_counter()
+            req.delta = cache.get(accounts[k]).delta
+            engine.generate([req])
+            _sync()
+            ttft.append((time.perf_counter() - t) * 1e3)
+        out[f"ttft_{name}_p50_ms"], out[f"ttft_{name}_p99_ms"] = _pct(ttft, 0.5), _pct(ttft, 0.99)
+        out[f"misses_{name}"] = cache.stats["misses"]
+        cache.close()
+    out["ttft_p99_ratio_4x_working_set"] = out["ttft_4x_working_set_p99_ms"] / out["ttft_all_hit_p99_ms"]
+    return out
+
+
+def main(argv=None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default="tkllm-s")
+    ap.add_argument("--vocab", type=int, default=32000)
+    ap.add_argument("--accounts", type=int, default=128, help="deltas published to the store (the TTFT test: a "
+                    "device cache of a quarter of them, a working set of all)")
+    ap.add_argument("--density", type=float, default=0.003)
+    ap.add_argument("--batch", type=int, default=64)
+    ap.add_argument("--prompt", type=int, default=32)
+    ap.add_argument("--new-tokens", type=int, default=64)
+    ap.add_argument("--cold-loads", type=int, default=32)
+    ap.add_argument("--ttft-requests", type=int, default=100)
+    ap.add_argument("--out", default=os.environ.get("OUT", "benchmarks/results"))
+    args = ap.parse_args(argv)
+    dtype = torch.bfloat16 if CUDA else torch.float32
+    base = build_model(args.model, vocab_size=args.vocab, seed=0, dtype=dtype, device=DEV).eval()
+    fp = fingerprint(base)
+    shapes = {n: m.weight.numel() for n, m in target_linears(base).items()}
+    res: dict = {"device": torch.cuda.get_device_name(0) if CUDA else "cpu", "config": vars(args)}
+    with tempfile.TemporaryDirectory() as tmp:
+        store = os.path.join(tmp, "deltas")
+        t = time.perf_counter()
+        accounts = [f"acct{a:05d}" for a in range(args.accounts)]
+        for a, name in enumerate(accounts):
+            save_delta(store, name, random_delta(shapes, args.density, a), args.model, fp, "gspf", args.density)
+        res["publish_s"] = time.perf_counter() - t
+        cache = DeltaCache(store, DEV, device_budget=1 << 40, host_budget=1, base_fingerprint=fp, dtype=dtype)
+        deltas = [cache.get(a).delta for a in accounts[: args.batch]]
+        nbytes = cache.get(accounts[0]).nbytes
+        res["delta_mb"] = nbytes / 2**20
+        cache.close()
+        res["hf_generate_base"] = hf_generate(base, args)
+        res["peft_mixed"] = peft_mixed(base, args)
+        res["merge_restore"] = merge_restore(base, args, deltas[: min(16, len(deltas))])
+        engine = DeltaBatchEngine(base)
+        res["ours_base"] = timed_generate(engine, _requests(args, [None] * args.batch))
+        res["ours_mixed"] = timed_generate(engine, _requests(args, deltas))
+        res["ours_single_account"] = timed_generate(engine, _requests(args, [deltas[0]] * args.batch))
+        res["latency"] = cache_latency(args, engine, store, fp, accounts, nbytes)
+        swap_out(base)
+    base_tps = res["ours_base"]["tokens_per_s"]
+    res.update({"base_decode_tokens_per_s_b64": base_tps,
+                "mixed64_throughput_ratio_vs_base": res["ours_mixed"]["tokens_per_s"] / base_tps,
+                "mixed64_speedup_vs_peft": res["ours_mixed"]["tokens_per_s"] / res["peft_mixed"]["tokens_per_s"],
+                "single_account_throughput_ratio_vs_base": res["ours_single_account"]["tokens_per_s"] / base_tps,
+                "cold_load_p50_ms": res["latency"]["cold_load_p50_ms"],
+                "cold_load_p99_ms": res["latency"]["cold_load_p99_ms"],
+                "ttft_p99_ratio_4x_working_set": res["latency"]["ttft_p99_ratio_4x_working_set"]})
+    os.makedirs(args.out, exist_ok=True)
+    slug = "".join(c if c.isalnum() else "-" for c in res["device"].lower()).strip("-")
+    with open(os.path.join(args.out, f"serving-{slug}.json"), "w") as f:
+        json.dump(res, f, indent=2)
+    print(json.dumps({k: v for k, v in res.items() if not isinstance(v, dict)}, indent=1))
+    return res
+
+
+if __name__ == "__main__":
+    main()
