@@ -32,11 +32,13 @@ class DeltaModel:
         from tkllm_ray.data.tokenizer import load_tokenizer
         from tkllm_ray.models import fingerprint
         from tkllm_ray.models.load import load_base_model
+        from tkllm_ray.sparse.sensitivity import target_linears
 
         self.tok = load_tokenizer(tokenizer, storage)
         base = load_base_model(model, len(self.tok), device=device, options=storage, tokenizer_name=tokenizer)
+        shapes = {n: m.weight.numel() for n, m in target_linears(base).items()}
         self.cache = DeltaCache(deltas, device, device_cache_mb << 20, host_cache_mb << 20, fingerprint(base),
-                                next(base.parameters()).dtype, storage)
+                                next(base.parameters()).dtype, storage, shapes=shapes)
         self.engine = DeltaBatchEngine(base, pad_id=self.tok.pad_token_id or 0)
         self.max_batch, self.wait_s, self.refresh_s = max_batch, batch_wait_ms / 1e3, refresh_s
         self.queue: asyncio.Queue | None = None

@@ -24,6 +24,7 @@ import torch
 
 from tkllm_ray.data.schema import validate_account_id
 from tkllm_ray.errors import TkllmError
+from tkllm_ray.sparse.delta_op import check_sorted
 from tkllm_ray.sparse.delta_store import Delta, load_delta
 from tkllm_ray.storage import join, read_latest
 
@@ -89,8 +90,11 @@ class _Tier:
 class DeltaCache:
     def __init__(self, store: str, device: torch.device | str = "cpu", device_budget: int = 1 << 30,
                  host_budget: int = 4 << 30, base_fingerprint: str | None = None, dtype: torch.dtype = torch.float32,
-                 options=None, loader_threads: int = 2):
-        self.store, self.options, self.base_fingerprint = store, options, base_fingerprint
+                 options=None, loader_threads: int = 2, shapes: dict[str, int] | None = None):
+        """`shapes` (module -> weight numel of the served base): each loaded delta is checked
+        against it (known modules, indices in range), besides sorted and unique, before any
+        kernel reads it."""
+        self.store, self.options, self.base_fingerprint, self.shapes = store, options, base_fingerprint, shapes
         self.device, self.dtype = torch.device(device), dtype
         self.hot, self.host = _Tier(device_budget), _Tier(host_budget)
         self.pin = self.device.type == "cuda"
@@ -147,12 +151,13 @@ class DeltaCache:
         try:
             try:
                 delta, manifest = load_delta(self.store, account, version, self.base_fingerprint, self.options)
+                self._check(delta)
             except TkllmError as e:
                 if "no delta published" in str(e):
                     raise UnknownAccount(f"unknown account {account!r}: no delta is published for it") from None
                 self._count("load_errors")
                 raise DeltaLoadError(f"account {account!r}: {e}") from None
-            except (OSError, ValueError, KeyError) as e:  # unreadable manifest or tensors
+            except (OSError, ValueError, KeyError, RuntimeError) as e:  # unreadable manifest or tensors
                 self._count("load_errors")
                 raise DeltaLoadError(f"account {account!r}: its delta cannot be read ({e})") from None
             host = CachedDelta(account, manifest["version"], {
@@ -171,6 +176,17 @@ class DeltaCache:
         finally:
             with self._lock:
                 self._loading.pop((account, version), None)
+
+    def _check(self, delta: Delta) -> None:
+        for name, (idx, vals) in delta.items():
+            check_sorted(idx, f"module {name}'s indices")
+            if idx.numel() != vals.numel():
+                raise ValueError(f"module {name}: {idx.numel()} indices but {vals.numel()} values")
+            if self.shapes is not None:
+                if name not in self.shapes:
+                    raise ValueError(f"module {name} is not a target linear of the served base")
+                if idx.numel() and (int(idx[0]) < 0 or int(idx[-1]) >= self.shapes[name]):
+                    raise ValueError(f"module {name}: an index is outside its {self.shapes[name]} weights")
 
     # -- new versions -------------------------------------------------------------------------------
     def refresh(self) -> list[Future]:

@@ -50,7 +50,7 @@ class _RowDeltas:
             none = torch.empty(0, dtype=torch.int64, device=self.device)
             idx = [d[name][0] if d is not None and name in d else none for d in self.deltas]
             self._segments[key] = Segments.build([self.tokens] * len(self.deltas), idx, lin.in_features, self.device,
-                                                 check=False)  # published deltas are sorted (checked on load)
+                                                 check=False)  # sorted: DeltaCache checks each delta it loads
         if name not in self._values:
             empty = torch.empty(0, dtype=self.dtype, device=self.device)
             self._values[name] = torch.cat([d[name][1].to(self.device, self.dtype) if d is not None and name in d

@@ -107,3 +107,21 @@ def test_loads_from_s3(s3_server, s3_bucket):
     cache = DeltaCache(store, base_fingerprint=FP, options=opts)
     assert cache.get("a1").version == v and cache.stats["store_loads"] == 1
     cache.close()
+
+
+def test_deltas_that_do_not_fit_the_served_base_are_refused(tmp_path):
+    store = str(tmp_path / "deltas")
+    name = "model.layers.0.mlp.up_proj"
+    idx = torch.tensor([5, 3, 9])
+    for account, delta in {"unsorted": {name: (idx, torch.ones(3))},
+                           "out_of_range": {name: (torch.tensor([1, 64 * 64]), torch.ones(2))},
+                           "unknown_module": {"model.layers.9.foo": (torch.tensor([1]), torch.ones(1))},
+                           "fits": {name: (torch.tensor([0, 64 * 64 - 1]), torch.ones(2))}}.items():
+        save_delta(store, account, delta, "tkllm-tiny", FP, "gspf", 0.003, value_dtype="fp32")
+    cache = DeltaCache(store, base_fingerprint=FP, shapes={name: 64 * 64})
+    for account, message in [("unsorted", "must be sorted and unique"), ("out_of_range", "outside its 4096 weights"),
+                             ("unknown_module", "not a target linear of the served base")]:
+        with pytest.raises(DeltaLoadError, match=f"account '{account}': .*{message}"):
+            cache.get(account)
+    assert cache.get("fits").delta[name][0].tolist() == [0, 4095]
+    cache.close()
