@@ -68,4 +68,6 @@ def _finetune(workdir: str, dataset: str, accounts: list[str]) -> dict:
         print(f"  {a['account']:<28} held-out ppl {a['eval_ppl_before']:8.1f} -> {a['eval_ppl_after']:7.1f}   "
               f"{a['trainable_params']:,} entries")
     print(f"deltas:   {cfg.output}/<account>/LATEST  ({r['accounts']} accounts in {r['wall_s']:.0f} s)")
+    print(f"serve:    tkllm serve --config configs/serve/local.yaml --deltas {cfg.output}   "
+          f"(model \"tkllm-tiny:{r['per_account'][0]['account']}\" on :8000/v1/completions)")
     return {k: v for k, v in r.items() if k != "per_account"}
