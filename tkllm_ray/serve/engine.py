@@ -15,8 +15,7 @@ import torch
 from torch import nn
 
 from tkllm_ray.sparse.delta_store import Delta
-from tkllm_ray.sparse.mixed import swap_in
-from tkllm_ray.sparse.segmented import Segments
+from tkllm_ray.sparse.mixed import rows_inputs, swap_in
 from tkllm_ray.sparse.sensitivity import target_linears
 
 
@@ -36,26 +35,17 @@ class _RowDeltas:
     """The batch context the mixed linears read: request i owns rows [i·L, (i+1)·L) of the
     flattened activations (L = tokens per request in this forward: the prompt length, then 1)."""
 
-    def __init__(self, deltas: list[Delta | None], device: torch.device, dtype: torch.dtype):
-        self.deltas, self.device, self.dtype = deltas, device, dtype
-        self.tokens, self.sensitivity = 1, False
-        self._segments: dict[tuple[str, int], Segments] = {}
-        self._values: dict[str, torch.Tensor] = {}
+    def __init__(self, deltas: list[Delta | None], dtype: torch.dtype):
+        self.deltas, self.dtype = deltas, dtype
+        self.tokens = 1
+        self._inputs: dict[tuple[str, int], tuple] = {}
 
     def module_inputs(self, name: str, lin: nn.Linear):
-        if not any(d is not None and name in d for d in self.deltas):
-            return None, None
         key = (name, self.tokens)
-        if key not in self._segments:  # once per phase: every decode step reuses it
-            none = torch.empty(0, dtype=torch.int64, device=self.device)
-            idx = [d[name][0] if d is not None and name in d else none for d in self.deltas]
-            self._segments[key] = Segments.build([self.tokens] * len(self.deltas), idx, lin.in_features, self.device,
-                                                 check=False)  # sorted: DeltaCache checks each delta it loads
-        if name not in self._values:
-            empty = torch.empty(0, dtype=self.dtype, device=self.device)
-            self._values[name] = torch.cat([d[name][1].to(self.device, self.dtype) if d is not None and name in d
-                                            else empty for d in self.deltas])
-        return self._segments[key], self._values[name]
+        if key not in self._inputs:  # once per phase: every decode step reuses it
+            parts = [d.get(name) if d is not None else None for d in self.deltas]
+            self._inputs[key] = rows_inputs(parts, [self.tokens] * len(self.deltas), lin, self.dtype)
+        return self._inputs[key]
 
 
 class DeltaBatchEngine:
@@ -102,7 +92,7 @@ class DeltaBatchEngine:
         done = [r.max_tokens <= 0 for r in requests]
         if any(done):
             yield [(i, [], True) for i in range(len(requests)) if done[i]]
-        self.ctx = _RowDeltas([r.delta for r in requests], self.device, self.dtype)
+        self.ctx = _RowDeltas([r.delta for r in requests], self.dtype)
         try:
             self.ctx.tokens = width
             logits = self.model(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=cache,

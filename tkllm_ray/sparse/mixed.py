@@ -5,9 +5,10 @@ per module, whose rows are where and whose entries are where (`module_inputs`)."
 
 from __future__ import annotations
 
+import torch
 from torch import nn
 
-from tkllm_ray.sparse.segmented import segmented_delta
+from tkllm_ray.sparse.segmented import Segments, segmented_delta
 
 
 class MixedDeltaLinear(nn.Module):
@@ -29,6 +30,23 @@ class MixedDeltaLinear(nn.Module):
         if seg is not None:
             y = y + segmented_delta(x, values, seg, self.base.in_features, self.base.out_features)
         return y
+
+
+def rows_inputs(parts: list, token_counts: list[int], lin: nn.Linear, value_dtype: torch.dtype | None = None
+                ) -> tuple[Segments | None, torch.Tensor | None]:
+    """One module's segmented-op inputs for a batch whose row groups carry `parts` (each the
+    group's (sorted indices, values) for this module, or None): (Segments, all values in group
+    order), or (None, None) when no group has entries here. Values keep their autograd history
+    (training) unless cast to `value_dtype` (serving)."""
+    if all(p is None for p in parts):
+        return None, None
+    dev = lin.weight.device
+    none_idx = torch.empty(0, dtype=torch.int64, device=dev)  # on the device: no host copy, no sync
+    none_val = torch.empty(0, dtype=value_dtype or torch.float32, device=dev)
+    seg = Segments.build(token_counts, [none_idx if p is None else p[0] for p in parts], lin.in_features, dev,
+                         check=False)  # sorted by construction: selection, or a checked load
+    vals = [none_val if p is None else (p[1] if value_dtype is None else p[1].to(dev, value_dtype)) for p in parts]
+    return seg, torch.cat(vals)
 
 
 def swap_in(model: nn.Module, linears: dict[str, nn.Linear], owner, cls=MixedDeltaLinear) -> None:

@@ -23,8 +23,7 @@ from torch import nn
 from tkllm_ray.sparse.delta_op import merged_weight
 from tkllm_ray.sparse.delta_store import Delta, decode, encode
 from tkllm_ray.sparse.model import AppliedDelta
-from tkllm_ray.sparse.mixed import MixedDeltaLinear, swap_in
-from tkllm_ray.sparse.segmented import Segments
+from tkllm_ray.sparse.mixed import MixedDeltaLinear, rows_inputs, swap_in
 from tkllm_ray.sparse.selection import select
 from tkllm_ray.sparse.sensitivity import add_abs_grad, grads_from_embeddings, target_linears
 from tkllm_ray.sparse.state import SparseState
@@ -73,20 +72,12 @@ class BatchContext:
     def __init__(self, users: list[UserRun], token_counts: list[int], sensitivity: bool):
         self.users, self.token_counts, self.sensitivity = users, token_counts, sensitivity
         self.offsets = [0, *torch.tensor(token_counts).cumsum(0).tolist()]
-        self._segments: dict[str, Segments] = {}
 
     def module_inputs(self, name: str, lin: nn.Linear):
-        if not any(name in u.state.values for u in self.users):
-            return None, None
-        if name not in self._segments:
-            none = lin.weight.new_empty(0, dtype=torch.int64)  # on the device: no host copy, no sync
-            idx = [u.state.indices.get(name, none) for u in self.users]
-            self._segments[name] = Segments.build(self.token_counts, idx, lin.in_features, lin.weight.device,
-                                                   check=False)  # sorted by selection
-        vals = [u.state.values[name] if name in u.state.values else lin.weight.new_zeros(0, dtype=torch.float32)
-                for u in self.users]
-        values = torch.cat(vals)
-        return self._segments[name], (values.detach() if self.sensitivity else values)
+        parts = [(u.state.indices[name], u.state.values[name]) if name in u.state.values else None
+                 for u in self.users]
+        seg, values = rows_inputs(parts, self.token_counts, lin)
+        return seg, (values.detach() if self.sensitivity and values is not None else values)
 
 
 class PackedLinear(MixedDeltaLinear):
