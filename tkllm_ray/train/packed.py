@@ -144,11 +144,6 @@ class PackedGSPF:
         self.stats = {"train_steps": 0, "sensitivity_passes": 0, "rows": 0, "max_resident": 0}
 
     # -- admission and the loop ---------------------------------------------------------------
-    def state_bytes(self, cfg, warming: bool) -> int:
-        """Estimated device memory of one account's state (train/paging.py), and while it warms up
-        its fp32 sensitivity sums."""
-        return self.pager.entries(cfg) * 32 + (self.pager.warm_bytes() if warming else 0)
-
     def admit(self, job: AccountJob, eos_id: int) -> UserRun:
         cfg = job.cfg
         if cfg.method != "gspf":

@@ -38,6 +38,10 @@ class StatePager:
     def warm_bytes(self) -> int:
         return SENSITIVITY_BYTES_PER_WEIGHT * self.n
 
+    def state_bytes(self, cfg, warming: bool) -> int:
+        """Estimated device memory of one account's state, and while it warms up its sensitivity sums."""
+        return DEVICE_BYTES_PER_ENTRY * self.entries(cfg) + (self.warm_bytes() if warming else 0)
+
     def device_bytes(self, user) -> int:
         """What `user` holds on the device now: its state if there, its sensitivity sums if warming."""
         on = id(user) in self.last_used
@@ -51,9 +55,8 @@ class StatePager:
             return held + HOST_BYTES_PER_ENTRY * self.entries(cfg) <= self.host_budget
         if self.device_budget is None:
             return True
-        used = sum(DEVICE_BYTES_PER_ENTRY * self.entries(u.job.cfg) +
-                   (self.warm_bytes() if u.pending is not None and u.pending[0] == "select" else 0) for u in resident)
-        return used + DEVICE_BYTES_PER_ENTRY * self.entries(cfg) + self.warm_bytes() <= self.device_budget
+        used = sum(self.state_bytes(u.job.cfg, u.pending is not None and u.pending[0] == "select") for u in resident)
+        return used + self.state_bytes(cfg, warming=True) <= self.device_budget
 
     def max_warming(self) -> int:
         """How many accounts may warm up at once (each holds dense sensitivity sums): half the

@@ -99,7 +99,7 @@ def test_admission_keeps_the_state_budget_and_gives_the_same_deltas():
     jobs = _jobs(3)
     probe = PackedGSPF(copy.deepcopy(base))
     # Room for one account warming up (dense fp32 sensitivity sums) beside one training: never three.
-    budget = probe.state_bytes(jobs[0].cfg, warming=True) + probe.state_bytes(jobs[0].cfg, warming=False)
+    budget = probe.pager.state_bytes(jobs[0].cfg, warming=True) + probe.pager.state_bytes(jobs[0].cfg, warming=False)
     engine = PackedGSPF(copy.deepcopy(base), max_resident=10, max_rows=7, state_budget=budget)
     done = {}
     stats = engine.run(jobs, EOS, lambda u, d: done.__setitem__(u.account, d))
@@ -121,8 +121,8 @@ def _paged_run(base, jobs, device_states: int, max_rows: int = 7):
     """Room on the device for one warm-up and `device_states` trained states; the rest paged out
     (at density 5% four trained states need more than that room)."""
     probe, cfg = PackedGSPF(copy.deepcopy(base)), jobs[0].cfg
-    state = probe.state_bytes(cfg, warming=False)
-    budget = probe.state_bytes(cfg, warming=True) - state + device_states * state
+    state = probe.pager.state_bytes(cfg, warming=False)
+    budget = probe.pager.state_bytes(cfg, warming=True) - state + device_states * state
     return _run(base, jobs, max_rows=max_rows, state_budget=budget, host_budget=1 << 34)
 
 
