@@ -84,9 +84,9 @@ class DeltaModel:
                 text, reason = self._final_text(job, item["tokens"])
             else:
                 text = self.tok.decode(item["tokens"], skip_special_tokens=True).rstrip("\ufffd")  # no half chars
-                hits = [text.index(s) for s in req["stop"] if s in text]
-                if hits:  # a stop string spelled by other tokens than its own: end here (the batch runs on)
-                    text, finished, reason = text[: min(hits)], True, "stop"
+                text, cut = _cut_at_stop(text, req["stop"])
+                if cut:  # a stop string spelled by other tokens than its own: end here (the batch runs on)
+                    finished, reason = True, "stop"
                 else:
                     text = text[: max(sent, len(text) - hold)]
             if len(text) > sent:
@@ -101,10 +101,8 @@ class DeltaModel:
         try:
             if req["account"] is not None:
                 await self.account_version(req["account"])  # routing record; loads the delta here
-        except UnknownAccount as e:
-            return {"error": {"status": 404, "message": str(e), "type": "model_not_found"}}
-        except DeltaLoadError as e:
-            return {"error": {"status": 500, "message": str(e), "type": "delta_error"}}
+        except (UnknownAccount, DeltaLoadError) as e:
+            return _delta_error(e)
         if self.queue is None:  # the replica's loop runs now: start its batcher and version check
             self.queue = asyncio.Queue()
             asyncio.get_running_loop().create_task(self._batcher())
@@ -117,12 +115,8 @@ class DeltaModel:
         return job
 
     def _final_text(self, job: dict, tokens: list[int]) -> tuple[str, str]:
-        text = self.tok.decode(tokens, skip_special_tokens=True)
-        stopped = len(tokens) < job["gen"].max_tokens
-        for s in job["req"]["stop"]:  # stop strings the token-level check can miss (other tokenizations)
-            if s in text:
-                text, stopped = text[: text.index(s)], True
-        return text, "stop" if stopped else "length"
+        text, cut = _cut_at_stop(self.tok.decode(tokens, skip_special_tokens=True), job["req"]["stop"])
+        return text, "stop" if cut or len(tokens) < job["gen"].max_tokens else "length"
 
     async def _batcher(self) -> None:
         while True:
@@ -156,9 +150,8 @@ class DeltaModel:
             account = job["req"]["account"]
             try:
                 job["gen"].delta = (await self.cache.aget(account)).delta if account is not None else None
-            except (UnknownAccount, DeltaLoadError) as e:
-                job["sink"].put_nowait({"error": {"status": 404 if isinstance(e, UnknownAccount) else 500,
-                                                  "message": str(e), "type": "delta_error"}})
+            except (UnknownAccount, DeltaLoadError) as e:  # evicted since _submit, and now failing to reload
+                job["sink"].put_nowait(_delta_error(e))
                 continue
             live.append(job)
         loop, t0, tokens = asyncio.get_running_loop(), time.perf_counter(), [0]
@@ -173,6 +166,18 @@ class DeltaModel:
             await asyncio.to_thread(work)
         self.metrics.batch(len(live), tokens[0], time.perf_counter() - t0)
         self.metrics.cache(self.cache.stats)
+
+
+def _cut_at_stop(text: str, stops: list[str]) -> tuple[str, bool]:
+    """`text` up to the first stop string in it (the token-level check can miss one spelled by
+    other tokens), and whether one was there."""
+    hits = [text.index(s) for s in stops if s in text]
+    return (text[: min(hits)], True) if hits else (text, False)
+
+
+def _delta_error(e: Exception) -> dict:
+    status, kind = (404, "model_not_found") if isinstance(e, UnknownAccount) else (500, "delta_error")
+    return {"error": {"status": status, "message": str(e), "type": kind}}
 
 
 class _Metrics:
