@@ -27,6 +27,7 @@ from tkllm_ray.sparse.selection import layer_of
 from tkllm_ray.sparse.sensitivity import target_linears
 from tkllm_ray.train.baselines import DenseTrainer
 from tkllm_ray.train.single import lm_loss
+from results_io import write_result  # sibling module: this script's folder is on sys.path
 
 GIB = 2**30
 
@@ -179,10 +180,7 @@ def main(argv=None) -> dict:
         print(f"[{time.perf_counter() - t0:6.1f}s] {name}: {json.dumps(results[name])[:400]}", flush=True)
     gpu = torch.cuda.get_device_name(0)
     out = {"gpu": gpu, "torch": torch.__version__, "config": vars(args), **_ratios(results), "methods": results}
-    os.makedirs(args.out, exist_ok=True)
-    slug = "".join(c if c.isalnum() else "-" for c in gpu.lower()).strip("-")
-    with open(os.path.join(args.out, f"gspf-bench-{slug}.json"), "w") as f:
-        json.dump(out, f, indent=2)
+    write_result(args.out, "gspf-bench", gpu, out)
     return out
 
 

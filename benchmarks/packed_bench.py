@@ -31,6 +31,7 @@ from tkllm_ray.config.finetune import FinetuneConfig
 from tkllm_ray.models import build_model
 from tkllm_ray.sparse.mixed import swap_out
 from tkllm_ray.train.packed import AccountJob, PackedGSPF
+from results_io import sync, write_result  # sibling module: this script's folder is on sys.path
 
 PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}
 
@@ -53,12 +54,12 @@ def _timed(obj, name: str, phases: dict) -> None:
     fn = getattr(obj, name)
 
     def wrapper(*a, **kw):
-        torch.cuda.synchronize() if torch.cuda.is_available() else None
+        sync()
         t = time.perf_counter()
         try:
             return fn(*a, **kw)
         finally:
-            torch.cuda.synchronize() if torch.cuda.is_available() else None
+            sync()
             phases[name] = phases.get(name, 0.0) + time.perf_counter() - t
 
     setattr(obj, name, wrapper)
@@ -254,10 +255,7 @@ def _write(args, results: dict, n_params: int) -> dict:
            "max_resident_accounts": max((r.get("max_resident_with_state") or 0) for r in results.values()) or None,
            "mfu": packed["train_tokens_per_s"] * 4 * n_params / (peak * 1e12) if peak and packed else None,
            "modes": results}
-    os.makedirs(args.out, exist_ok=True)
-    slug = "".join(c if c.isalnum() else "-" for c in name.lower()).strip("-")
-    with open(os.path.join(args.out, f"packed-{slug}.json"), "w") as f:
-        json.dump(out, f, indent=2)
+    write_result(args.out, "packed", name, out)
     return out
 
 

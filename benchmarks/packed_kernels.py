@@ -17,6 +17,7 @@ import os
 import time
 
 import torch
+from results_io import sync, write_result  # sibling module: this script's folder is on sys.path
 
 SHAPES = {"up_proj": (2048, 5632), "down_proj": (5632, 2048)}  # (in, out) of tkllm-s's MLP
 CSR_GRID = [{"LINES": 16, "BLOCK_J": bj, "BLOCK_T": bt, "num_warps": w}
@@ -26,18 +27,13 @@ SDDMM_GRID = [{"BLOCK_E": be, "BLOCK_T": bt, "num_warps": w}
 DEV = "cuda" if torch.cuda.is_available() else "cpu"  # cpu: Triton's interpreter, to check this script
 
 
-def _sync() -> None:
-    if DEV == "cuda":
-        torch.cuda.synchronize()
-
-
 def _ms(fn, reps: int = 5) -> float:
     fn()
-    _sync()
+    sync()
     t = time.perf_counter()
     for _ in range(reps):
         fn()
-    _sync()
+    sync()
     return (time.perf_counter() - t) / reps * 1e3
 
 
@@ -102,19 +98,19 @@ def selection_times(model: str = "tkllm-s", density: float = 0.003) -> dict:
     n = sum(s.numel() for s in sens.values())
     k = S.budget(density, n)
     out = {"target_weights": n, "k": k}
-    _sync()
+    sync()
     t = time.perf_counter()
     sc = S.scores(sens, weights, "global", inplace=True)
-    _sync()
+    sync()
     out["scores_s"] = time.perf_counter() - t
     for name, fn in (("kth_sampled", S._kth_largest_key), ("kth_radix", S._radix_kth)):
         t = time.perf_counter()
         out[name + "_key"] = fn(sc, k)  # the two must agree
-        _sync()
+        sync()
         out[name + "_s"] = time.perf_counter() - t
     t = time.perf_counter()
     idx = S.top_k(sc, k)
-    _sync()
+    sync()
     out["top_k_total_s"] = time.perf_counter() - t
     out["selected"] = sum(i.numel() for i in idx.values())
     return out
@@ -130,10 +126,7 @@ def main(argv=None) -> dict:
         raise SystemExit("packed_kernels.py times CUDA kernels: it needs a GPU")
     result = {"device": torch.cuda.get_device_name(0), "kernels": sweep(args.users, args.tokens),
               "selection": selection_times()}
-    os.makedirs(args.out, exist_ok=True)
-    slug = "".join(c if c.isalnum() else "-" for c in result["device"].lower()).strip("-")
-    with open(os.path.join(args.out, f"packed-kernels-{slug}.json"), "w") as f:
-        json.dump(result, f, indent=2)
+    write_result(args.out, "packed-kernels", result["device"], result)
     print(json.dumps({"best": result["kernels"]["best"], "best_ms": result["kernels"]["best_ms"],
                       "selection": result["selection"]}, indent=1))
     return result

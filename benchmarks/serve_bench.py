@@ -30,14 +30,10 @@ from tkllm_ray.sparse.delta_store import save_delta
 from tkllm_ray.sparse.mixed import swap_out
 from tkllm_ray.sparse.model import AppliedDelta
 from tkllm_ray.sparse.sensitivity import target_linears
+from results_io import sync, write_result  # sibling module: this script's folder is on sys.path
 
 CUDA = torch.cuda.is_available()
 DEV = "cuda" if CUDA else "cpu"
-
-
-def _sync() -> None:
-    if CUDA:
-        torch.cuda.synchronize()
 
 
 def _pct(xs: list[float], q: float) -> float:
@@ -61,24 +57,29 @@ def _requests(args, deltas: list, seed: int = 0) -> list[GenRequest]:
             for d in deltas]
 
 
+def _greedy(args) -> dict:
+    """transformers generate: exactly --new-tokens greedy tokens (the baselines decode as many as ours)."""
+    return dict(max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens, do_sample=False, pad_token_id=0)
+
+
 def timed_generate(engine: DeltaBatchEngine, reqs: list[GenRequest]) -> dict:
     engine.generate(reqs[:2])  # warm-up (kernels compiled, caches allocated)
-    _sync()
+    sync()
     t = time.perf_counter()
     out = engine.generate(reqs)
-    _sync()
+    sync()
     wall = time.perf_counter() - t
     return {"tokens_per_s": sum(len(o) for o in out) / wall, "wall_s": wall, "batch": len(reqs)}
 
 
 def hf_generate(model, args) -> dict:
     ids = torch.randint(3, args.vocab, (args.batch, args.prompt), generator=torch.Generator().manual_seed(0)).to(DEV)
-    kw = dict(max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens, do_sample=False, pad_token_id=0)
+    kw = _greedy(args)
     model.generate(ids[:2], attention_mask=torch.ones_like(ids[:2]), **kw)
-    _sync()
+    sync()
     t = time.perf_counter()
     model.generate(ids, attention_mask=torch.ones_like(ids), **kw)
-    _sync()
+    sync()
     return {"tokens_per_s": args.batch * args.new_tokens / (time.perf_counter() - t)}
 
 
@@ -93,30 +94,30 @@ def peft_mixed(model, args) -> dict:
     m = m.to(next(model.parameters()).dtype).eval()
     ids = torch.randint(3, args.vocab, (args.batch, args.prompt), generator=torch.Generator().manual_seed(0)).to(DEV)
     names = [f"a{i}" for i in range(args.batch)]
-    kw = dict(max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens, do_sample=False, pad_token_id=0)
+    kw = _greedy(args)
     m.generate(input_ids=ids[:2], attention_mask=torch.ones_like(ids[:2]), adapter_names=names[:2], **kw)
-    _sync()
+    sync()
     t = time.perf_counter()
     m.generate(input_ids=ids, attention_mask=torch.ones_like(ids), adapter_names=names, **kw)
-    _sync()
+    sync()
     return {"tokens_per_s": args.batch * args.new_tokens / (time.perf_counter() - t)}
 
 
 def merge_restore(model, args, deltas: list) -> dict:
     """One request at a time: scatter its delta into the weights, generate, restore exactly."""
     reqs = _requests(args, [None] * len(deltas))
-    kw = dict(max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens, do_sample=False, pad_token_id=0)
-    _sync()
+    kw = _greedy(args)
+    sync()
     t, scatter = time.perf_counter(), []
     for r, d in zip(reqs, deltas):
         s = time.perf_counter()
         applied = AppliedDelta(model, {n: (i.to(DEV), v.to(DEV)) for n, (i, v) in d.items()})
-        _sync()
+        sync()
         scatter.append(time.perf_counter() - s)
         ids = torch.tensor([r.prompt], device=DEV)
         model.generate(ids, attention_mask=torch.ones_like(ids), **kw)
         applied.restore()
-    _sync()
+    sync()
     wall = time.perf_counter() - t
     return {"tokens_per_s": len(reqs) * args.new_tokens / wall, "scatter_ms_p50": 1e3 * statistics.median(scatter)}
 
@@ -148,7 +149,7 @@ def cache_latency(args, engine: DeltaBatchEngine, store: str, fp: str, accounts:
             t = time.perf_counter()
             req.delta = cache.get(accounts[k]).delta
             engine.generate([req])
-            _sync()
+            sync()
             ttft.append((time.perf_counter() - t) * 1e3)
         out[f"ttft_{name}_p50_ms"], out[f"ttft_{name}_p99_ms"] = _pct(ttft, 0.5), _pct(ttft, 0.99)
         out[f"misses_{name}"] = cache.stats["misses"]
@@ -205,10 +206,7 @@ def main(argv=None) -> dict:
                 "cold_load_p50_ms": res["latency"]["cold_load_p50_ms"],
                 "cold_load_p99_ms": res["latency"]["cold_load_p99_ms"],
                 "ttft_p99_ratio_4x_working_set": res["latency"]["ttft_p99_ratio_4x_working_set"]})
-    os.makedirs(args.out, exist_ok=True)
-    slug = "".join(c if c.isalnum() else "-" for c in res["device"].lower()).strip("-")
-    with open(os.path.join(args.out, f"serving-{slug}.json"), "w") as f:
-        json.dump(res, f, indent=2)
+    write_result(args.out, "serving", res["device"], res)
     print(json.dumps({k: v for k, v in res.items() if not isinstance(v, dict)}, indent=1))
     return res
 
