@@ -2,8 +2,8 @@
 
 At this stage of the product: synthetic creators + the real samples under ../shared/data ->
 ingest (validate, quarantine, dedupe, time split, tokenize) -> context images -> packed GSPF
-fine-tunes of the synthetic creators on Ray Train workers (tiny model), one delta each. Serving
-joins this same command when it lands.
+fine-tunes of the synthetic creators on Ray Train workers (tiny model), one delta each, and the
+`tkllm serve` command that serves them.
 """
 
 from __future__ import annotations

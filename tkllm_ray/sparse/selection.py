@@ -1,8 +1,9 @@
 """GSPF selection: S̃ = z-score(S) · tanh(|θ|), then the top p% entries, globally or per module.
 
-Global selection never concatenates or sorts all scores: the k-th largest score is found by a
-radix select over order-preserving 32-bit keys (three histogram passes of 11 bits), then each
-module keeps its entries above it (ties fill up to exactly k).
+Global selection never concatenates or sorts all scores: the k-th largest score (as an
+order-preserving 32-bit key) is bracketed by a fixed-seed sample and found exactly in one counting
+pass, with a radix select (three histogram passes) when the bracket misses; then each module
+keeps its entries above it (ties fill up to exactly k).
 """
 
 from __future__ import annotations
@@ -29,9 +30,8 @@ class Selection:
 def _zstats(tensors: list[torch.Tensor]) -> tuple[float, float]:
     n = sum(t.numel() for t in tensors)
     # fp64 sums on the device, one host read for all modules (not two per module)
-    sums = torch.stack([torch.stack([t.sum(dtype=torch.float64), t.square().sum(dtype=torch.float64)])
-                        for t in tensors]).sum(0).tolist()
-    s, ss = sums
+    s, ss = torch.stack([torch.stack([t.sum(dtype=torch.float64), t.square().sum(dtype=torch.float64)])
+                         for t in tensors]).sum(0).tolist()
     mean = s / n
     return mean, max((ss / n - mean * mean), 0.0) ** 0.5
 
