@@ -12,7 +12,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from tkllm_ray.data.schema import is_valid_account_id
+from tkllm_ray.data.schema import is_valid_account_id, validate_account_id
+from tkllm_ray.errors import TkllmError
 
 MAX_PROMPT_CHARS = 32_000
 
@@ -75,10 +76,10 @@ def parse_model(model: str, base_name: str) -> str | None:
                             f"'{base_name}:<account_id>'", "model_not_found")
     if not sep:
         return None
-    if not is_valid_account_id(account):
-        raise ApiError(400, f"invalid account id {account!r}: use 1-64 characters from [A-Za-z0-9_.-], "
-                            "not starting with '.'", "invalid_request_error")
-    return account
+    try:
+        return validate_account_id(account)
+    except TkllmError as e:
+        raise ApiError(400, str(e), "invalid_request_error") from None
 
 
 def hash_key(key: str) -> str:
