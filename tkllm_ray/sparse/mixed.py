@@ -8,13 +8,16 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from tkllm_ray.sparse.segmented import Segments, segmented_delta
+from tkllm_ray.sparse.segmented import Segments, segmented_delta_add, segmented_delta_linear
 
 
 class MixedDeltaLinear(nn.Module):
     def __init__(self, name: str, base: nn.Linear, owner):
         super().__init__()
         self.name, self.base, self.owner = name, base, [owner]  # a list: the owner is not a submodule
+        # A plain linear whose weight is a local tensor takes the fused op; one whose weight
+        # something else manages (ZeRO-3 partitions it: `ds_id`) runs its own forward first.
+        self.fused = type(base) is nn.Linear and not hasattr(base.weight, "ds_id")
 
     @property
     def weight(self):  # selection and AppliedDelta address the base weight by module name
@@ -26,10 +29,11 @@ class MixedDeltaLinear(nn.Module):
 
     def forward(self, x):
         seg, values = self.delta_inputs()
-        y = self.base(x)  # the base module's own forward: whatever manages its weight (e.g. ZeRO-3) sees it
-        if seg is not None:
-            y = y + segmented_delta(x, values, seg, self.base.in_features, self.base.out_features)
-        return y
+        if seg is None:
+            return self.base(x)
+        if self.fused:
+            return segmented_delta_linear(x, self.base.weight, self.base.bias, values, seg)
+        return segmented_delta_add(self.base(x), x, values, seg)
 
 
 def rows_inputs(parts: list, token_counts: list[int], lin: nn.Linear, value_dtype: torch.dtype | None = None

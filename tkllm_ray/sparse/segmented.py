@@ -6,7 +6,8 @@ x's rows are grouped by user (`token_offsets`: user u owns rows [off[u], off[u+1
 delta is its own sorted entry list, all users' lists concatenated (`entry_offsets`). Backward:
 dx through W + Δ_u per row, and dv_j = Σ_{t in u(j)} dy[t, r_j] x[t, c_j] at the selected entries
 only (no dense dW, per user or shared). The base GEMM is one call for the whole batch; the delta
-part is the per-user sparse term. This file is the torch reference (CPU, CI-tested: it loops over
+part is the per-user sparse term, added in place into the base GEMM's output (and, backward, into
+its input gradient). This file is the torch reference (CPU, CI-tested: it loops over
 users, which the GPU path never does); `segmented_triton` holds the CUDA kernels checked against it.
 """
 
@@ -104,52 +105,90 @@ def segmented_sampled_grad_reference(dy2: torch.Tensor, x2: torch.Tensor, seg: S
     return out
 
 
-def segmented_backward_reference(dy2: torch.Tensor, x2: torch.Tensor | None, values: torch.Tensor, seg: Segments,
-                                 in_features: int, need_dx: bool, need_dv: bool):
-    """(delta term of dx or None, dv or None)."""
-    dx = segmented_input_grad_reference(dy2, values, seg, in_features) if need_dx else None
-    return dx, (segmented_sampled_grad_reference(dy2, x2, seg) if need_dv else None)
+def add_forward_reference(out2: torch.Tensor, x2: torch.Tensor, values: torch.Tensor, seg: Segments) -> torch.Tensor:
+    """out2 += the delta term, in place; returns what the backward reads (x2 itself here)."""
+    out2 += segmented_forward_reference(x2, values, seg, out2.shape[1]).to(out2.dtype)
+    return x2
+
+
+def backward_reference(dy2: torch.Tensor, x2: torch.Tensor | None, values: torch.Tensor, seg: Segments,
+                       dx2: torch.Tensor | None, need_dv: bool) -> torch.Tensor | None:
+    """dx2 += the delta term of dx in place (when given); dv when `need_dv`."""
+    if dx2 is not None:
+        dx2 += segmented_input_grad_reference(dy2, values, seg, dx2.shape[1]).to(dx2.dtype)
+    return segmented_sampled_grad_reference(dy2, x2, seg) if need_dv else None
 
 
 def _kernels(t: torch.Tensor):
-    """(forward delta term, backward) for t's device: Triton on CUDA, the torch reference elsewhere."""
+    """(in-place forward add, backward) for t's device: Triton on CUDA, the torch reference elsewhere."""
     if t.is_cuda:
         from tkllm_ray.sparse import segmented_triton
 
-        return segmented_triton.segmented_forward, segmented_triton.segmented_backward
-    return segmented_forward_reference, segmented_backward_reference
+        return segmented_triton.add_forward, segmented_triton.backward
+    return add_forward_reference, backward_reference
 
 
-class SegmentedDeltaFn(torch.autograd.Function):
-    """The per-user delta term alone, apart from the base linear: any base (a plain nn.Linear, one
-    whose weight DeepSpeed ZeRO-3 gathers in its own forward, a quantized one) adds it to its
-    output, and autograd sums the two input gradients."""
+class SegmentedDeltaAddFn(torch.autograd.Function):
+    """Adds the per-user delta term into `base`, the base module's output, in place: any base (a
+    plain nn.Linear, one whose weight DeepSpeed ZeRO-3 gathers in its own forward, a quantized one)
+    computes its own part, and autograd sums the two input gradients. (A base whose backward reads
+    its own output would fail autograd's version check loudly, not silently.)"""
 
     @staticmethod
-    def forward(ctx, x, values, seg: Segments, in_features: int, out_features: int):
-        x2 = x.reshape(-1, in_features)
-        fwd, _ = _kernels(x2)
-        ctx.save_for_backward(x2 if ctx.needs_input_grad[1] else None, values)
-        ctx.seg, ctx.x_shape, ctx.in_features = seg, x.shape, in_features
-        return fwd(x2, values, seg, out_features).to(x.dtype).reshape(*x.shape[:-1], out_features)
+    def forward(ctx, base, x, values, seg: Segments, in_features: int):
+        add, _ = _kernels(x)
+        saved = add(base.view(-1, base.shape[-1]), x.reshape(-1, in_features), values, seg)
+        ctx.mark_dirty(base)
+        ctx.save_for_backward(saved if ctx.needs_input_grad[2] else None, values)
+        ctx.seg, ctx.x_shape = seg, x.shape
+        return base
 
     @staticmethod
     def backward(ctx, dy):
-        x2, values = ctx.saved_tensors
+        saved, values = ctx.saved_tensors
         dy2 = dy.reshape(-1, dy.shape[-1])
+        dx2 = dy2.new_zeros(dy2.shape[0], ctx.x_shape[-1]) if ctx.needs_input_grad[1] else None
         _, backward = _kernels(dy2)
-        dx, dv = backward(dy2, x2, values, ctx.seg, ctx.in_features, ctx.needs_input_grad[0], ctx.needs_input_grad[1])
-        return (None if dx is None else dx.to(dy.dtype).reshape(ctx.x_shape),
-                None if dv is None else dv.to(values.dtype), None, None, None)
+        dv = backward(dy2, saved, values, ctx.seg, dx2, ctx.needs_input_grad[2])
+        return (dy, None if dx2 is None else dx2.reshape(ctx.x_shape),
+                None if dv is None else dv.to(values.dtype), None, None)
 
 
-def segmented_delta(x, values, seg: Segments, in_features: int, out_features: int):
-    """x: (..., in) whose flattened rows follow `seg.token_offsets`; values: (K,) all users'
-    values -> the delta term (..., out): row t gets x[t] Δ_u(t)ᵀ."""
-    return SegmentedDeltaFn.apply(x, values, seg, in_features, out_features)
+class SegmentedDeltaLinearFn(torch.autograd.Function):
+    """The whole op for a frozen plain weight: y = x Wᵀ + b with the delta term added into y in
+    place, and dx = dy W with the delta term added into dx in place (no separate zeroed buffer or
+    sum of two input gradients)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, values, seg: Segments):
+        y = torch.nn.functional.linear(x, weight, bias)
+        add, _ = _kernels(x)
+        saved = add(y.view(-1, weight.shape[0]), x.reshape(-1, weight.shape[1]), values, seg)
+        ctx.save_for_backward(saved if ctx.needs_input_grad[3] else None, values, weight)
+        ctx.seg, ctx.x_shape = seg, x.shape
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        saved, values, weight = ctx.saved_tensors
+        dy2 = dy.reshape(-1, dy.shape[-1])
+        dx2 = dy2 @ weight.to(dy2.dtype) if ctx.needs_input_grad[0] else None
+        _, backward = _kernels(dy2)
+        dv = backward(dy2, saved, values, ctx.seg, dx2, ctx.needs_input_grad[3])
+        return (None if dx2 is None else dx2.reshape(ctx.x_shape), None, None,
+                None if dv is None else dv.to(values.dtype), None)
+
+
+def segmented_delta_add(base, x, values, seg: Segments):
+    """base: the base module's output (..., out) for x (..., in), whose flattened rows follow
+    `seg.token_offsets`; values: (K,) all users' values -> base with row t's x[t] Δ_u(t)ᵀ added
+    (in place when base is contiguous)."""
+    return SegmentedDeltaAddFn.apply(base.contiguous(), x, values, seg, x.shape[-1])
 
 
 def segmented_delta_linear(x, weight, bias, values, seg: Segments):
-    """y = x Wᵀ + b + the per-user delta term (the op of DESIGN.md, for a plain weight)."""
-    return torch.nn.functional.linear(x, weight, bias) + segmented_delta(x, values, seg, weight.shape[1],
-                                                                        weight.shape[0])
+    """y = x Wᵀ + b + the per-user delta term (the op of DESIGN.md, for a plain weight): one fused
+    op when the weight and bias are frozen, the base linear plus the added term otherwise."""
+    if weight.requires_grad or (bias is not None and bias.requires_grad):
+        return segmented_delta_add(torch.nn.functional.linear(x, weight, bias), x, values, seg)
+    return SegmentedDeltaLinearFn.apply(x, weight, bias, values, seg)

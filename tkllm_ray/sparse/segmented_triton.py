@@ -1,18 +1,23 @@
 """Triton kernels for the segmented sparse op (see `segmented.py` for the math and the reference).
 
-All three work on (features, tokens) transposes so every nonzero reads a contiguous run of its
-user's tokens (DESIGN.md: "one nonzero reads a contiguous run of that account's activations"):
-- forward / dx: a CSR product per (user, run of output lines): the entries of one user that write
-  the same output row (forward: sorted by row already) or input column (dx: a column sort,
-  computed once per Segments) are summed by one program over a block of that user's tokens: one
-  writer per output element, no atomics, no Python loop over users;
-- dv: the sampled product (as `sddmm_triton`), with each block of entries inside one user and
-  summing over that user's tokens only.
-Index plans are built once per `Segments` (cached on it) with torch ops, on the device, without
-waiting for the device.
+Each kernel works on blocks of LINES consecutive lines of one user (output rows for the forward
+and dv, input columns for dx) and turns the block's irregular entries into one tensor-core product
+per BLOCK_E entries, using a one-hot-by-line matrix of the entry values:
+- forward / dx: out[t, lines] += X_g[t, entries] @ onehot(entries -> lines, values), where X_g
+  gathers each entry's input row of a (features, tokens) transpose: a contiguous run of that
+  user's tokens (DESIGN.md: "one nonzero reads a contiguous run of that account's activations").
+  The result is added in place into the (tokens, width) output the caller owns (the base linear's
+  output or input gradient), so there is no (width, tokens) buffer, transpose back, cast or add;
+  one writer per output element, no atomics, no Python loop over users;
+- dv: D[lines, entries] = dyᵀ[lines, tokens] @ X_g[tokens, entries] over the user's tokens, then
+  dv_e = D[line(e), e]: dy's rows are read once per block instead of once per entry.
+Blocks without entries return at once. Index plans are built once per `Segments` (cached on it)
+with torch ops, on the device, without waiting for the device.
 """
 
 from __future__ import annotations
+
+import os
 
 import torch
 import triton
@@ -20,62 +25,87 @@ import triton.language as tl
 
 from tkllm_ray.sparse.sddmm_triton import transpose
 
-# Tile sizes: the fastest of `benchmarks/packed_kernels.py`'s sweep on an H200 (16 accounts x 1,024
-# tokens, tkllm-s MLP shapes: packed-kernels-nvidia-h200.json); `packed_bench.py --tune` re-sweeps.
-CONFIG = {"csr": {"LINES": 16, "BLOCK_J": 8, "BLOCK_T": 128, "num_warps": 4},
-          "sddmm": {"BLOCK_E": 32, "BLOCK_T": 32, "num_warps": 8}}
+# Tile sizes: `benchmarks/packed_kernels.py` sweeps them at tkllm-s shapes (16 accounts x 1,024
+# tokens) and `packed_bench.py --tune` trains with the fastest. BLOCK_T shrinks to the largest
+# user's token count (decode: one token per account), never below tl.dot's 16.
+# Defaults: the H100 sweep's best (packed-kernels-nvidia-h100-80gb-hbm3.json).
+CONFIG = {"csr": {"LINES": 16, "BLOCK_E": 32, "BLOCK_T": 128, "num_warps": 8},
+          "sddmm": {"LINES": 16, "BLOCK_E": 64, "BLOCK_T": 32, "SPLIT": 1, "num_warps": 4}}
 
 
 @triton.jit
-def _csr_lines(inT, outT, src, vals, line_ptr, tok_off, lines, blocks_per_user, stride_in, stride_out,
-               LINES: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_T: tl.constexpr):
-    # Program (user u, LINES output lines, BLOCK_T of u's tokens): for each line l,
-    # outT[l, t] = Σ_{entries j of (u, l)} v_j · inT[src_j, t]: the line's entries are loaded
-    # BLOCK_J at a time and their input rows gathered as one tile. One writer per output element.
+def _csr_add(srcT, out, src, dst, vals, ptr, tok_off, lines, blocks_per_user, stride_src, stride_out,
+             LINES: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_T: tl.constexpr, HALF: tl.constexpr):
+    # Program (user u, lines [l0, l0 + LINES), BLOCK_T of u's tokens):
+    # out[t, l] += Σ_{entries e of (u, l)} v_e · srcT[src_e, t].
+    b = tl.program_id(0)
+    u = b // blocks_per_user
+    l0 = (b % blocks_per_user) * LINES
+    t1 = tl.load(tok_off + u + 1)
+    ts = tl.load(tok_off + u) + tl.program_id(1) * BLOCK_T
+    p0 = tl.load(ptr + u * lines + l0)
+    p1 = tl.load(ptr + u * lines + tl.minimum(l0 + LINES, lines))
+    if (ts < t1) & (p1 > p0):
+        t = ts + tl.arange(0, BLOCK_T)
+        tm = t < t1
+        ls = tl.arange(0, LINES)
+        acc = tl.zeros((BLOCK_T, LINES), dtype=tl.float32)
+        for e0 in range(p0, p1, BLOCK_E):
+            e = e0 + tl.arange(0, BLOCK_E)
+            em = e < p1
+            s = tl.load(src + e, mask=em, other=0).to(tl.int64)
+            d = tl.load(dst + e, mask=em, other=-1) - l0
+            v = tl.load(vals + e, mask=em, other=0.0).to(tl.float32)
+            onehot = tl.where(d[:, None] == ls[None, :], v[:, None], 0.0)
+            xg = tl.load(srcT + s[None, :] * stride_src + t[:, None], mask=em[None, :] & tm[:, None], other=0.0)
+            if HALF:
+                # 16-bit operands: the values as a high and a low bf16 part (two products, exact
+                # to ~2^-16 of v), the inputs as they are.
+                hi = onehot.to(tl.bfloat16)
+                lo = (onehot - hi.to(tl.float32)).to(tl.bfloat16)
+                xb = xg.to(tl.bfloat16)
+                acc = tl.dot(xb, hi, acc)
+                acc = tl.dot(xb, lo, acc)
+            else:
+                acc = tl.dot(xg.to(tl.float32), onehot, acc, input_precision="ieee")
+        m = tm[:, None] & ((l0 + ls) < lines)[None, :]
+        o = out + t[:, None].to(tl.int64) * stride_out + (l0 + ls)[None, :]
+        cur = tl.load(o, mask=m, other=0.0)
+        tl.store(o, (cur.to(tl.float32) + acc).to(cur.dtype), mask=m)
+
+
+@triton.jit
+def _sddmm_lines(dyT, xT, cols, rows, dv, ptr, tok_off, lines, blocks_per_user, stride_dy, stride_x,
+                 LINES: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_T: tl.constexpr, SPLIT: tl.constexpr,
+                 HALF: tl.constexpr):
+    # Program (user u, output rows [l0, l0 + LINES), every SPLIT-th run of BLOCK_E of their
+    # entries): D = dyT[rows, u's tokens] @ xT[cols_e, u's tokens]ᵀ, dv_e = D[row_e - l0, e].
     b = tl.program_id(0)
     u = b // blocks_per_user
     l0 = (b % blocks_per_user) * LINES
     t0 = tl.load(tok_off + u)
     t1 = tl.load(tok_off + u + 1)
-    ts = t0 + tl.program_id(1) * BLOCK_T
-    if ts < t1:
-        t = ts + tl.arange(0, BLOCK_T)
-        tm = t < t1
-        for l in range(l0, tl.minimum(l0 + LINES, lines)):
-            p0 = tl.load(line_ptr + u * lines + l)
-            p1 = tl.load(line_ptr + u * lines + l + 1)
-            if p1 > p0:
-                acc = tl.zeros((BLOCK_T,), dtype=tl.float32)
-                for j0 in range(p0, p1, BLOCK_J):
-                    j = j0 + tl.arange(0, BLOCK_J)
-                    jm = j < p1
-                    sj = tl.load(src + j, mask=jm, other=0).to(tl.int64)
-                    v = tl.load(vals + j, mask=jm, other=0.0).to(tl.float32)
-                    x = tl.load(inT + sj[:, None] * stride_in + t[None, :], mask=jm[:, None] & tm[None, :],
-                                other=0.0).to(tl.float32)
-                    acc += tl.sum(v[:, None] * x, axis=0)
-                tl.store(outT + tl.cast(l, tl.int64) * stride_out + t, acc, mask=tm)
-
-
-@triton.jit
-def _seg_sddmm(dyT, xT, rows, cols, out, block_start, block_end, block_user, tok_off, stride_dy, stride_x,
-               BLOCK_E: tl.constexpr, BLOCK_T: tl.constexpr):
-    b = tl.program_id(0)
-    e = tl.load(block_start + b) + tl.arange(0, BLOCK_E)
-    e_ok = e < tl.load(block_end + b)
-    u = tl.load(block_user + b)
-    t0 = tl.load(tok_off + u)
-    t1 = tl.load(tok_off + u + 1)
-    r = tl.load(rows + e, mask=e_ok, other=0).to(tl.int64)
-    c = tl.load(cols + e, mask=e_ok, other=0).to(tl.int64)
-    acc = tl.zeros((BLOCK_E,), dtype=tl.float32)
-    for ts in range(t0, t1, BLOCK_T):
-        t = ts + tl.arange(0, BLOCK_T)
-        m = e_ok[:, None] & (t < t1)[None, :]
-        a = tl.load(dyT + r[:, None] * stride_dy + t[None, :], mask=m, other=0.0).to(tl.float32)
-        x = tl.load(xT + c[:, None] * stride_x + t[None, :], mask=m, other=0.0).to(tl.float32)
-        acc += tl.sum(a * x, axis=1)
-    tl.store(out + e, acc, mask=e_ok)
+    p0 = tl.load(ptr + u * lines + l0)
+    p1 = tl.load(ptr + u * lines + tl.minimum(l0 + LINES, lines))
+    ls = tl.arange(0, LINES)
+    lm = (l0 + ls) < lines
+    for e0 in range(p0 + tl.program_id(1) * BLOCK_E, p1, SPLIT * BLOCK_E):
+        e = e0 + tl.arange(0, BLOCK_E)
+        em = e < p1
+        c = tl.load(cols + e, mask=em, other=0).to(tl.int64)
+        r = tl.load(rows + e, mask=em, other=-1) - l0
+        acc = tl.zeros((LINES, BLOCK_E), dtype=tl.float32)
+        for ts in range(t0, t1, BLOCK_T):
+            t = ts + tl.arange(0, BLOCK_T)
+            tm = t < t1
+            a = tl.load(dyT + (l0 + ls)[:, None].to(tl.int64) * stride_dy + t[None, :], mask=lm[:, None] & tm[None, :],
+                        other=0.0)
+            xg = tl.load(xT + c[None, :] * stride_x + t[:, None], mask=em[None, :] & tm[:, None], other=0.0)
+            if HALF:  # bf16 x bf16 products are exact; the sums are fp32
+                acc = tl.dot(a, xg, acc)
+            else:
+                acc = tl.dot(a.to(tl.float32), xg.to(tl.float32), acc, input_precision="ieee")
+        tl.store(dv + e, tl.sum(tl.where(r[None, :] == ls[:, None], acc, 0.0), axis=0), mask=em)
 
 
 # Index plans. Every size comes from the host-side counts on the Segments, so building a plan
@@ -83,9 +113,10 @@ def _seg_sddmm(dyT, xT, rows, cols, out, block_start, block_end, block_user, tok
 # a step issues all its layers' kernels back to back.
 
 def _entry_users(seg) -> torch.Tensor:
-    counts = seg.entry_offsets[1:] - seg.entry_offsets[:-1]
-    return torch.repeat_interleave(torch.arange(seg.users, device=counts.device), counts,
-                                   output_size=sum(seg.entry_counts))
+    """Each entry's user: the number of user ends at or before its position (one bucketize;
+    repeat_interleave's kernel took ~150 us per module on an H100)."""
+    k = sum(seg.entry_counts)
+    return torch.bucketize(torch.arange(k, device=seg.entry_offsets.device), seg.entry_offsets[1:], right=True)
 
 
 def _line_ptr(key: torch.Tensor, users: int, lines: int) -> torch.Tensor:
@@ -94,11 +125,12 @@ def _line_ptr(key: torch.Tensor, users: int, lines: int) -> torch.Tensor:
 
 
 def _plan_rows(seg, out_features: int) -> dict:
-    """Forward: entries by (user, output row), the order they are stored in."""
+    """Forward and dv: entries by (user, output row), the order they are stored in."""
     key = f"rows{out_features}"
     if key not in seg._plans:
         k = _entry_users(seg) * out_features + seg.rows
-        seg._plans[key] = {"src": seg.cols, "perm": None, "ptr": _line_ptr(k, seg.users, out_features)}
+        seg._plans[key] = {"src": seg.cols, "dst": seg.rows, "perm": None,
+                           "ptr": _line_ptr(k, seg.users, out_features)}
     return seg._plans[key]
 
 
@@ -107,71 +139,65 @@ def _plan_cols(seg, in_features: int) -> dict:
     key = f"cols{in_features}"
     if key not in seg._plans:
         k, perm = torch.sort(_entry_users(seg) * in_features + seg.cols, stable=True)
-        seg._plans[key] = {"src": seg.rows[perm], "perm": perm, "ptr": _line_ptr(k, seg.users, in_features)}
+        seg._plans[key] = {"src": seg.rows[perm], "dst": seg.cols[perm], "perm": perm,
+                           "ptr": _line_ptr(k, seg.users, in_features)}
     return seg._plans[key]
 
 
-def _plan_sddmm(seg, block_e: int):
-    """dv: each user's entries cut into runs of block_e (no block spans two users)."""
-    key = f"sddmm{block_e}"
-    if key not in seg._plans:
-        dev = seg.entry_offsets.device
-        counts = seg.entry_offsets[1:] - seg.entry_offsets[:-1]
-        per_user = (counts + block_e - 1) // block_e
-        n = sum(triton.cdiv(c, block_e) for c in seg.entry_counts)
-        users = torch.repeat_interleave(torch.arange(seg.users, device=dev), per_user, output_size=n)
-        first = torch.repeat_interleave(per_user.cumsum(0) - per_user, per_user, output_size=n)
-        starts = seg.entry_offsets[users] + (torch.arange(n, device=dev) - first) * block_e
-        ends = torch.minimum(starts + block_e, seg.entry_offsets[users + 1])
-        seg._plans[key] = (starts, ends, users)
-    return seg._plans[key]
+def _half(t: torch.Tensor) -> bool:
+    """Feed tl.dot bf16 operands (bf16 data on a GPU) or fp32 ones (fp32 data; and Triton's
+    interpreter, which CI checks the kernels with and which gets bf16 dots wrong, so there the
+    16-bit path is covered by the GPU-marked tests)."""
+    return t.dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET") != "1"
 
 
-def _csr(inT: torch.Tensor, values: torch.Tensor, p: dict, seg, width: int):
-    """inT: (features, tokens), already transposed -> (tokens, width) fp32."""
-    outT = torch.zeros(width, inT.shape[1], dtype=torch.float32, device=inT.device)
+def _block_t(seg, cap: int) -> int:
+    return max(16, min(cap, triton.next_power_of_2(max(seg.token_counts, default=1))))
+
+
+def _csr_into(out: torch.Tensor, srcT: torch.Tensor, values: torch.Tensor, p: dict, seg, width: int) -> None:
+    """out (tokens, width) += the delta term, reading srcT (features, tokens)."""
     max_tokens = max(seg.token_counts, default=0)
-    if seg.users and max_tokens and seg.rows.numel():
-        c = CONFIG["csr"]
-        vals = values if p["perm"] is None else values[p["perm"]]
-        per_user = triton.cdiv(width, c["LINES"])
-        grid = (seg.users * per_user, triton.cdiv(max_tokens, c["BLOCK_T"]))
-        _csr_lines[grid](inT, outT, p["src"], vals.contiguous(), p["ptr"], seg.token_offsets, width, per_user,
-                         inT.stride(0), outT.stride(0), LINES=c["LINES"], BLOCK_J=c["BLOCK_J"],
-                         BLOCK_T=c["BLOCK_T"], num_warps=c["num_warps"])
-    return transpose(outT)
+    if not (seg.users and max_tokens and seg.rows.numel()):
+        return
+    c = CONFIG["csr"]
+    vals = values if p["perm"] is None else values[p["perm"]]
+    per_user = triton.cdiv(width, c["LINES"])
+    bt = _block_t(seg, c["BLOCK_T"])
+    grid = (seg.users * per_user, triton.cdiv(max_tokens, bt))
+    _csr_add[grid](srcT, out, p["src"], p["dst"], vals.contiguous(), p["ptr"], seg.token_offsets, width, per_user,
+                   srcT.stride(0), out.stride(0), LINES=c["LINES"], BLOCK_E=c["BLOCK_E"], BLOCK_T=bt,
+                   HALF=_half(srcT), num_warps=c["num_warps"])
 
 
-def _input_grad_T(dyT: torch.Tensor, values: torch.Tensor, seg, in_features: int) -> torch.Tensor:
-    return _csr(dyT, values, _plan_cols(seg, in_features), seg, in_features)
-
-
-def _sampled_grad_T(dyT: torch.Tensor, xT: torch.Tensor, seg) -> torch.Tensor:
-    c = CONFIG["sddmm"]
-    starts, ends, users = _plan_sddmm(seg, c["BLOCK_E"])
+def sampled_grad_T(dyT: torch.Tensor, xT: torch.Tensor, seg, out_features: int) -> torch.Tensor:
+    """dv (K,) fp32 from the (features, tokens) transposes of dy and x."""
     out = torch.zeros(seg.rows.numel(), dtype=torch.float32, device=dyT.device)
-    if starts.numel():
-        _seg_sddmm[(starts.numel(),)](dyT, xT, seg.rows, seg.cols, out, starts, ends, users, seg.token_offsets,
-                                      dyT.stride(0), xT.stride(0), BLOCK_E=c["BLOCK_E"], BLOCK_T=c["BLOCK_T"],
-                                      num_warps=c["num_warps"])
+    if not (seg.users and max(seg.token_counts, default=0) and seg.rows.numel()):
+        return out
+    c = CONFIG["sddmm"]
+    p = _plan_rows(seg, out_features)
+    per_user = triton.cdiv(out_features, c["LINES"])
+    _sddmm_lines[(seg.users * per_user, c["SPLIT"])](
+        dyT, xT, p["src"], p["dst"], out, p["ptr"], seg.token_offsets, out_features, per_user, dyT.stride(0),
+        xT.stride(0), LINES=c["LINES"], BLOCK_E=c["BLOCK_E"], BLOCK_T=_block_t(seg, c["BLOCK_T"]),
+        SPLIT=c["SPLIT"], HALF=_half(dyT) and _half(xT), num_warps=c["num_warps"])
     return out
 
 
-def segmented_forward(x2: torch.Tensor, values: torch.Tensor, seg, out_features: int) -> torch.Tensor:
-    return _csr(transpose(x2), values, _plan_rows(seg, out_features), seg, out_features)
+def add_forward(out2: torch.Tensor, x2: torch.Tensor, values: torch.Tensor, seg) -> torch.Tensor:
+    """out2 (tokens, out) += each row's delta term, in place. Returns x2's transpose, which the
+    backward's dv reads (saved instead of x2: the same memory, one transpose fewer)."""
+    xT = transpose(x2)
+    _csr_into(out2, xT, values, _plan_rows(seg, out2.shape[1]), seg, out2.shape[1])
+    return xT
 
 
-def segmented_input_grad(dy2: torch.Tensor, values: torch.Tensor, seg, in_features: int) -> torch.Tensor:
-    return _input_grad_T(transpose(dy2), values, seg, in_features)
-
-
-def segmented_sampled_grad(dy2: torch.Tensor, x2: torch.Tensor, seg) -> torch.Tensor:
-    return _sampled_grad_T(transpose(dy2), transpose(x2), seg)
-
-
-def segmented_backward(dy2: torch.Tensor, x2: torch.Tensor | None, values: torch.Tensor, seg, in_features: int,
-                       need_dx: bool, need_dv: bool):
-    """Both backward outputs from one transpose of dy (the two products read the same layout)."""
+def backward(dy2: torch.Tensor, xT: torch.Tensor | None, values: torch.Tensor, seg, dx2: torch.Tensor | None,
+             need_dv: bool) -> torch.Tensor | None:
+    """dx2 (tokens, in) += the delta term of the input gradient, in place (when given); returns
+    dv (K,) fp32 when `need_dv`. Both read one transpose of dy."""
     dyT = transpose(dy2)
-    dx = _input_grad_T(dyT, values, seg, in_features) if need_dx else None
-    return dx, (_sampled_grad_T(dyT, transpose(x2), seg) if need_dv else None)
+    if dx2 is not None:
+        _csr_into(dx2, dyT, values, _plan_cols(seg, dx2.shape[1]), seg, dx2.shape[1])
+    return sampled_grad_T(dyT, xT, seg, dy2.shape[1]) if need_dv else None
