@@ -20,8 +20,10 @@ class ServeConfig(ConfigModel):
     device: str = Field("cpu", description="cpu or cuda")
     device_cache_mb: int = Field(1024, ge=1, description="per replica: deltas kept on the device")
     host_cache_mb: int = Field(4096, ge=1, description="per replica: deltas kept in host memory")
-    max_batch: int = Field(16, ge=1, le=1024, description="requests per generation batch")
-    batch_wait_ms: float = Field(5.0, ge=0, le=1000, description="how long a batch waits to fill")
+    max_batch: int = Field(16, ge=1, le=1024, description="requests decoding at once (KV-cache slots per replica)")
+    max_seq_len: int | None = Field(None, ge=8, description="tokens per request (prompt + generated) the KV cache "
+                                    "holds; default: the base's context length")
+    batch_wait_ms: float = Field(5.0, ge=0, le=1000, description="how long an idle replica waits to prefill arrivals together")
     refresh_s: float = Field(5.0, gt=0, description="how often a replica checks for newly published versions")
     host: str = Field("127.0.0.1", description="tkllm serve: HTTP address")
     port: int = Field(8000, ge=1, le=65535, description="tkllm serve: HTTP port")

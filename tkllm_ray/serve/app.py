@@ -3,8 +3,9 @@ base once per replica and batches the requests of different accounts together.
 
 Routing uses Serve's model multiplexing (the account id is the multiplexed model id), so a request
 goes to a replica that already holds its account's delta. Serve's own @serve.batch splits batches
-by multiplexed id (one account per batch), so the replica batches itself: requests queue, and a
-batcher takes up to `max_batch` of them, whatever their accounts, into one DeltaBatchEngine call.
+by multiplexed id (one account per batch), so the replica batches itself, continuously: requests
+of any accounts join the running batch (up to `max_batch` at once) at the engine's next step and
+leave it when done; nobody waits for the longest request of a batch.
 """
 
 # No `from __future__ import annotations` here: FastAPI reads the body models from the methods' real
@@ -28,7 +29,7 @@ from tkllm_ray.serve.engine import DeltaBatchEngine, GenRequest
 class DeltaModel:
     def __init__(self, model: str, tokenizer: str, deltas: str, device: str = "cpu", device_cache_mb: int = 1024,
                  host_cache_mb: int = 4096, max_batch: int = 16, batch_wait_ms: float = 5.0, refresh_s: float = 5.0,
-                 storage=None):
+                 storage=None, max_seq_len: int | None = None):
         from tkllm_ray.data.tokenizer import load_tokenizer
         from tkllm_ray.models import fingerprint
         from tkllm_ray.models.load import load_base_model
@@ -39,7 +40,7 @@ class DeltaModel:
         shapes = {n: m.weight.numel() for n, m in target_linears(base).items()}
         self.cache = DeltaCache(deltas, device, device_cache_mb << 20, host_cache_mb << 20, fingerprint(base),
                                 next(base.parameters()).dtype, storage, shapes=shapes)
-        self.engine = DeltaBatchEngine(base, pad_id=self.tok.pad_token_id or 0)
+        self.engine = DeltaBatchEngine(base, pad_id=self.tok.pad_token_id or 0, slots=max_batch, max_len=max_seq_len)
         self.max_batch, self.wait_s, self.refresh_s = max_batch, batch_wait_ms / 1e3, refresh_s
         self.queue: asyncio.Queue | None = None
         self.metrics = _Metrics()
@@ -119,20 +120,53 @@ class DeltaModel:
         return text, "stop" if cut or len(tokens) < job["gen"].max_tokens else "length"
 
     async def _batcher(self) -> None:
+        """Continuous batching: between engine steps, queued requests join (their deltas fetched
+        first); an idle replica waits up to batch_wait_ms to prefill arrivals together."""
+        jobs: dict[int, dict] = {}
         while True:
-            batch = [await self.queue.get()]
-            deadline = time.monotonic() + self.wait_s
-            while len(batch) < self.max_batch and (left := deadline - time.monotonic()) > 0:
-                try:
-                    batch.append(await asyncio.wait_for(self.queue.get(), left))
-                except asyncio.TimeoutError:
-                    break
+            pending = []
+            if not self.engine.busy:
+                pending.append(await self.queue.get())
+                deadline = time.monotonic() + self.wait_s
+                while (left := deadline - time.monotonic()) > 0:
+                    try:
+                        pending.append(await asyncio.wait_for(self.queue.get(), left))
+                    except asyncio.TimeoutError:
+                        break
+            while not self.queue.empty():
+                pending.append(self.queue.get_nowait())
+            for job in pending:
+                await self._join(job, jobs)
+            if not self.engine.busy:
+                continue
+            t0 = time.perf_counter()
             try:
-                await self._run(batch)
+                updates = await asyncio.to_thread(self.engine.step)  # the event loop keeps taking requests
             except Exception as e:  # never leave a caller waiting
-                for job in batch:
+                self.engine.abort()
+                for job in jobs.values():
                     job["sink"].put_nowait({"error": {"status": 500, "message": f"generation failed: {e}",
                                                       "type": "server_error"}})
+                jobs.clear()
+                continue
+            for rid, toks, finished in updates:
+                jobs[rid]["sink"].put_nowait({"tokens": toks, "finished": finished})
+                if finished:
+                    del jobs[rid]
+            self.metrics.step(len(updates), sum(1 for *_, f in updates if f), time.perf_counter() - t0)
+            self.metrics.cache(self.cache.stats)
+
+    async def _join(self, job: dict, jobs: dict) -> None:
+        account = job["req"]["account"]
+        try:
+            job["gen"].delta = (await self.cache.aget(account)).delta if account is not None else None
+        except (UnknownAccount, DeltaLoadError) as e:  # evicted since _submit, and now failing to reload
+            job["sink"].put_nowait(_delta_error(e))
+            return
+        try:
+            jobs[self.engine.submit(job["gen"])] = job
+        except ValueError as e:  # longer than the engine's cache
+            job["sink"].put_nowait({"error": {"status": 400, "message": str(e), "type": "invalid_request_error"}})
 
     async def _refresher(self) -> None:
         """Pick up newly published versions: each loads beside the one serving, then replaces it."""
@@ -143,29 +177,6 @@ class DeltaModel:
             except Exception as e:  # a store hiccup: keep serving what is loaded, try again later
                 print(f"delta refresh failed: {e}")
             self.metrics.cache(self.cache.stats)
-
-    async def _run(self, batch: list) -> None:
-        live = []
-        for job in batch:
-            account = job["req"]["account"]
-            try:
-                job["gen"].delta = (await self.cache.aget(account)).delta if account is not None else None
-            except (UnknownAccount, DeltaLoadError) as e:  # evicted since _submit, and now failing to reload
-                job["sink"].put_nowait(_delta_error(e))
-                continue
-            live.append(job)
-        loop, t0, tokens = asyncio.get_running_loop(), time.perf_counter(), [0]
-
-        def work():  # on a thread: the event loop keeps taking requests meanwhile
-            for updates in self.engine.stream([job["gen"] for job in live]):
-                for i, toks, finished in updates:
-                    tokens[0] += 1
-                    loop.call_soon_threadsafe(live[i]["sink"].put_nowait, {"tokens": toks, "finished": finished})
-
-        if live:
-            await asyncio.to_thread(work)
-        self.metrics.batch(len(live), tokens[0], time.perf_counter() - t0)
-        self.metrics.cache(self.cache.stats)
 
 
 def _cut_at_stop(text: str, stops: list[str]) -> tuple[str, bool]:
@@ -188,19 +199,21 @@ class _Metrics:
 
         self.requests = Counter("tkllm_requests", "generation requests served")
         self.tokens = Counter("tkllm_generated_tokens", "tokens generated")
-        self.batch_size = Histogram("tkllm_batch_size", "requests per generation batch",
+        self.batch_size = Histogram("tkllm_batch_size", "requests decoding together, per engine step",
                                     boundaries=[1, 2, 4, 8, 16, 32, 64, 128])
-        self.tokens_per_s = Gauge("tkllm_tokens_per_s", "tokens/s of the last batch")
+        self.tokens_per_s = Gauge("tkllm_tokens_per_s", "tokens/s of the last engine step")
         self.cache_stats = {k: Gauge(f"tkllm_delta_cache_{k}", f"delta cache: {k} so far")
                             for k in ("hits", "host_hits", "misses", "evictions", "store_loads", "swaps", "load_errors")}
         self.load_ms = Gauge("tkllm_delta_load_ms", "delta load time (store to device) of the last load, ms")
 
-    def batch(self, n: int, tokens: int, seconds: float) -> None:
-        if n:
-            self.requests.inc(n)
-            self.tokens.inc(tokens)
-            self.batch_size.observe(n)
-            self.tokens_per_s.set(tokens / max(seconds, 1e-9))
+    def step(self, rows: int, finished: int, seconds: float) -> None:
+        """One engine step: `rows` requests each got a token, `finished` of them completed."""
+        if finished:  # Ray's counters refuse an increment of 0
+            self.requests.inc(finished)
+        if rows:
+            self.tokens.inc(rows)
+            self.batch_size.observe(rows)
+            self.tokens_per_s.set(rows / max(seconds, 1e-9))
 
     def cache(self, stats: dict) -> None:
         for k, g in self.cache_stats.items():
@@ -323,4 +336,4 @@ def app_builder(args: dict):
     keys = KeyRing.from_file(cfg.keys_file) if cfg.keys_file else None
     return build_app(cfg.model, cfg.tokenizer, cfg.deltas, cfg.base_name, keys, device=cfg.device,
                      device_cache_mb=cfg.device_cache_mb, host_cache_mb=cfg.host_cache_mb, max_batch=cfg.max_batch,
-                     batch_wait_ms=cfg.batch_wait_ms, refresh_s=cfg.refresh_s, storage=cfg.storage)
+                     max_seq_len=cfg.max_seq_len, batch_wait_ms=cfg.batch_wait_ms, refresh_s=cfg.refresh_s, storage=cfg.storage)

@@ -1,18 +1,29 @@
-"""Generation for a batch that mixes accounts: one shared base model, each request's rows through
-its own account's W + Δ (the segmented op, as in packed training), prefill and decode batched,
-a KV cache per request. Greedy output for an account equals the base with that account's delta
-merged in; a request's tokens do not depend on what else is in its batch (tested).
+"""Generation for requests of many accounts on one shared base: continuous batching over a static
+KV cache, each row through its own account's W + Δ (the segmented op, via the mixed linears, as in
+packed training). Greedy output for an account equals the base with that account's delta merged
+in, and a request's tokens do not depend on what else runs beside it (tested).
 
-This is the static-batch core a replica runs per batch; the Ray Serve app feeds it.
+- The KV cache is allocated once: per layer, K and V of shape (slots, kv_heads, max_len, head_dim).
+  A request holds one slot from admission to its last token; no cache grows or is copied.
+- Each `step()` admits waiting requests into free slots (one prefill over just their prompts,
+  right-padded: causal attention never reads a pad), then runs one decode step over every slot:
+  the same shapes each step. Attention reads the cache up to the longest live position rounded up
+  to `bucket`, not the whole max_len.
+- Sampling is batched (one argmax for all rows, draws only for sampling rows) with one host copy
+  per step. Requests join and leave between steps; `stream` runs a fixed list to completion.
+Llama-family bases (the presets and SmolLM2): the engine runs their layers itself, reusing the
+model's own norms, rotary embedding and (mixed) linears.
 """
 
 from __future__ import annotations
 
+from collections import deque
 from dataclasses import dataclass, field
 from typing import Iterator
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 from tkllm_ray.sparse.delta_store import Delta
 from tkllm_ray.sparse.mixed import rows_inputs, swap_in
@@ -33,7 +44,7 @@ class GenRequest:
 
 class _RowDeltas:
     """The batch context the mixed linears read: request i owns rows [i·L, (i+1)·L) of the
-    flattened activations (L = tokens per request in this forward: the prompt length, then 1)."""
+    flattened activations (L = `tokens`: the padded prompt length in a prefill, else 1)."""
 
     def __init__(self, deltas: list[Delta | None], dtype: torch.dtype):
         self.deltas, self.dtype = deltas, dtype
@@ -42,21 +53,93 @@ class _RowDeltas:
 
     def module_inputs(self, name: str, lin: nn.Linear):
         key = (name, self.tokens)
-        if key not in self._inputs:  # once per phase: every decode step reuses it
+        if key not in self._inputs:  # built once per slot assignment: every decode step reuses it
             parts = [d.get(name) if d is not None else None for d in self.deltas]
             self._inputs[key] = rows_inputs(parts, [self.tokens] * len(self.deltas), lin, self.dtype)
         return self._inputs[key]
 
 
+@dataclass
+class _Live:
+    rid: int
+    req: GenRequest
+    gen: torch.Generator | None
+    out: list[int] = field(default_factory=list)
+
+
 class DeltaBatchEngine:
-    def __init__(self, model: nn.Module, pad_id: int = 0, target_modules: list[str] | None = None):
-        self.model, self.pad_id = model.eval(), pad_id
+    def __init__(self, model: nn.Module, pad_id: int = 0, target_modules: list[str] | None = None,
+                 slots: int = 64, max_len: int | None = None, bucket: int = 64, cuda_graphs: bool = True):
+        self.model, self.pad_id, self.bucket = model.eval(), pad_id, bucket
         for p in model.parameters():
             p.requires_grad_(False)
-        self.device = next(model.parameters()).device
-        self.dtype = next(model.parameters()).dtype
+        cfg = model.config
+        self.device, self.dtype = next(model.parameters()).device, next(model.parameters()).dtype
+        self.slots, self.max_len = slots, max_len or cfg.max_position_embeddings
+        self.layers = model.model.layers
+        attn = self.layers[0].self_attn
+        shape = (slots, cfg.num_key_value_heads, self.max_len, attn.head_dim)
+        self.k = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in self.layers]
+        self.v = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in self.layers]
+        self.pos = [0] * slots  # tokens cached per slot = the next token's position
+        self.live: list[_Live | None] = [None] * slots
+        self.waiting: deque[_Live] = deque()
+        self._next_rid = 0
         self.ctx: _RowDeltas | None = None
+        self._decode_ctx: _RowDeltas | None = None  # rebuilt when the slot assignment changes
+        # CUDA graphs of the decode step, per attention span: one set for base-only batches, one
+        # for the current slot assignment's deltas (dropped when it changes).
+        self.cuda_graphs = cuda_graphs and self.device.type == "cuda"
+        self._graphs: dict[tuple, tuple] = {}
+        self._static = (torch.zeros(slots, dtype=torch.long, device=self.device),
+                        torch.zeros(slots, dtype=torch.long, device=self.device))
         swap_in(model, target_linears(model, target_modules), self)
+
+    # ---- requests in, tokens out -------------------------------------------------------------
+    def submit(self, req: GenRequest) -> int:
+        """Queue a request; returns its id (the first element of its `step()` updates)."""
+        if not req.prompt:
+            raise ValueError("every request needs a non-empty prompt")
+        if len(req.prompt) + max(req.max_tokens, 0) > self.max_len:
+            raise ValueError(f"prompt ({len(req.prompt)} tokens) + max_tokens ({req.max_tokens}) exceeds the "
+                             f"engine's max_len {self.max_len}")
+        rid, self._next_rid = self._next_rid, self._next_rid + 1
+        gen = torch.Generator(device=self.device).manual_seed(req.seed) if req.seed is not None else None
+        self.waiting.append(_Live(rid, req, gen))
+        return rid
+
+    def abort(self) -> None:
+        """Drop every queued and live request (after a failed step: their callers get the error)."""
+        self.waiting.clear()
+        self.live, self.pos = [None] * self.slots, [0] * self.slots
+        self._decode_ctx = None
+
+    @property
+    def busy(self) -> bool:
+        return bool(self.waiting) or any(s is not None for s in self.live)
+
+    @torch.no_grad()
+    def step(self) -> list[tuple[int, list[int], bool]]:
+        """Admit what fits, decode one token for every live request: (request id, its tokens so
+        far, finished) for each request that changed. A stop sequence is removed when it
+        completes, so a consumer that streams text holds back tokens that could start one."""
+        updates: list[tuple[int, list[int], bool]] = []
+        self._admit(updates)
+        if any(s is not None for s in self.live):
+            self._decode(updates)
+        return updates
+
+    def stream(self, requests: list[GenRequest]) -> Iterator[list[tuple[int, list[int], bool]]]:
+        """Run `requests` to completion (beside whatever else is queued): per step, (index into
+        `requests`, tokens so far, finished) for each that changed."""
+        index = {self.submit(r): i for i, r in enumerate(requests)}
+        left = set(index)
+        while left:
+            updates = self.step()
+            left -= {rid for rid, _, done in updates if done}
+            mine = [(index[rid], toks, done) for rid, toks, done in updates if rid in index]
+            if mine:
+                yield mine
 
     def generate(self, requests: list[GenRequest]) -> list[list[int]]:
         """New tokens per request (stop sequences and EOS not included)."""
@@ -66,75 +149,159 @@ class DeltaBatchEngine:
                 out[i] = tokens
         return out
 
-    @torch.no_grad()
-    def stream(self, requests: list[GenRequest]) -> Iterator[list[tuple[int, list[int], bool]]]:
-        """Per decode step, (request index, its tokens so far, finished) for each request that
-        changed. A stop sequence is removed when it completes, so a consumer that streams text
-        holds back the last tokens that could still turn out to start one."""
-        from transformers import DynamicCache
+    # ---- scheduling ------------------------------------------------------------------------
+    def _admit(self, updates: list) -> None:
+        new: list[tuple[int, _Live]] = []
+        free = [s for s in range(self.slots) if self.live[s] is None]
+        while self.waiting and (free or self.waiting[0].req.max_tokens <= 0):
+            lv = self.waiting.popleft()
+            if lv.req.max_tokens <= 0:
+                updates.append((lv.rid, [], True))
+                continue
+            new.append((free.pop(0), lv))
+        if new:
+            width = max(len(lv.req.prompt) for _, lv in new)
+            ids = torch.full((len(new), width), self.pad_id, dtype=torch.long)
+            for i, (_, lv) in enumerate(new):
+                ids[i, : len(lv.req.prompt)] = torch.tensor(lv.req.prompt)
+            lens = torch.tensor([len(lv.req.prompt) for _, lv in new])
+            self.ctx = _RowDeltas([lv.req.delta for _, lv in new], self.dtype)
+            try:
+                logits = self._prefill(ids.to(self.device), torch.tensor([s for s, _ in new], device=self.device),
+                                       lens.to(self.device))
+            finally:
+                self.ctx = None
+            for (s, lv), tok in zip(new, self._pick(logits, [lv for _, lv in new])):
+                self.live[s], self.pos[s] = lv, len(lv.req.prompt)
+                self._emit(s, tok, updates)
+            self._decode_ctx = None
 
-        if not requests:
-            return
-        for r in requests:
-            if not r.prompt:
-                raise ValueError("every request needs a non-empty prompt")
-        width = max(len(r.prompt) for r in requests)
-        ids = torch.full((len(requests), width), self.pad_id, dtype=torch.long)
-        mask = torch.zeros((len(requests), width), dtype=torch.long)
-        for i, r in enumerate(requests):  # left padding: every row's next token is at the end
-            ids[i, width - len(r.prompt):] = torch.tensor(r.prompt)
-            mask[i, width - len(r.prompt):] = 1
-        ids, mask = ids.to(self.device), mask.to(self.device)
-        pos = (mask.cumsum(-1) - 1).clamp(min=0)
-        gens = [torch.Generator(device=self.device).manual_seed(r.seed) if r.seed is not None else None
-                for r in requests]
-        cache, out = DynamicCache(), [[] for _ in requests]
-        done = [r.max_tokens <= 0 for r in requests]
-        if any(done):
-            yield [(i, [], True) for i in range(len(requests)) if done[i]]
-        self.ctx = _RowDeltas([r.delta for r in requests], self.dtype)
+    def _decode(self, updates: list) -> None:
+        rows = [s for s in range(self.slots) if self.live[s] is not None]
+        last = [lv.out[-1] if lv is not None and lv.out else self.pad_id for lv in self.live]
+        if self._decode_ctx is None:
+            self._decode_ctx = _RowDeltas([lv.req.delta if lv is not None else None for lv in self.live], self.dtype)
+            self._graphs = {k: g for k, g in self._graphs.items() if k[0] == "base"}
+        span = min(self.max_len, -(-(max(self.pos[s] for s in rows) + 1) // self.bucket) * self.bucket)
+        self.ctx = self._decode_ctx
         try:
-            self.ctx.tokens = width
-            logits = self.model(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=cache,
-                                use_cache=True).logits[:, -1]
-            while not all(done):
-                nxt = [self._pick(logits[i], r, gens[i]) for i, r in enumerate(requests)]
-                updates = []
-                for i, r in enumerate(requests):
-                    if not done[i]:
-                        done[i] = self._append(out[i], nxt[i], r)
-                        updates.append((i, list(out[i]), done[i]))
-                yield updates
-                if all(done):
-                    break
-                mask = torch.cat([mask, mask.new_ones(len(requests), 1)], dim=1)
-                pos = pos[:, -1:] + 1
-                self.ctx.tokens = 1
-                step = torch.tensor(nxt, device=self.device).unsqueeze(1)
-                logits = self.model(input_ids=step, attention_mask=mask, position_ids=pos, past_key_values=cache,
-                                    use_cache=True).logits[:, -1]
+            logits = self._decode_logits(last, span)
         finally:
             self.ctx = None
+        for s, tok in zip(rows, self._pick(logits[rows], [self.live[s] for s in rows])):
+            self.pos[s] += 1
+            self._emit(s, tok, updates)
 
-    @staticmethod
-    def _pick(logits: torch.Tensor, r: GenRequest, gen: torch.Generator | None) -> int:
-        if r.temperature <= 0:
-            return int(logits.argmax())
-        probs = torch.softmax(logits.float() / r.temperature, dim=-1)
-        if r.top_p < 1.0:  # nucleus: the smallest set of top tokens holding top_p of the mass
-            sorted_p, order = torch.sort(probs, descending=True)
-            keep = sorted_p.cumsum(-1) - sorted_p < r.top_p
-            probs = torch.zeros_like(probs).scatter(0, order[keep], sorted_p[keep])
-        return int(torch.multinomial(probs, 1, generator=gen))
+    def _emit(self, slot: int, token: int, updates: list) -> None:
+        lv = self.live[slot]
+        done = _append(lv.out, token, lv.req)
+        updates.append((lv.rid, list(lv.out), done))
+        if done:
+            self.live[slot], self.pos[slot] = None, 0
+            self._decode_ctx = None
 
-    @staticmethod
-    def _append(out: list[int], token: int, r: GenRequest) -> bool:
-        """Add `token`; True when the request is finished (EOS, a stop sequence, max_tokens)."""
-        if r.eos_id is not None and token == r.eos_id:
+    def _pick(self, logits: torch.Tensor, lives: list[_Live]) -> list[int]:
+        picked = logits.argmax(-1)
+        for i, lv in enumerate(lives):
+            if lv.req.temperature > 0:
+                picked[i] = _sample(logits[i], lv.req, lv.gen)
+        return picked.tolist()  # the step's one host copy
+
+    # ---- the model, over the static cache ----------------------------------------------------
+    def _layers(self, h: torch.Tensor, pos: torch.Tensor, write, attend) -> torch.Tensor:
+        from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+        n, length = h.shape[:2]
+        cos, sin = self.model.model.rotary_emb(h, pos)
+        for i, layer in enumerate(self.layers):
+            a = layer.self_attn
+            r = layer.input_layernorm(h)
+            q = a.q_proj(r).view(n, length, -1, a.head_dim).transpose(1, 2)
+            k = a.k_proj(r).view(n, length, -1, a.head_dim).transpose(1, 2)
+            v = a.v_proj(r).view(n, length, -1, a.head_dim).transpose(1, 2)
+            q, k = apply_rotary_pos_emb(q, k, cos, sin)
+            write(i, k, v)
+            o = attend(i, q, k, v, a.scaling)
+            h = h + a.o_proj(o.transpose(1, 2).reshape(n, length, -1))
+            h = h + layer.mlp(layer.post_attention_layernorm(h))
+        return h
+
+    def _prefill(self, ids: torch.Tensor, slots: torch.Tensor, lens: torch.Tensor) -> torch.Tensor:
+        """New prompts (right-padded) into their slots -> logits at each prompt's last token."""
+        n, width = ids.shape
+        self.ctx.tokens = width
+
+        def write(i, k, v):
+            self.k[i][slots, :, :width] = k
+            self.v[i][slots, :, :width] = v
+
+        def attend(i, q, k, v, scale):  # a new request attends only to its own prompt
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=True)
+
+        pos = torch.arange(width, device=ids.device).expand(n, width)
+        h = self._layers(self.model.model.embed_tokens(ids), pos, write, attend)
+        last = h[torch.arange(n, device=ids.device), lens - 1]
+        self.ctx.tokens = 1  # lm_head sees one row per request
+        return self.model.lm_head(self.model.model.norm(last))
+
+    def _decode_logits(self, last: list[int], span: int) -> torch.Tensor:
+        """The decode step, eagerly or as a CUDA graph replay (captured on first use per span, after
+        one eager run that compiles the kernels and builds the deltas' index plans)."""
+        tokens, pos = self._static
+        tokens.copy_(torch.tensor(last), non_blocking=True)
+        pos.copy_(torch.tensor(self.pos), non_blocking=True)
+        if not self.cuda_graphs:
+            return self._decode_step(tokens, pos, span)
+        key = ("base" if all(d is None for d in self.ctx.deltas) else "deltas", span)
+        if key not in self._graphs:
+            out = self._decode_step(tokens, pos, span)  # writes the same K/V the replay writes
+            try:
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph):
+                    static_out = self._decode_step(tokens, pos, span)
+            except RuntimeError as e:  # e.g. an op that cannot be captured: stay eager from now on
+                print(f"CUDA graph capture failed, decoding eagerly: {e}")
+                self.cuda_graphs = False
+                return out
+            self._graphs[key] = (graph, static_out)
+            return out
+        graph, static_out = self._graphs[key]
+        graph.replay()
+        return static_out
+
+    def _decode_step(self, last: torch.Tensor, pos: torch.Tensor, span: int) -> torch.Tensor:
+        """One token per slot (free slots compute on a pad and are ignored) -> logits per slot."""
+        every = torch.arange(self.slots, device=last.device)
+        mask = (torch.arange(span, device=last.device)[None, :] <= pos[:, None])[:, None, None, :]
+
+        def write(i, k, v):
+            self.k[i][every, :, pos] = k[:, :, 0]
+            self.v[i][every, :, pos] = v[:, :, 0]
+
+        def attend(i, q, k, v, scale):
+            return F.scaled_dot_product_attention(q, self.k[i][:, :, :span], self.v[i][:, :, :span], attn_mask=mask,
+                                                  scale=scale, enable_gqa=True)
+
+        h = self._layers(self.model.model.embed_tokens(last[:, None]), pos[:, None], write, attend)
+        return self.model.lm_head(self.model.model.norm(h[:, 0]))
+
+
+def _sample(logits: torch.Tensor, r: GenRequest, gen: torch.Generator | None) -> torch.Tensor:
+    probs = torch.softmax(logits.float() / r.temperature, dim=-1)
+    if r.top_p < 1.0:  # nucleus: the smallest set of top tokens holding top_p of the mass
+        sorted_p, order = torch.sort(probs, descending=True)
+        keep = sorted_p.cumsum(-1) - sorted_p < r.top_p
+        probs = torch.zeros_like(probs).scatter(0, order[keep], sorted_p[keep])
+    return torch.multinomial(probs, 1, generator=gen)[0]
+
+
+def _append(out: list[int], token: int, r: GenRequest) -> bool:
+    """Add `token`; True when the request is finished (EOS, a stop sequence, max_tokens)."""
+    if r.eos_id is not None and token == r.eos_id:
+        return True
+    out.append(token)
+    for s in r.stop:
+        if s and out[-len(s):] == s:
+            del out[-len(s):]
             return True
-        out.append(token)
-        for s in r.stop:
-            if s and out[-len(s):] == s:
-                del out[-len(s):]
-                return True
-        return len(out) >= r.max_tokens
+    return len(out) >= r.max_tokens

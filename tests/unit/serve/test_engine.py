@@ -86,6 +86,41 @@ def test_sampling_is_seeded_and_stop_eos_and_limits_end_a_request(base):
         engine.generate([GenRequest([], delta)])
 
 
+def test_continuous_batching_requests_join_midway_and_reuse_slots(base):
+    """More requests than slots, arriving while others decode: each gets its solo tokens, and a
+    finished request's slot takes the next one."""
+    solo = DeltaBatchEngine(copy.deepcopy(base))
+    engine = DeltaBatchEngine(copy.deepcopy(base), slots=2)
+    reqs = [GenRequest(_prompt(20 + i, 3 + 2 * i), _delta(base, 20 + i) if i % 3 else None, max_tokens=4 + i)
+            for i in range(5)]
+    want = [solo.generate([r])[0] for r in reqs]
+    got, finished, admitted_late = {}, [], None
+    ids = [engine.submit(reqs[0])]
+    for step in range(200):
+        if step == 2:  # a second request arrives while the first is decoding
+            ids.append(engine.submit(reqs[1]))
+        if step == 3:  # three more than the free slots
+            ids += [engine.submit(r) for r in reqs[2:]]
+            admitted_late = len(engine.waiting)
+        for rid, toks, done in engine.step():
+            got[rid] = toks
+            if done:
+                finished.append(rid)
+        assert sum(s is not None for s in engine.live) <= 2
+        if not engine.busy:
+            break
+    assert admitted_late == 3 and sorted(finished) == sorted(ids)
+    assert [got[i] for i in ids] == want
+    assert finished.index(ids[0]) < finished.index(ids[4])  # in the order they could run
+
+
+def test_a_request_longer_than_the_cache_is_refused(base):
+    engine = DeltaBatchEngine(copy.deepcopy(base), slots=1, max_len=16)
+    with pytest.raises(ValueError, match="exceeds the engine's max_len 16"):
+        engine.submit(GenRequest(_prompt(1, 10), None, max_tokens=7))
+    assert len(engine.generate([GenRequest(_prompt(1, 10), None, max_tokens=6)])[0]) == 6  # exactly fits
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_on_cuda_the_triton_path_matches_the_merged_model(base):
@@ -101,3 +136,16 @@ def test_on_cuda_the_triton_path_matches_the_merged_model(base):
         want = merged.generate(ids, max_new_tokens=8, do_sample=False, pad_token_id=0, eos_token_id=None,
                                attention_mask=torch.ones_like(ids))[0, len(r.prompt):].tolist()
         assert got == want
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_on_cuda_graph_replays_decode_the_same_tokens_as_eager_steps(base):
+    model = copy.deepcopy(base).float().cuda()
+    reqs = [GenRequest(_prompt(i, 5 + i), {n: (i_.cuda(), v.float().cuda()) for n, (i_, v) in _delta(base, i).items()}
+                       if i else None, max_tokens=8) for i in range(3)]
+    eager = DeltaBatchEngine(copy.deepcopy(model), slots=4, max_len=64, cuda_graphs=False).generate(reqs)
+    graphed = DeltaBatchEngine(copy.deepcopy(model), slots=4, max_len=64)
+    assert graphed.generate(reqs) == eager
+    assert graphed.generate([reqs[0]]) == eager[:1]  # base only: its own graph
+    assert {k[0] for k in graphed._graphs} == {"base"} and graphed.cuda_graphs  # captured, never fell back
