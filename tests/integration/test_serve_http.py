@@ -182,6 +182,59 @@ def test_a_new_version_takes_over_mid_traffic_without_an_error(served):
     assert seen[-1] == want and set(seen) <= {first, want}
 
 
+def test_style_experts_pinned_by_the_request_or_routed(served):
+    """A second app on the same Serve instance, with style experts beside the deltas: a pinned
+    style serves the account's delta plus that expert; an unpinned request gets the router's
+    top-1 expert; an unknown style is a 400, and so is any style where no experts are served."""
+    from ray import serve
+
+    from tkllm_ray.serve.app import build_app
+    from tkllm_ray.serve.experts import load_experts, save_experts
+
+    url, base, tok, deltas, root = served
+    experts = {d: _delta(base, 40 + i) for i, d in enumerate(["vlog", "storytelling"])}
+    g = torch.Generator().manual_seed(5)
+    save_experts(str(root / "experts"), experts, torch.randn(2, base.config.hidden_size, generator=g), torch.zeros(2),
+                 "tiny", fingerprint(base), 0.02, top_k=1)
+    free = {"ray_actor_options": {"num_cpus": 0}}  # beside the first app on the test's 2-CPU Ray
+    serve.run(build_app(str(root / "tiny"), "builtin", str(root / "deltas"), "tiny", None, deployment_options=free,
+                        ingress_options=free, experts=str(root / "experts"), batch_wait_ms=10),
+              name="styles", route_prefix="/styles")
+    prompt = "new drop this friday"
+    ids = tok(prompt, add_special_tokens=False)["input_ids"]
+    served_experts = load_experts(str(root / "experts"))  # the values as stored (bf16), as the replica has them
+    routed = next(iter(served_experts.route(ids, base.get_input_embeddings())))
+    other = next(d for d in served_experts.domains if d != routed)
+    cy = _delta(base, 50)  # an account whose manifest pins the style the router would not pick
+    save_delta(str(root / "deltas"), "cy", cy, "tiny", fingerprint(base), "gspf", 0.02, value_dtype="fp32", style=other)
+
+    def reference(*ds):
+        m = copy.deepcopy(base)
+        for d in ds:  # each adds its entries onto the weights
+            AppliedDelta(m, d)
+        out = m.generate(torch.tensor([ids]), max_new_tokens=8, do_sample=False, pad_token_id=0, eos_token_id=None,
+                         attention_mask=torch.ones(1, len(ids), dtype=torch.long))
+        return tok.decode(out[0, len(ids):].tolist(), skip_special_tokens=True)
+
+    def ask(style=None, path="/styles", account="ana"):
+        body = {"model": f"tiny:{account}", "prompt": prompt, "max_tokens": 8, "temperature": 0}
+        if style:
+            body["style"] = style
+        return _post(url, path + "/v1/completions", body)
+
+    pinned = ask("storytelling")
+    assert pinned.status_code == 200, pinned.text
+    assert pinned.json()["choices"][0]["text"] == reference(deltas["ana"], served_experts.deltas["storytelling"])
+    assert pinned.json()["choices"][0]["text"] != reference(deltas["ana"])  # the expert matters
+    assert ask().json()["choices"][0]["text"] == reference(deltas["ana"], served_experts.deltas[routed])
+    assert ask(account="cy").json()["choices"][0]["text"] == reference(cy, served_experts.deltas[other])
+    bad = ask("cooking")
+    assert bad.status_code == 400 and "unknown style 'cooking'" in bad.json()["error"]["message"]
+    none = ask("vlog", path="")
+    assert none.status_code == 400 and "serves no style experts" in none.json()["error"]["message"]
+    serve.delete("styles")
+
+
 def test_keyring_file_and_bad_entries(tmp_path):
     path = tmp_path / "keys.json"
     path.write_text(json.dumps({"keys": [{"name": "a", "sha256": hash_key("s3cret"), "accounts": ["ana"]}]}))

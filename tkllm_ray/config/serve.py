@@ -17,6 +17,8 @@ class ServeConfig(ConfigModel):
     keys_file: str | None = Field(None, description="JSON file of hashed API keys (see tkllm_ray/serve/api.py); "
                                                     "required unless allow_anonymous")
     allow_anonymous: bool = Field(False, description="serve without API keys (local development only)")
+    experts: str | None = Field(None, description="style experts root (path or s3://; see "
+                                                   "tkllm_ray/serve/experts.py), served beside the deltas")
     device: str = Field("cpu", description="cpu or cuda")
     device_cache_mb: int = Field(1024, ge=1, description="per replica: deltas kept on the device")
     host_cache_mb: int = Field(4096, ge=1, description="per replica: deltas kept in host memory")

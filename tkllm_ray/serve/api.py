@@ -28,6 +28,8 @@ class _Body(BaseModel):
     stop: str | list[str] | None = None
     seed: int | None = None
     stream: bool = False
+    style: str | None = Field(None, min_length=1, max_length=64, description="pin a style expert's domain "
+                              "(default: the account's manifest, else the router picks)")
 
     @field_validator("stop")
     @classmethod

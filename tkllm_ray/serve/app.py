@@ -14,6 +14,7 @@ import asyncio
 import json
 import time
 import uuid
+from collections import OrderedDict
 
 from fastapi import FastAPI, Header, Request
 from fastapi.exceptions import RequestValidationError
@@ -23,13 +24,15 @@ from ray import serve
 from tkllm_ray.serve.api import ApiError, ChatBody, CompletionBody, KeyRing, parse_model
 from tkllm_ray.serve.delta_cache import DeltaCache, DeltaLoadError, UnknownAccount
 from tkllm_ray.serve.engine import DeltaBatchEngine, GenRequest
+from tkllm_ray.serve.experts import combine, load_experts
+from tkllm_ray.serve.metrics import ServeMetrics
 
 
 @serve.deployment
 class DeltaModel:
     def __init__(self, model: str, tokenizer: str, deltas: str, device: str = "cpu", device_cache_mb: int = 1024,
                  host_cache_mb: int = 4096, max_batch: int = 16, batch_wait_ms: float = 5.0, refresh_s: float = 5.0,
-                 storage=None, max_seq_len: int | None = None):
+                 storage=None, max_seq_len: int | None = None, experts: str | None = None):
         from tkllm_ray.data.tokenizer import load_tokenizer
         from tkllm_ray.models import fingerprint
         from tkllm_ray.models.load import load_base_model
@@ -38,12 +41,17 @@ class DeltaModel:
         self.tok = load_tokenizer(tokenizer, storage)
         base = load_base_model(model, len(self.tok), device=device, options=storage, tokenizer_name=tokenizer)
         shapes = {n: m.weight.numel() for n, m in target_linears(base).items()}
-        self.cache = DeltaCache(deltas, device, device_cache_mb << 20, host_cache_mb << 20, fingerprint(base),
+        fp = fingerprint(base)
+        self.cache = DeltaCache(deltas, device, device_cache_mb << 20, host_cache_mb << 20, fp,
                                 next(base.parameters()).dtype, storage, shapes=shapes)
         self.engine = DeltaBatchEngine(base, pad_id=self.tok.pad_token_id or 0, slots=max_batch, max_len=max_seq_len)
+        self.experts = load_experts(experts, fp, device, next(base.parameters()).dtype, storage) \
+            if experts else None
+        self.embed = base.get_input_embeddings()
+        self.combined: OrderedDict = OrderedDict()  # (account, version, expert weights) -> delta, LRU
         self.max_batch, self.wait_s, self.refresh_s = max_batch, batch_wait_ms / 1e3, refresh_s
         self.queue: asyncio.Queue | None = None
-        self.metrics = _Metrics()
+        self.metrics = ServeMetrics()
 
     @serve.multiplexed(max_num_models_per_replica=256)
     async def account_version(self, account: str) -> str:
@@ -108,6 +116,14 @@ class DeltaModel:
             self.queue = asyncio.Queue()
             asyncio.get_running_loop().create_task(self._batcher())
             asyncio.get_running_loop().create_task(self._refresher())
+        if req.get("style") is not None:
+            if self.experts is None:
+                return {"error": {"status": 400, "message": "style: this endpoint serves no style experts",
+                                  "type": "invalid_request_error"}}
+            if req["style"] not in self.experts.domains:
+                return {"error": {"status": 400, "message": f"style: unknown style {req['style']!r}; this "
+                                  f"endpoint's styles are {', '.join(self.experts.domains)}",
+                                  "type": "invalid_request_error"}}
         ids = self.tok(req["prompt"], add_special_tokens=False)["input_ids"]
         stops = [self.tok(s, add_special_tokens=False)["input_ids"] for s in req["stop"]]
         job = {"req": req, "sink": asyncio.Queue(), "gen": GenRequest(
@@ -159,14 +175,32 @@ class DeltaModel:
     async def _join(self, job: dict, jobs: dict) -> None:
         account = job["req"]["account"]
         try:
-            job["gen"].delta = (await self.cache.aget(account)).delta if account is not None else None
+            cached = (await self.cache.aget(account)) if account is not None else None
         except (UnknownAccount, DeltaLoadError) as e:  # evicted since _submit, and now failing to reload
             job["sink"].put_nowait(_delta_error(e))
             return
+        job["gen"].delta = self._with_experts(cached, job) if self.experts is not None else \
+            (cached.delta if cached is not None else None)
         try:
             jobs[self.engine.submit(job["gen"])] = job
         except ValueError as e:  # longer than the engine's cache
             job["sink"].put_nowait({"error": {"status": 400, "message": str(e), "type": "invalid_request_error"}})
+
+    def _with_experts(self, cached, job: dict):
+        """The account's delta plus its style experts: pinned by the request, else by the account's
+        manifest, else routed on the prompt. Combined deltas are kept (LRU) per account version
+        and weights, so a pinned or top-1 style costs one merge per account."""
+        pin = job["req"].get("style") or (cached.manifest.get("style") if cached is not None else None)
+        if pin is not None and pin not in self.experts.domains:
+            pin = None  # a manifest naming a style this endpoint lacks: route instead
+        weights = {d: round(w, 3) for d, w in self.experts.weights(job["gen"].prompt, self.embed, pin).items()}
+        key = (cached.account if cached else None, cached.version if cached else None, tuple(sorted(weights.items())))
+        if key not in self.combined:
+            self.combined[key] = combine(cached.delta if cached else None, self.experts.deltas, weights)
+            while len(self.combined) > 64:
+                self.combined.popitem(last=False)
+        self.combined.move_to_end(key)
+        return self.combined[key]
 
     async def _refresher(self) -> None:
         """Pick up newly published versions: each loads beside the one serving, then replaces it."""
@@ -189,37 +223,6 @@ def _cut_at_stop(text: str, stops: list[str]) -> tuple[str, bool]:
 def _delta_error(e: Exception) -> dict:
     status, kind = (404, "model_not_found") if isinstance(e, UnknownAccount) else (500, "delta_error")
     return {"error": {"status": status, "message": str(e), "type": kind}}
-
-
-class _Metrics:
-    """Prometheus metrics through Ray Serve (exported by every Ray node's metrics agent)."""
-
-    def __init__(self):
-        from ray.serve.metrics import Counter, Gauge, Histogram
-
-        self.requests = Counter("tkllm_requests", "generation requests served")
-        self.tokens = Counter("tkllm_generated_tokens", "tokens generated")
-        self.batch_size = Histogram("tkllm_batch_size", "requests decoding together, per engine step",
-                                    boundaries=[1, 2, 4, 8, 16, 32, 64, 128])
-        self.tokens_per_s = Gauge("tkllm_tokens_per_s", "tokens/s of the last engine step")
-        self.cache_stats = {k: Gauge(f"tkllm_delta_cache_{k}", f"delta cache: {k} so far")
-                            for k in ("hits", "host_hits", "misses", "evictions", "store_loads", "swaps", "load_errors")}
-        self.load_ms = Gauge("tkllm_delta_load_ms", "delta load time (store to device) of the last load, ms")
-
-    def step(self, rows: int, finished: int, seconds: float) -> None:
-        """One engine step: `rows` requests each got a token, `finished` of them completed."""
-        if finished:  # Ray's counters refuse an increment of 0
-            self.requests.inc(finished)
-        if rows:
-            self.tokens.inc(rows)
-            self.batch_size.observe(rows)
-            self.tokens_per_s.set(rows / max(seconds, 1e-9))
-
-    def cache(self, stats: dict) -> None:
-        for k, g in self.cache_stats.items():
-            g.set(stats[k])
-        if stats["load_ms"]:
-            self.load_ms.set(stats["load_ms"][-1])
 
 
 def _error(out: dict) -> JSONResponse:
@@ -254,7 +257,8 @@ def build_ingress(base_name: str, keys: KeyRing | None):
             except ApiError as e:
                 return JSONResponse(status_code=e.status, content=e.body())
             req = {"prompt": prompt, "account": account, "max_tokens": body.max_tokens,
-                   "temperature": body.temperature, "top_p": body.top_p, "seed": body.seed, "stop": body.stop or []}
+                   "temperature": body.temperature, "top_p": body.top_p, "seed": body.seed, "stop": body.stop or [],
+                   "style": body.style}
             handle = self.model.options(multiplexed_model_id=account) if account else self.model
             head = {"id": f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}", "created": int(time.time()),
                     "model": body.model}
@@ -320,12 +324,13 @@ def build_ingress(base_name: str, keys: KeyRing | None):
 
 
 def build_app(model: str, tokenizer: str, deltas: str, base_name: str | None = None, keys: KeyRing | None = None,
-              deployment_options: dict | None = None, **model_kwargs):
+              deployment_options: dict | None = None, ingress_options: dict | None = None, **model_kwargs):
     """The application `serve.run` deploys: Ingress -> DeltaModel (`model_kwargs`: DeltaModel's
-    device, cache sizes, batching, storage; `deployment_options`: replicas, autoscaling, resources)."""
+    device, cache sizes, batching, experts, storage; `deployment_options` / `ingress_options`:
+    replicas, autoscaling, resources of each deployment)."""
     base_name = base_name or model.rstrip("/").rsplit("/", 1)[-1]
     replica = DeltaModel.options(**(deployment_options or {})).bind(model, tokenizer, deltas, **model_kwargs)
-    return build_ingress(base_name, keys).bind(replica)
+    return build_ingress(base_name, keys).options(**(ingress_options or {})).bind(replica)
 
 
 def app_builder(args: dict):
@@ -336,4 +341,4 @@ def app_builder(args: dict):
     keys = KeyRing.from_file(cfg.keys_file) if cfg.keys_file else None
     return build_app(cfg.model, cfg.tokenizer, cfg.deltas, cfg.base_name, keys, device=cfg.device,
                      device_cache_mb=cfg.device_cache_mb, host_cache_mb=cfg.host_cache_mb, max_batch=cfg.max_batch,
-                     max_seq_len=cfg.max_seq_len, batch_wait_ms=cfg.batch_wait_ms, refresh_s=cfg.refresh_s, storage=cfg.storage)
+                     max_seq_len=cfg.max_seq_len, experts=cfg.experts, batch_wait_ms=cfg.batch_wait_ms, refresh_s=cfg.refresh_s, storage=cfg.storage)

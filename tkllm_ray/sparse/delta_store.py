@@ -41,9 +41,11 @@ def decode(data: bytes) -> Delta:
 def save_delta(store: str, account_id: str, delta: Delta, base_model: str, base_fingerprint: str,
                method: str, density: float, value_dtype: str = "bf16", metrics: dict | None = None,
                data_watermark: str | None = None, parent_version: str | None = None,
-               extra_files: dict[str, bytes] | None = None, run_id: str | None = None, options=None) -> str:
+               extra_files: dict[str, bytes] | None = None, run_id: str | None = None, options=None,
+               style: str | None = None) -> str:
     """Publish a new version of `account_id`'s delta; returns the version id. `extra_files`
-    (reports, plots) go into the same version directory, before it becomes visible."""
+    (reports, plots) go into the same version directory, before it becomes visible. `style` pins
+    the account to a style expert's domain when served (serve/experts.py)."""
     root = join(store, validate_account_id(account_id))
     blob = encode(delta, value_dtype)
     manifest: dict[str, Any] = {
@@ -53,7 +55,7 @@ def save_delta(store: str, account_id: str, delta: Delta, base_model: str, base_
         "modules": {n: int(i.numel()) for n, (i, _) in delta.items()},
         "data_watermark": data_watermark, "metrics": metrics or {}, "run_id": run_id,
         "parent_version": parent_version if parent_version is not None else read_latest(root, options),
-        "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "style": style,
         "files": {"delta.safetensors": hashlib.sha256(blob).hexdigest()},
     }
 
