@@ -5,7 +5,8 @@ Routing uses Serve's model multiplexing (the account id is the multiplexed model
 goes to a replica that already holds its account's delta. Serve's own @serve.batch splits batches
 by multiplexed id (one account per batch), so the replica batches itself, continuously: requests
 of any accounts join the running batch (up to `max_batch` at once) at the engine's next step and
-leave it when done; nobody waits for the longest request of a batch.
+leave it when done; nobody waits for the longest request of a batch. With style experts
+(serve/experts.py) a request's delta is its account's plus its routed or pinned experts'.
 """
 
 # No `from __future__ import annotations` here: FastAPI reads the body models from the methods' real
@@ -21,6 +22,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from ray import serve
 
+from tkllm_ray.errors import TkllmError
 from tkllm_ray.serve.api import ApiError, ChatBody, CompletionBody, KeyRing, parse_model
 from tkllm_ray.serve.delta_cache import DeltaCache, DeltaLoadError, UnknownAccount
 from tkllm_ray.serve.engine import DeltaBatchEngine, GenRequest
@@ -117,13 +119,12 @@ class DeltaModel:
             asyncio.get_running_loop().create_task(self._batcher())
             asyncio.get_running_loop().create_task(self._refresher())
         if req.get("style") is not None:
-            if self.experts is None:
-                return {"error": {"status": 400, "message": "style: this endpoint serves no style experts",
-                                  "type": "invalid_request_error"}}
-            if req["style"] not in self.experts.domains:
-                return {"error": {"status": 400, "message": f"style: unknown style {req['style']!r}; this "
-                                  f"endpoint's styles are {', '.join(self.experts.domains)}",
-                                  "type": "invalid_request_error"}}
+            try:
+                if self.experts is None:
+                    raise TkllmError("this endpoint serves no style experts")
+                self.experts.check_style(req["style"])
+            except TkllmError as e:
+                return {"error": {"status": 400, "message": f"style: {e}", "type": "invalid_request_error"}}
         ids = self.tok(req["prompt"], add_special_tokens=False)["input_ids"]
         stops = [self.tok(s, add_special_tokens=False)["input_ids"] for s in req["stop"]]
         job = {"req": req, "sink": asyncio.Queue(), "gen": GenRequest(
