@@ -111,7 +111,7 @@ def ingested_dataset():
         for r in rows:
             r["input_ids"] = tok(r["text"], add_special_tokens=False)["input_ids"]
             by_acc.setdefault(r["account_id"], []).append(r)
-        cols = ("account_id", "text", "created_at", "position", "source", "source_row", "input_ids")
+        cols = ("account_id", "text", "created_at", "position", "source", "source_row", "input_ids", "genre")
 
         def write(vuri):
             for split in ("train", "eval"):

@@ -39,6 +39,14 @@ def build_parser() -> argparse.ArgumentParser:
     add_model_options(p, FinetuneConfig)
     p.add_argument("--json", action="store_true", help="print the result as JSON")
 
+    p = sub.add_parser("experts", help="train the MoE style experts (one per genre) and their router",
+                       description="From an ingested dataset's genre column: a GSPF expert per genre on its pooled "
+                                   "posts and a top-k router, published under --output for `serve` (experts: URI).")
+    p.add_argument("--config", metavar="FILE", help="YAML file with FinetuneConfig fields; options below override it")
+    add_model_options(p, FinetuneConfig, skip=("account", "accounts", "method"))
+    p.add_argument("--top-k", type=int, default=1, help="domains the router mixes per request (default: 1)")
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
+
     p = sub.add_parser("serve", help="serve the base and every account's delta over HTTP (local Ray Serve)",
                        description="OpenAI-style /v1/completions and /v1/chat/completions; model = '<base>' or "
                                    "'<base>:<account>'. Runs until interrupted. On a cluster: serve deploy "
@@ -137,6 +145,23 @@ def _finetune_packed(cfg: FinetuneConfig, as_json: bool) -> int:
     return 0
 
 
+def cmd_experts(args) -> int:
+    from tkllm_ray.serve.experts import train_experts_from_dataset
+
+    over = {**overrides_from_args(args, FinetuneConfig), "account": "experts", "method": "gspf"}
+    cfg = load_config(FinetuneConfig, args.config, over) if args.config else _validate(FinetuneConfig, over)
+    r = train_experts_from_dataset(cfg, cfg.output, args.top_k)
+    if args.json:
+        print(json.dumps(r, indent=2))
+        return 0
+    for d in r["domains"]:
+        m = r["experts"][d]
+        print(f"  {d:<28} held-out ppl {m['eval_ppl_before']:8.1f} -> {m['eval_ppl_after']:8.1f}")
+    print(f"router held-out accuracy {r['router_heldout_accuracy']:.2f}; experts under {cfg.output} "
+          f"(serve them with experts: {cfg.output})")
+    return 0
+
+
 def cmd_merge(args) -> int:
     from tkllm_ray.config.storage import StorageOptions
     from tkllm_ray.sparse.merge import merge_delta
@@ -207,7 +232,8 @@ def cmd_serve(args) -> int:
 
 
 COMMANDS = {"ingest": cmd_ingest, "finetune": cmd_finetune, "merge": cmd_merge, "synth": cmd_synth,
-            "quickstart": cmd_quickstart, "tokenizer-train": cmd_tokenizer_train, "serve": cmd_serve}
+            "quickstart": cmd_quickstart, "tokenizer-train": cmd_tokenizer_train, "serve": cmd_serve,
+            "experts": cmd_experts}
 
 
 def main(argv: list[str] | None = None) -> int:

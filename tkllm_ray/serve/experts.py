@@ -164,3 +164,27 @@ def train_experts(cfg, base: nn.Module, eos_id: int, posts: dict[str, tuple[list
     held_labels = torch.cat([torch.full((len(posts[d][1]),), i) for i, d in enumerate(domains)])
     metrics["router_heldout_accuracy"] = float(((held @ weight.T + bias).argmax(-1) == held_labels).float().mean())
     return deltas, weight, bias, metrics
+
+
+def train_experts_from_dataset(cfg, root: str, top_k: int = 1, min_posts: int = 8, progress: bool = True) -> dict:
+    """`tkllm experts`: every genre of an ingested dataset with at least `min_posts` train posts
+    (and some eval posts) becomes a domain: its expert (GSPF per `cfg`) and the router, published
+    under `root`."""
+    from tkllm_ray.data.tokenizer import load_tokenizer
+    from tkllm_ray.models import fingerprint
+    from tkllm_ray.models.load import load_base_model
+    from tkllm_ray.train.data import genre_posts
+    from tkllm_ray.train.single import _device
+
+    train, held = genre_posts(cfg.data, "train", cfg.storage), genre_posts(cfg.data, "eval", cfg.storage)
+    domains = sorted(d for d in train if len(train[d]) >= min_posts and held.get(d))
+    if len(domains) < 2:
+        found = ", ".join(f"{d} ({len(p)})" for d, p in sorted(train.items())) or "none"
+        raise TkllmError(f"style experts need at least 2 genres with {min_posts}+ train posts and some eval posts; "
+                         f"{cfg.data} has: {found}")
+    tok = load_tokenizer(cfg.tokenizer, cfg.storage)
+    base = load_base_model(cfg.model, len(tok), cfg.seed, _device(cfg.device), cfg.storage, cfg.tokenizer)
+    deltas, weight, bias, metrics = train_experts(cfg, base, tok.eos_token_id,
+                                                  {d: (train[d], held[d]) for d in domains}, progress)
+    save_experts(root, deltas, weight, bias, cfg.model, fingerprint(base), cfg.density, top_k, metrics, cfg.storage)
+    return {"root": root, "domains": domains, **metrics}

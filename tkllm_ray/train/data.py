@@ -26,6 +26,22 @@ def account_posts(dataset: str, account_id: str, split: str, options=None) -> li
     return [r["input_ids"] for r in rows]
 
 
+def genre_posts(dataset: str, split: str, options=None) -> dict[str, list[list[int]]]:
+    """Token ids of every post in `split` that names a genre, grouped by genre (the style experts'
+    training data)."""
+    root = resolve_latest(dataset, options)
+    fs, path = filesystem_for(join(root, split), options)
+    try:
+        table = pads.dataset(path, filesystem=fs, format="parquet").to_table(columns=["input_ids", "genre"])
+    except (FileNotFoundError, OSError, KeyError, ValueError) as e:
+        raise TkllmError(f"cannot read the {split} posts' genres in {root}: {e}") from None
+    out: dict[str, list[list[int]]] = {}
+    for ids, genre in zip(table.column("input_ids").to_pylist(), table.column("genre").to_pylist()):
+        if genre:
+            out.setdefault(genre, []).append(ids)
+    return out
+
+
 def list_accounts(dataset: str, options=None) -> list[str]:
     """Every account with train posts in an ingested dataset (its train/account_id=... partitions)."""
     partitions = list_dirs(join(resolve_latest(dataset, options), "train"), options)

@@ -115,3 +115,22 @@ def test_a_request_with_an_expert_generates_what_the_merged_model_does(trained):
     want = merged.generate(torch.tensor([prompt]), max_new_tokens=10, do_sample=False, pad_token_id=0,
                            eos_token_id=None, attention_mask=torch.ones(1, len(prompt), dtype=torch.long))
     assert got == want[0, len(prompt):].tolist()
+
+
+def test_tkllm_experts_trains_one_expert_per_genre_of_a_dataset(ingested_dataset, tmp_path, capsys):
+    import json
+
+    from tkllm_ray.cli.main import main
+
+    data, accounts = ingested_dataset(str(tmp_path / "data"), accounts=3, posts=30, train=24)
+    out = str(tmp_path / "experts")
+    args = ["--data", data, "--output", out, "--epochs", "2", "--density", "0.01", "--seq-len", "64",
+            "--warmup-steps", "2", "--device", "cpu"]
+    assert main(["experts", *args, "--json"]) == 0
+    r = json.loads(capsys.readouterr().out)
+    genres = sorted(a.split("_", 1)[1].rsplit("_", 1)[0] for a in accounts)  # synth_<genre>_NNN
+    assert r["domains"] == genres and r["root"] == out
+    assert load_experts(out).domains == genres
+    one = ingested_dataset(str(tmp_path / "one"), accounts=1, posts=30, train=24)[0]
+    assert main(["experts", *args[2:], "--data", one, "--output", str(tmp_path / "x")]) == 1
+    assert "style experts need at least 2 genres" in capsys.readouterr().err
