@@ -71,8 +71,8 @@ def sweep(users: int = 16, tokens: int = 1024, density: float = 0.003, shapes: d
             K.CONFIG["csr"] = cfg
             key = json.dumps(cfg, sort_keys=True)
             row["csr"][key] = {
-                "forward_ms": _ms(lambda: K._csr_into(y, xT, v, K._plan_rows(seg, dout), seg, dout)),
-                "input_grad_ms": _ms(lambda: K._csr_into(dx, dyT, v, K._plan_cols(seg, din), seg, din))}
+                "forward_ms": _ms(lambda: K._csr_into(y, xT, v, K._plan_rows(seg, dout), seg)),
+                "input_grad_ms": _ms(lambda: K._csr_into(dx, dyT, v, K._plan_cols(seg, din), seg))}
             totals["csr"][key] = totals["csr"].get(key, 0) + sum(row["csr"][key].values())
         for cfg in sddmm_grid:
             K.CONFIG["sddmm"] = cfg

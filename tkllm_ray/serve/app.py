@@ -171,7 +171,6 @@ class DeltaModel:
                 if finished:
                     del jobs[rid]
             self.metrics.step(len(updates), sum(1 for *_, f in updates if f), time.perf_counter() - t0)
-            self.metrics.cache(self.cache.stats)
 
     async def _join(self, job: dict, jobs: dict) -> None:
         account = job["req"]["account"]

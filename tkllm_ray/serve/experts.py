@@ -47,8 +47,7 @@ class StyleExperts:
     @torch.no_grad()
     def route(self, prompt: list[int], embed: nn.Embedding) -> dict[str, float]:
         """The prompt's top_k domains and their renormalised router scores."""
-        ids = torch.tensor(prompt, device=embed.weight.device)
-        feats = embed(ids).float().mean(0).to(self.weight.device)
+        feats = mean_embeddings([prompt], embed)[0].to(self.weight.device)
         scores = torch.softmax(self.weight @ feats + self.bias, dim=-1)
         top = torch.topk(scores, min(self.top_k, len(self.domains)))
         w = top.values / top.values.sum()

@@ -155,16 +155,21 @@ def _block_t(seg, cap: int) -> int:
     return max(16, min(cap, triton.next_power_of_2(max(seg.token_counts, default=1))))
 
 
-def _csr_into(out: torch.Tensor, srcT: torch.Tensor, values: torch.Tensor, p: dict, seg, width: int) -> None:
-    """out (tokens, width) += the delta term, reading srcT (features, tokens)."""
-    max_tokens = max(seg.token_counts, default=0)
-    if not (seg.users and max_tokens and seg.rows.numel()):
+def _has_work(seg) -> bool:
+    """Some user has both rows and entries in this batch (else every kernel would write nothing)."""
+    return bool(seg.users and max(seg.token_counts, default=0) and seg.rows.numel())
+
+
+def _csr_into(out: torch.Tensor, srcT: torch.Tensor, values: torch.Tensor, p: dict, seg) -> None:
+    """out (tokens, width) += the delta term, reading srcT (features, tokens); `p` is the plan
+    over out's width (rows for the forward, columns for dx)."""
+    if not _has_work(seg):
         return
-    c = CONFIG["csr"]
+    c, width = CONFIG["csr"], out.shape[1]
     vals = values if p["perm"] is None else values[p["perm"]]
     per_user = triton.cdiv(width, c["LINES"])
     bt = _block_t(seg, c["BLOCK_T"])
-    grid = (seg.users * per_user, triton.cdiv(max_tokens, bt))
+    grid = (seg.users * per_user, triton.cdiv(max(seg.token_counts), bt))
     _csr_add[grid](srcT, out, p["src"], p["dst"], vals.contiguous(), p["ptr"], seg.token_offsets, width, per_user,
                    srcT.stride(0), out.stride(0), LINES=c["LINES"], BLOCK_E=c["BLOCK_E"], BLOCK_T=bt,
                    HALF=_half(srcT), num_warps=c["num_warps"])
@@ -173,7 +178,7 @@ def _csr_into(out: torch.Tensor, srcT: torch.Tensor, values: torch.Tensor, p: di
 def sampled_grad_T(dyT: torch.Tensor, xT: torch.Tensor, seg, out_features: int) -> torch.Tensor:
     """dv (K,) fp32 from the (features, tokens) transposes of dy and x."""
     out = torch.zeros(seg.rows.numel(), dtype=torch.float32, device=dyT.device)
-    if not (seg.users and max(seg.token_counts, default=0) and seg.rows.numel()):
+    if not _has_work(seg):
         return out
     c = CONFIG["sddmm"]
     p = _plan_rows(seg, out_features)
@@ -189,7 +194,7 @@ def add_forward(out2: torch.Tensor, x2: torch.Tensor, values: torch.Tensor, seg)
     """out2 (tokens, out) += each row's delta term, in place. Returns x2's transpose, which the
     backward's dv reads (saved instead of x2: the same memory, one transpose fewer)."""
     xT = transpose(x2)
-    _csr_into(out2, xT, values, _plan_rows(seg, out2.shape[1]), seg, out2.shape[1])
+    _csr_into(out2, xT, values, _plan_rows(seg, out2.shape[1]), seg)
     return xT
 
 
@@ -199,5 +204,5 @@ def backward(dy2: torch.Tensor, xT: torch.Tensor | None, values: torch.Tensor, s
     dv (K,) fp32 when `need_dv`. Both read one transpose of dy."""
     dyT = transpose(dy2)
     if dx2 is not None:
-        _csr_into(dx2, dyT, values, _plan_cols(seg, dx2.shape[1]), seg, dx2.shape[1])
+        _csr_into(dx2, dyT, values, _plan_cols(seg, dx2.shape[1]), seg)
     return sampled_grad_T(dyT, xT, seg, dy2.shape[1]) if need_dv else None
