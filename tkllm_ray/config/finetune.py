@@ -54,6 +54,10 @@ class FinetuneConfig(ConfigModel):
                                                "states paged out of the state_memory_gb budget (default: no "
                                                "paging, accounts wait for device memory)")
     checkpoint_every: int = Field(10, ge=0, description="packed: per-account checkpoint every N of its steps (0: off)")
+    zero3: bool = Field(False, description="packed: shard the frozen base across the workers with DeepSpeed "
+                        "ZeRO-3 (bases larger than one GPU); each worker still trains its own accounts")
+    dtype: Literal["auto", "float32", "bfloat16"] = Field("auto", description="packed: dtype of the base weights "
+                                                          "(auto: bfloat16 on GPU workers, float32 on CPU)")
     max_failures: int = Field(2, ge=0, description="packed: worker-group restarts Ray Train allows")
     run_dir: str | None = Field(None, description="packed: where the run keeps checkpoints and results "
                                 "(default: {output}/_runs/{run id})")
@@ -67,6 +71,8 @@ class FinetuneConfig(ConfigModel):
             raise ValueError("give either account (one) or accounts ('all' or a file of ids)")
         if self.accounts is not None and self.method != "gspf":
             raise ValueError(f"packed training (accounts) runs GSPF; {self.method!r} fine-tunes one account at a time")
+        if self.zero3 and self.accounts is None:
+            raise ValueError("zero3 shards the base over packed workers: name the accounts (accounts=...), not one account")
         return self
 
     @model_validator(mode="after")

@@ -36,13 +36,14 @@ class MixedDeltaLinear(nn.Module):
         return segmented_delta_add(self.base(x), x, values, seg)
 
 
-def rows_inputs(parts: list, token_counts: list[int], lin: nn.Linear, value_dtype: torch.dtype | None = None
-                ) -> tuple[Segments | None, torch.Tensor | None]:
+def rows_inputs(parts: list, token_counts: list[int], lin: nn.Linear, value_dtype: torch.dtype | None = None,
+                always: bool = False) -> tuple[Segments | None, torch.Tensor | None]:
     """One module's segmented-op inputs for a batch whose row groups carry `parts` (each the
     group's (sorted indices, values) for this module, or None): (Segments, all values in group
-    order), or (None, None) when no group has entries here. Values keep their autograd history
-    (training) unless cast to `value_dtype` (serving)."""
-    if all(p is None for p in parts):
+    order), or (None, None) when no group has entries here (unless `always`: then Segments
+    without entries). Values keep their autograd history (training) unless cast to `value_dtype`
+    (serving)."""
+    if not always and all(p is None for p in parts):
         return None, None
     dev = lin.weight.device
     none_idx = torch.empty(0, dtype=torch.int64, device=dev)  # on the device: no host copy, no sync

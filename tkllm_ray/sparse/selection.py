@@ -36,9 +36,8 @@ def _zstats(tensors: list[torch.Tensor]) -> tuple[float, float]:
     return mean, max((ss / n - mean * mean), 0.0) ** 0.5
 
 
-def scores(sensitivity: dict[str, torch.Tensor], weights: dict[str, torch.Tensor], scope: str,
-           inplace: bool = False) -> dict[str, torch.Tensor]:
-    """z-score(S) · tanh(|θ|). `inplace` overwrites the sensitivities (no second full-size copy)."""
+def standardize(sensitivity: dict[str, torch.Tensor], scope: str, inplace: bool = False) -> dict[str, torch.Tensor]:
+    """z-score(S), over all modules (global) or per module: the part of the score without weights."""
     if scope == "global":
         mean, std = _zstats(list(sensitivity.values()))
         stats = {n: (mean, std) for n in sensitivity}
@@ -48,24 +47,36 @@ def scores(sensitivity: dict[str, torch.Tensor], weights: dict[str, torch.Tensor
     for n, s in sensitivity.items():
         mean, std = stats[n]
         z = s if inplace else s.clone()
-        z.sub_(mean).div_(std if std > 0 else 1.0)
-        out[n] = z.mul_(torch.tanh(weights[n].detach().abs().float().to(s.device)))
+        out[n] = z.sub_(mean).div_(std if std > 0 else 1.0)
     return out
 
 
-def select(sensitivity: dict[str, torch.Tensor], weights: dict[str, torch.Tensor], density: float = 0.003,
+def weigh(z: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """z · tanh(|θ|), in place: the score's weight factor, one module at a time (a sharded base
+    gathers each weight once for every account selecting, train/zero3.py)."""
+    return z.mul_(torch.tanh(weight.detach().abs().float().to(z.device)))
+
+
+def scores(sensitivity: dict[str, torch.Tensor], weights: dict[str, torch.Tensor], scope: str,
+           inplace: bool = False) -> dict[str, torch.Tensor]:
+    """z-score(S) · tanh(|θ|). `inplace` overwrites the sensitivities (no second full-size copy)."""
+    return {n: weigh(z, weights[n]) for n, z in standardize(sensitivity, scope, inplace).items()}
+
+
+def select(sensitivity: dict[str, torch.Tensor], weights: dict[str, torch.Tensor] | None, density: float = 0.003,
            scope: str = "global", top_layers: int | None = None, inplace: bool = False) -> Selection:
     """Top `density` of the scored entries. `top_layers` keeps the same budget k but confines it
     to the decoder layers the unrestricted selection favours most (plus modules outside the
     layer stack, e.g. lm_head), so backprop stops at the lowest of them: GSPF's cheap mode.
-    (With scope per_module the kept modules keep their own budgets; the others get none.)"""
+    (With scope per_module the kept modules keep their own budgets; the others get none.)
+    `weights=None`: `sensitivity` already holds the scores (standardize and weigh done)."""
     if not 0 < density <= 1:
         raise ValueError(f"density must be in (0, 1], got {density}")
     if scope not in ("global", "per_module"):
         raise ValueError(f"scope must be 'global' or 'per_module', got {scope!r}")
     if top_layers is not None and top_layers < 1:
         raise ValueError(f"top_layers must be at least 1, got {top_layers}")
-    sc = scores(sensitivity, weights, scope, inplace)
+    sc = sensitivity if weights is None else scores(sensitivity, weights, scope, inplace)
     if scope == "per_module":
         idx = {n: _top(s.flatten(), budget(density, s.numel())) for n, s in sc.items()}
         if top_layers is not None:

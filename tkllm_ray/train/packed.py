@@ -8,11 +8,14 @@ and the packed loss is their sum, so each account's values get the gradient they
 each account steps its own AdamW. Packing changes the throughput, not the math: the results agree
 with a solo run up to float rounding (the solo path adds Δ into a merged weight, the packed path as
 a separate segmented term; in fp32 the deltas match to ~1e-5, tested; in bf16 the rounding differs).
+
+On a base sharded with DeepSpeed ZeRO-3 (train/zero3.py) the workers run their passes in lockstep
+(`lockstep`): the same loop, plus idle passes for a worker out of accounts and selection and
+evaluation rounds every worker joins.
 """
 
 from __future__ import annotations
 
-import io
 from dataclasses import dataclass, field
 from typing import Callable, Iterable
 
@@ -24,13 +27,15 @@ from tkllm_ray.sparse.delta_op import merged_weight
 from tkllm_ray.sparse.delta_store import Delta, decode, encode
 from tkllm_ray.sparse.model import AppliedDelta
 from tkllm_ray.sparse.mixed import MixedDeltaLinear, rows_inputs, swap_in
-from tkllm_ray.sparse.selection import select
+from tkllm_ray.sparse.selection import select, standardize, weigh
 from tkllm_ray.sparse.sensitivity import add_abs_grad, grads_from_embeddings, target_linears
 from tkllm_ray.sparse.state import SparseState
-from tkllm_ray.storage import exists, join, read_bytes, remove, write_bytes
+from tkllm_ray.train.checkpoints import UserCheckpoints
 from tkllm_ray.train.data import pack
+from tkllm_ray.train.packed_eval import LockstepEval
 from tkllm_ray.train.paging import StatePager
 from tkllm_ray.train.schedule import events
+from tkllm_ray.train.zero3 import Lockstep, gathered, weight_shape
 
 
 @dataclass
@@ -54,6 +59,8 @@ class UserRun:
     warm_done: int = 0
     losses: list = field(default_factory=list)
     consumed: int = 0  # schedule events taken: where a resumed run fast-forwards to
+    ppl: dict = field(default_factory=dict)  # held-out perplexity "before" and "after" (run(evaluate=True))
+    delta: Delta | None = None  # the published delta, once trained
 
     @property
     def account(self) -> str:
@@ -66,17 +73,23 @@ class UserRun:
             self.warm, self.sens, self.warm_done = list(self.pending[1]), {}, 0
 
 
-class BatchContext:
-    """What the packed linears read during one forward/backward: whose rows, whose entries."""
+def live_entries(state: SparseState) -> dict:
+    return {n: (state.indices[n], v) for n, v in state.values.items()}
 
-    def __init__(self, users: list[UserRun], token_counts: list[int], sensitivity: bool):
-        self.users, self.token_counts, self.sensitivity = users, token_counts, sensitivity
+
+class BatchContext:
+    """What the packed linears read during one forward/backward: whose rows, and per row group the
+    entries {module: (indices, values)} its rows go through (the users' live states unless given).
+    `always`: every module runs the segmented op, entries or not (lockstep: equal graphs)."""
+
+    def __init__(self, users: list[UserRun], token_counts: list[int], sensitivity: bool,
+                 entries: list[dict] | None = None, always: bool = False):
+        self.users, self.token_counts, self.sensitivity, self.always = users, token_counts, sensitivity, always
+        self.entries = entries if entries is not None else [live_entries(u.state) for u in users]
         self.offsets = [0, *torch.tensor(token_counts).cumsum(0).tolist()]
 
     def module_inputs(self, name: str, lin: nn.Linear):
-        parts = [(u.state.indices[name], u.state.values[name]) if name in u.state.values else None
-                 for u in self.users]
-        seg, values = rows_inputs(parts, self.token_counts, lin)
+        seg, values = rows_inputs([e.get(name) for e in self.entries], self.token_counts, lin, always=self.always)
         return seg, (values.detach() if self.sensitivity and values is not None else values)
 
 
@@ -93,32 +106,6 @@ class PackedLinear(MixedDeltaLinear):
         return y
 
 
-class UserCheckpoints:
-    """Per-account training checkpoints under `root` (path or s3://): taken between steps, so a
-    restarted worker resumes an in-flight account where it was instead of from scratch."""
-
-    def __init__(self, root: str, every: int, options=None, run_id: str | None = None):
-        self.root, self.every, self.options, self.run_id = root, every, options, run_id
-
-    def _uri(self, account: str) -> str:
-        return join(self.root, account, "state.pt")
-
-    def save(self, user: "UserRun") -> None:
-        buf = io.BytesIO()
-        torch.save({"state": user.state.to_bytes(), "consumed": user.consumed, "losses": user.losses,
-                    "run_id": self.run_id}, buf)
-        write_bytes(self._uri(user.account), buf.getvalue(), self.options)  # one atomic object
-
-    def load(self, account: str) -> dict | None:
-        if not exists(self._uri(account), self.options):
-            return None
-        saved = torch.load(io.BytesIO(read_bytes(self._uri(account), self.options)), weights_only=True)
-        return saved if saved.get("run_id") == self.run_id else None  # another run's state: start over
-
-    def remove(self, account: str) -> None:
-        remove(join(self.root, account), self.options)
-
-
 class PackedGSPF:
     """`state_budget`: device bytes for the resident accounts' states (None: only max_resident
     limits). With `host_budget` (bytes of pinned host memory) as well, states beyond the device
@@ -126,11 +113,11 @@ class PackedGSPF:
 
     def __init__(self, model: nn.Module, target_modules: list[str] | None = None, max_resident: int = 64,
                  max_rows: int = 64, checkpoints: UserCheckpoints | None = None, state_budget: int | None = None,
-                 host_budget: int | None = None):
+                 host_budget: int | None = None, lockstep: Lockstep | None = None):
         if host_budget is not None and state_budget is None:
             raise ValueError("paging to host memory (host_budget) needs a device state_budget to page against")
         self.model, self.max_resident, self.max_rows = model, max_resident, max_rows
-        self.checkpoints = checkpoints
+        self.checkpoints, self.lockstep = checkpoints, lockstep
         for p in model.parameters():
             p.requires_grad_(False)
         self.linears = target_linears(model, target_modules)
@@ -138,10 +125,12 @@ class PackedGSPF:
         self.ctx: BatchContext | None = None
         self.on_step: Callable | None = None  # called after every train step (progress, fault injection)
         self.device = next(model.parameters()).device
-        self.pager = StatePager(self.device, sum(m.weight.numel() for m in self.linears.values()), state_budget,
+        self.pager = StatePager(self.device, sum(weight_shape(m.weight).numel() for m in self.linears.values()), state_budget,
                                 host_budget)
         self._rr = 0  # round-robin start: no account waits behind a fixed order
         self.stats = {"train_steps": 0, "sensitivity_passes": 0, "rows": 0, "max_resident": 0}
+        if lockstep is not None:
+            self.stats["idle_passes"] = 0
 
     # -- admission and the loop ---------------------------------------------------------------
     def admit(self, job: AccountJob, eos_id: int) -> UserRun:
@@ -165,10 +154,15 @@ class PackedGSPF:
         self.stats["resumed"] = self.stats.get("resumed", 0) + 1
         return user
 
-    def run(self, jobs: Iterable[AccountJob], eos_id: int, on_done: Callable[[UserRun, Delta], None]) -> dict:
+    def run(self, jobs: Iterable[AccountJob], eos_id: int, on_done: Callable[[UserRun, Delta], None],
+            evaluate: bool = False) -> dict:
+        """Train every job; `on_done(user, delta)` as each account finishes. `evaluate`: each
+        account's held-out perplexity before and after (`user.ppl`) is known by then."""
+        self.eos_id = eos_id
         queue, resident = iter(jobs), []  # pulled lazily: an account's data is read when it is admitted
         exhausted, waiting = False, None
-        while not exhausted or resident:
+        evals = LockstepEval(self) if self.lockstep is not None else None
+        while True:
             while not exhausted and len(resident) < self.max_resident:
                 job = waiting or next(queue, None)
                 if job is None:
@@ -180,7 +174,19 @@ class PackedGSPF:
                     waiting = None
                     resident.append(self.admit(job, eos_id))
                     self.pager.admitted(resident[-1])
-            if not resident:
+                    if evaluate:
+                        self._evaluate(evals, resident[-1], "before", None)
+            if evals is not None:
+                busy, due = self.lockstep.max(int(bool(resident)), evals.forwards_due())
+                for u in evals.run(due):  # every worker runs as many evaluation forwards as the busiest
+                    self._finish(u, on_done)
+                if not busy:
+                    break
+                if not resident:
+                    self._idle_pass()
+                    self._select_round([])
+                    continue
+            elif not resident:
                 break
             self.stats["max_resident"] = max(self.stats["max_resident"], len(resident))
             selecting = [u for u in resident if u.pending[0] == "select"]
@@ -188,19 +194,35 @@ class PackedGSPF:
                 selecting.sort(key=lambda u: not u.sens)
                 picked = self._fill(selecting[: self.pager.max_warming()], lambda u: u.warm[0])
                 self.pager.prepare([u for u, _ in picked], resident)
-                self._sensitivity_pass(picked)
+                self._select_round(self._sensitivity_pass(picked))
             else:
                 picked = self._fill([u for u in resident if u.pending[0] == "step"], lambda u: u.pending[1])
                 self.pager.prepare([u for u, _ in picked], resident)
                 self._train_step(picked)
+                self._select_round([])  # the others may be selecting
             for u in [u for u in resident if u.pending is None]:
                 resident.remove(u)
                 self.pager.retired(u)
-                on_done(u, u.state.export())
-                if self.checkpoints:
-                    self.checkpoints.remove(u.account)  # published: nothing left to resume
+                u.delta = u.state.export()
+                if evaluate:
+                    self._evaluate(evals, u, "after", u.delta)
+                if evals is None or not evaluate:
+                    self._finish(u, on_done)
         self.stats.update(self.pager.stats)
         return self.stats
+
+    def _finish(self, u: UserRun, on_done: Callable) -> None:
+        on_done(u, u.delta)
+        if self.checkpoints:
+            self.checkpoints.remove(u.account)  # published: nothing left to resume
+
+    def _evaluate(self, evals: LockstepEval | None, user: UserRun, key: str, delta: Delta | None) -> None:
+        """Unsharded: now, on the exact path (Δ scattered into the weights and restored). Sharded:
+        queued for the next evaluation round (the mixed path, as in training)."""
+        if evals is None:
+            user.ppl[key] = self.perplexity(user.job.eval_posts, self.eos_id, user.job.cfg, delta)
+        else:
+            evals.add(user, key, delta)
 
     def _fill(self, users: list[UserRun], batch_of) -> list[tuple[UserRun, tuple]]:
         """Accounts for the next micro-batch, round-robin from a moving start, up to max_rows rows
@@ -221,8 +243,10 @@ class PackedGSPF:
     def _forward_backward(self, picked, sensitivity: bool) -> list[torch.Tensor]:
         """One packed forward and backward; returns each account's loss (its own batch mean)."""
         ids = torch.cat([b[0] for _, b in picked])
-        self.ctx = BatchContext([u for u, _ in picked], [b[0].numel() for _, b in picked], sensitivity)
-        h = grads_from_embeddings(self.model) if sensitivity else None
+        lockstep = self.lockstep is not None
+        self.ctx = BatchContext([u for u, _ in picked], [b[0].numel() for _, b in picked], sensitivity, always=lockstep)
+        # Lockstep: backprop through every layer, whichever modules this worker's accounts train
+        h = grads_from_embeddings(self.model) if sensitivity or lockstep else None
         try:
             logits = self.model(input_ids=ids).logits
             losses, r0 = [], 0
@@ -245,29 +269,62 @@ class PackedGSPF:
         off = self.ctx.offsets
         for i, u in enumerate(self.ctx.users):
             if name not in u.sens:
-                u.sens[name] = torch.zeros(self.linears[name].weight.shape, dtype=torch.float32, device=dy.device)
+                u.sens[name] = torch.zeros(weight_shape(self.linears[name].weight), dtype=torch.float32, device=dy.device)
             add_abs_grad(u.sens[name], dy2[off[i] : off[i + 1]], x2[off[i] : off[i + 1]])
 
     def _sensitivity_pass(self, picked) -> None:
         self.model.eval()
         self._forward_backward(picked, sensitivity=True)
         self.stats["sensitivity_passes"] += 1
+        ready = []
         for u, _ in picked:
             u.warm.pop(0)
             u.warm_done += 1
             if not u.warm:
-                self._select(u)
-                u.advance()
+                ready.append(u)
+        return ready
 
-    def _select(self, u: UserRun) -> None:
-        cfg = u.job.cfg
-        sens = {n: s.div_(u.warm_done) for n, s in u.sens.items()}
-        learned = {n: (i, v.detach()) for n, (i, v) in u.state.live().items()}
-        weights = {n: merged_weight(lin.weight, *learned[n]) if n in learned else lin.weight
-                   for n, lin in self.linears.items()}  # sensitivity and scores are of W + Δ_u
-        sel = select(sens, weights, cfg.density, cfg.scope, cfg.top_layers, inplace=True)
-        u.sens = {}
-        u.state.install(sel.indices, learned)
+    def _idle_pass(self) -> None:
+        """Lockstep, no accounts left here: a pass of one row through every module (the other
+        workers' passes gather the sharded weights; this one must gather with them)."""
+        self.model.train()
+        ids = torch.zeros(1, 8, dtype=torch.int64, device=self.device)
+        self.ctx = BatchContext([], [ids.numel()], False, entries=[{}], always=True)
+        h = grads_from_embeddings(self.model)
+        try:
+            (self.model(input_ids=ids).logits.float().sum() * 0).backward()
+        finally:
+            self.ctx = None
+            h.remove()
+        self.stats["idle_passes"] += 1
+
+    def _select_round(self, ready: list[UserRun]) -> None:
+        """Select the entries of every account whose warm-up just ended: scores z(S) · tanh|W + Δ_u|,
+        one module at a time. Sharded, each weight is gathered once for all of them, in a round
+        every worker joins (possibly with none of its own)."""
+        if self.lockstep is not None:
+            if not self.lockstep.max(len(ready))[0]:
+                return
+        elif not ready:
+            return
+        learned = {}
+        for u in ready:
+            for s in u.sens.values():
+                s.div_(u.warm_done)
+            standardize(u.sens, u.job.cfg.scope, inplace=True)
+            learned[id(u)] = {n: (i, v.detach()) for n, (i, v) in u.state.live().items()}
+        for name, lin in self.linears.items():  # the same order on every worker
+            with gathered([lin.weight]):
+                for u in ready:
+                    if name in u.sens:
+                        have = learned[id(u)].get(name)
+                        weigh(u.sens[name], merged_weight(lin.weight, *have) if have else lin.weight)
+        for u in ready:
+            cfg = u.job.cfg
+            sel = select(u.sens, None, cfg.density, cfg.scope, cfg.top_layers, inplace=True)
+            u.sens = {}
+            u.state.install(sel.indices, learned[id(u)])
+            u.advance()
 
     # -- training -------------------------------------------------------------------------------
     def _train_step(self, picked) -> None:

@@ -6,6 +6,7 @@ checkpoints and results live under the run directory (local or s3://); a worker 
 Train restarts after a failure (FailureConfig) skips the accounts this run already published
 (recovering their result records), discards versions it left half-published, and resumes the
 in-flight accounts from their checkpoints: every account ends with exactly one delta of the run.
+With `zero3` the workers shard the frozen base (DeepSpeed ZeRO-3, train/zero3.py) and run in lockstep.
 """
 
 from __future__ import annotations
@@ -119,6 +120,7 @@ def _worker(config: dict) -> None:
     from tkllm_ray.train.data import account_posts
     from tkllm_ray.train.packed import AccountJob, PackedGSPF, UserCheckpoints
     from tkllm_ray.train.single import AccountRun, publish_run
+    from tkllm_ray.train.zero3 import Lockstep, fingerprint_sharded, load_sharded_base, weight_shape
 
     cfg = FinetuneConfig.model_validate(config["cfg"])
     run_id, run_dir = config["run_id"], config["run_dir"]
@@ -126,9 +128,15 @@ def _worker(config: dict) -> None:
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = get_device() if cfg.gpus_per_worker > 0 else torch.device("cpu")
     tok = load_tokenizer(cfg.tokenizer, cfg.storage)
-    model = load_base_model(cfg.model, len(tok), cfg.seed, device, cfg.storage, cfg.tokenizer)
-    base_fp = fingerprint(model)
-    shapes = {n: m.weight.shape for n, m in target_linears(model, cfg.target_modules).items()}
+    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}.get(
+        cfg.dtype, torch.bfloat16 if device.type == "cuda" else torch.float32)
+    if cfg.zero3:
+        model = load_sharded_base(cfg.model, len(tok), cfg.seed, dtype, device, cfg.storage, cfg.tokenizer)
+        base_fp = fingerprint_sharded(model)
+    else:
+        model = load_base_model(cfg.model, len(tok), cfg.seed, device, cfg.storage, cfg.tokenizer, dtype)
+        base_fp = fingerprint(model)
+    shapes = {n: weight_shape(m.weight) for n, m in target_linears(model, cfg.target_modules).items()}
     checkpoints = UserCheckpoints(join(run_dir, "users"), cfg.checkpoint_every, cfg.storage, run_id)
     mine = []
     for account in config["accounts"][rank::world]:
@@ -139,23 +147,20 @@ def _worker(config: dict) -> None:
             mine.append(account)
     budget = int(cfg.state_memory_gb * 2**30) if cfg.state_memory_gb else None
     host = int(cfg.host_state_memory_gb * 2**30) if cfg.host_state_memory_gb else None
-    engine = PackedGSPF(model, cfg.target_modules, cfg.max_resident, cfg.max_rows, checkpoints, budget, host)
+    engine = PackedGSPF(model, cfg.target_modules, cfg.max_resident, cfg.max_rows, checkpoints, budget, host,
+                        lockstep=Lockstep(device) if cfg.zero3 else None)
     engine.on_step = _fault_injector(run_dir, cfg)
-    before: dict[str, float] = {}
 
     def jobs():
         for account in mine:
             acfg = cfg.model_copy(update={"account": account, "accounts": None})
-            job = AccountJob(acfg, account_posts(cfg.data, account, "train", cfg.storage),
+            yield AccountJob(acfg, account_posts(cfg.data, account, "train", cfg.storage),
                              account_posts(cfg.data, account, "eval", cfg.storage))
-            before[account] = engine.perplexity(job.eval_posts, tok.eos_token_id, acfg)
-            yield job
 
     def done(user, delta) -> None:
         acfg, t = user.job.cfg, time.time()
         result = {"account": user.account, "method": "gspf", "device": str(device), "worker": rank,
-                  "eval_ppl_before": before[user.account],
-                  "eval_ppl_after": engine.perplexity(user.job.eval_posts, tok.eos_token_id, acfg, delta),
+                  "eval_ppl_before": user.ppl["before"], "eval_ppl_after": user.ppl["after"], "zero3": cfg.zero3,
                   "train_loss_last": user.losses[-1], "steps": len(user.losses), "trainable_params": user.state.k,
                   "loss_curve": [round(x, 4) for x in user.losses],
                   "train_tokens": int((user.labels != -100).sum()) * acfg.epochs, "reselection": user.state.history}
@@ -164,7 +169,7 @@ def _worker(config: dict) -> None:
         write_text(join(run_dir, "results", f"{user.account}.json"), json.dumps(out, default=str), cfg.storage)
 
     t0 = time.time()
-    stats = engine.run(jobs(), tok.eos_token_id, done)
+    stats = engine.run(jobs(), tok.eos_token_id, done, evaluate=True)
     ray.train.report({"worker": rank, "accounts_done": len(mine), "wall_s": time.time() - t0, **stats})
 
 
