@@ -128,6 +128,7 @@ class PackedGSPF:
         self.pager = StatePager(self.device, sum(weight_shape(m.weight).numel() for m in self.linears.values()), state_budget,
                                 host_budget)
         self._rr = 0  # round-robin start: no account waits behind a fixed order
+        self._warm_turn = False
         self.stats = {"train_steps": 0, "sensitivity_passes": 0, "rows": 0, "max_resident": 0}
         if lockstep is not None:
             self.stats["idle_passes"] = 0
@@ -155,9 +156,11 @@ class PackedGSPF:
         return user
 
     def run(self, jobs: Iterable[AccountJob], eos_id: int, on_done: Callable[[UserRun, Delta], None],
-            evaluate: bool = False) -> dict:
+            evaluate: bool = False, until: Callable[[], bool] | None = None) -> dict:
         """Train every job; `on_done(user, delta)` as each account finishes. `evaluate`: each
-        account's held-out perplexity before and after (`user.ppl`) is known by then."""
+        account's held-out perplexity before and after (`user.ppl`) is known by then. `until`:
+        stop early, between passes, once it returns True (a time window; in lockstep every
+        worker stops at the same pass, when any one's says so)."""
         self.eos_id = eos_id
         queue, resident = iter(jobs), []  # pulled lazily: an account's data is read when it is admitted
         exhausted, waiting = False, None
@@ -176,27 +179,32 @@ class PackedGSPF:
                     self.pager.admitted(resident[-1])
                     if evaluate:
                         self._evaluate(evals, resident[-1], "before", None)
+            stop = until is not None and until()
             if evals is not None:
-                busy, due = self.lockstep.max(int(bool(resident)), evals.forwards_due())
+                busy, due, stop = self.lockstep.max(int(bool(resident)), evals.forwards_due(), int(stop))
                 for u in evals.run(due):  # every worker runs as many evaluation forwards as the busiest
                     self._finish(u, on_done)
-                if not busy:
+                if not busy or stop:
                     break
                 if not resident:
                     self._idle_pass()
                     self._select_round([])
                     continue
-            elif not resident:
+            elif not resident or stop:
                 break
             self.stats["max_resident"] = max(self.stats["max_resident"], len(resident))
             selecting = [u for u in resident if u.pending[0] == "select"]
-            if selecting:  # warm-ups under way first: each holds dense sensitivity sums until it selects
+            stepping = [u for u in resident if u.pending[0] == "step"]
+            # Warm-up and training passes take turns while both are due: warm-ups first would let a
+            # steady stream of admissions starve training (on a 7B, 8 warm-up passes per account).
+            self._warm_turn = not self._warm_turn
+            if selecting and (self._warm_turn or not stepping):
                 selecting.sort(key=lambda u: not u.sens)
                 picked = self._fill(selecting[: self.pager.max_warming()], lambda u: u.warm[0])
                 self.pager.prepare([u for u, _ in picked], resident)
                 self._select_round(self._sensitivity_pass(picked))
             else:
-                picked = self._fill([u for u in resident if u.pending[0] == "step"], lambda u: u.pending[1])
+                picked = self._fill(stepping, lambda u: u.pending[1])
                 self.pager.prepare([u for u, _ in picked], resident)
                 self._train_step(picked)
                 self._select_round([])  # the others may be selecting
