@@ -63,13 +63,39 @@ def _greedy(args) -> dict:
 
 
 def timed_generate(engine: DeltaBatchEngine, reqs: list[GenRequest]) -> dict:
+    """End to end (admission, prefill, every decode step) and the median decode step (each step
+    ends in a host copy of the picked tokens, so its wall time is the device's)."""
     engine.generate(reqs[:2])  # warm-up (kernels compiled, caches allocated)
     sync()
+    captures = engine.stats["graph_captures"]
     t = time.perf_counter()
-    out = engine.generate(reqs)
+    out, steps = [[] for _ in reqs], []
+    for updates in engine.stream(reqs):
+        steps.append(time.perf_counter())
+        for i, tokens, _ in updates:
+            out[i] = tokens
     sync()
     wall = time.perf_counter() - t
-    return {"tokens_per_s": sum(len(o) for o in out) / wall, "wall_s": wall, "batch": len(reqs)}
+    step_s = statistics.median(b - a for a, b in zip(steps[1:], steps[2:]))  # after the admitting step
+    return {"tokens_per_s": sum(len(o) for o in out) / wall, "wall_s": wall, "batch": len(reqs),
+            "decode_step_ms_median": 1e3 * step_s, "decode_tokens_per_s": len(reqs) / step_s,
+            "graph_captures": engine.stats["graph_captures"] - captures}
+
+
+def churn(engine: DeltaBatchEngine, args, deltas: list) -> dict:
+    """Continuous batching with requests joining and leaving: 4 x batch requests of a quarter to
+    all of --new-tokens new tokens, each with its own account's delta, through batch slots."""
+    g = torch.Generator().manual_seed(1)
+    reqs = [GenRequest(torch.randint(3, args.vocab, (args.prompt,), generator=g).tolist(), deltas[i % len(deltas)],
+                       int(torch.randint(max(1, args.new_tokens // 4), args.new_tokens + 1, (1,), generator=g))) for i in range(4 * args.batch)]
+    sync()
+    captures = engine.stats["graph_captures"]
+    t = time.perf_counter()
+    tokens = sum(len(o) for o in engine.generate(reqs))
+    sync()
+    wall = time.perf_counter() - t
+    return {"tokens_per_s": tokens / wall, "wall_s": wall, "requests": len(reqs),
+            "graph_captures": engine.stats["graph_captures"] - captures}
 
 
 def hf_generate(model, args) -> dict:
@@ -175,8 +201,14 @@ def main(argv=None) -> dict:
     ap.add_argument("--cold-loads", type=int, default=32)
     ap.add_argument("--ttft-requests", type=int, default=100)
     ap.add_argument("--skip", nargs="*", default=[], help="sections not to run (e.g. peft_mixed merge_restore)")
+    ap.add_argument("--tune", action="store_true", help="first sweep the decode kernel's tiles (decode_kernels.py, "
+                    "its own JSON), then serve with the fastest")
     ap.add_argument("--out", default=os.environ.get("OUT", "benchmarks/results"))
     args = ap.parse_args(argv)
+    if args.tune and CUDA:
+        import decode_kernels  # the sibling script (this script's folder is on sys.path)
+
+        decode_kernels.main(["--users", str(args.batch), "--density", str(args.density), "--out", args.out])
     dtype = torch.bfloat16 if CUDA else torch.float32
     base = build_model(args.model, vocab_size=args.vocab, seed=0, dtype=dtype, device=DEV).eval()
     fp = fingerprint(base)
@@ -205,6 +237,7 @@ def main(argv=None) -> dict:
         sections = [("ours_base", lambda: timed_generate(engine, _requests(args, [None] * args.batch))),
                     ("ours_mixed", lambda: timed_generate(engine, _requests(args, deltas))),
                     ("ours_single_account", lambda: timed_generate(engine, _requests(args, [deltas[0]] * args.batch))),
+                    ("ours_mixed_churn", lambda: churn(engine, args, deltas)),
                     ("ours_base_eager", lambda: timed_generate(eager, _requests(args, [None] * args.batch))),
                     ("ours_mixed_eager", lambda: timed_generate(eager, _requests(args, deltas))),
                     ("hf_generate_base", lambda: hf_generate(base, args)),
@@ -220,13 +253,22 @@ def main(argv=None) -> dict:
             print(f"{name}: {json.dumps(res[name])}", flush=True)
             write_result(args.out, "serving", res["device"], res)
         swap_out(base)
-    base_tps = res["ours_base"]["tokens_per_s"]
-    res.update({"base_decode_tokens_per_s_b64": base_tps,
-                "mixed64_throughput_ratio_vs_base": res["ours_mixed"]["tokens_per_s"] / base_tps,
-                "single_account_throughput_ratio_vs_base": res["ours_single_account"]["tokens_per_s"] / base_tps,
-                "cold_load_p50_ms": res["latency"]["cold_load_p50_ms"],
-                "cold_load_p99_ms": res["latency"]["cold_load_p99_ms"],
-                "ttft_p99_ratio_4x_working_set": res["latency"]["ttft_p99_ratio_4x_working_set"]})
+    try:
+        from tkllm_ray.sparse.segmented_triton import CONFIG
+
+        res["kernel_tiles"] = CONFIG
+    except ImportError:  # no triton: the CPU reference served
+        pass
+    base_tps = res.get("ours_base", {}).get("tokens_per_s")
+    if base_tps:
+        res["base_decode_tokens_per_s_b64"] = base_tps
+        for key, section in (("mixed64_throughput_ratio_vs_base", "ours_mixed"),
+                             ("single_account_throughput_ratio_vs_base", "ours_single_account")):
+            if section in res:
+                res[key] = res[section]["tokens_per_s"] / base_tps
+    if "latency" in res:
+        res.update({k: res["latency"][k] for k in ("cold_load_p50_ms", "cold_load_p99_ms",
+                                                    "ttft_p99_ratio_4x_working_set")})
     if "peft_mixed" in res:
         res["mixed64_speedup_vs_peft"] = res["ours_mixed"]["tokens_per_s"] / res["peft_mixed"]["tokens_per_s"]
     write_result(args.out, "serving", res["device"], res)

@@ -26,6 +26,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from tkllm_ray.sparse.delta_store import Delta
+from tkllm_ray.serve.slots import SlotDeltas
 from tkllm_ray.sparse.mixed import rows_inputs, swap_in
 from tkllm_ray.sparse.sensitivity import target_linears
 
@@ -86,14 +87,20 @@ class DeltaBatchEngine:
         self.waiting: deque[_Live] = deque()
         self._next_rid = 0
         self.ctx: _RowDeltas | None = None
-        self._decode_ctx: _RowDeltas | None = None  # rebuilt when the slot assignment changes
+        self._decode_ctx = None  # CPU: rebuilt when the slot assignment changes
         # CUDA graphs of the decode step, per attention span: one set for base-only batches, one
-        # for the current slot assignment's deltas (dropped when it changes).
+        # for batches with deltas (read from the slot regions; dropped only when a region grows).
         self.cuda_graphs = cuda_graphs and self.device.type == "cuda"
         self._graphs: dict[tuple, tuple] = {}
+        self.stats = {"graph_captures": 0}
         self._static = (torch.zeros(slots, dtype=torch.long, device=self.device),
                         torch.zeros(slots, dtype=torch.long, device=self.device))
-        swap_in(model, target_linears(model, target_modules), self)
+        linears = target_linears(model, target_modules)
+        # On a GPU, decode reads the deltas from per-slot regions (serve/slots.py): a request joining
+        # or leaving rewrites its slot only, and the captured graphs stay valid.
+        self._table = SlotDeltas(slots, linears, self.dtype, self.device) if self.device.type == "cuda" else None
+        self._no_deltas = _RowDeltas([None] * slots, self.dtype)
+        swap_in(model, linears, self)
 
     # ---- requests in, tokens out -------------------------------------------------------------
     def submit(self, req: GenRequest) -> int:
@@ -179,13 +186,17 @@ class DeltaBatchEngine:
     def _decode(self, updates: list) -> None:
         rows = [s for s in range(self.slots) if self.live[s] is not None]
         last = [lv.out[-1] if lv is not None and lv.out else self.pad_id for lv in self.live]
-        if self._decode_ctx is None:
-            self._decode_ctx = _RowDeltas([lv.req.delta if lv is not None else None for lv in self.live], self.dtype)
-            self._graphs = {k: g for k, g in self._graphs.items() if k[0] == "base"}
+        deltas = [lv.req.delta if lv is not None else None for lv in self.live]
+        if self._table is not None:
+            if self._table.assign(deltas):  # a region grew: graphs that read the old buffers are stale
+                self._graphs = {k: g for k, g in self._graphs.items() if k[0] == "base"}
+            self._decode_ctx = self._table if self._table.active else self._no_deltas
+        elif self._decode_ctx is None:
+            self._decode_ctx = _RowDeltas(deltas, self.dtype)
         span = min(self.max_len, -(-(max(self.pos[s] for s in rows) + 1) // self.bucket) * self.bucket)
         self.ctx = self._decode_ctx
         try:
-            logits = self._decode_logits(last, span)
+            logits = self._decode_logits(last, span, any(d is not None for d in deltas))
         finally:
             self.ctx = None
         for s, tok in zip(rows, self._pick(logits[rows], [self.live[s] for s in rows])):
@@ -244,7 +255,7 @@ class DeltaBatchEngine:
         self.ctx.tokens = 1  # lm_head sees one row per request
         return self.model.lm_head(self.model.model.norm(last))
 
-    def _decode_logits(self, last: list[int], span: int) -> torch.Tensor:
+    def _decode_logits(self, last: list[int], span: int, deltas: bool) -> torch.Tensor:
         """The decode step, eagerly or as a CUDA graph replay (captured on first use per span, after
         one eager run that compiles the kernels and builds the deltas' index plans)."""
         tokens, pos = self._static
@@ -252,7 +263,7 @@ class DeltaBatchEngine:
         pos.copy_(torch.tensor(self.pos), non_blocking=True)
         if not self.cuda_graphs:
             return self._decode_step(tokens, pos, span)
-        key = ("base" if all(d is None for d in self.ctx.deltas) else "deltas", span)
+        key = ("deltas" if deltas else "base", span)
         if key not in self._graphs:
             out = self._decode_step(tokens, pos, span)  # writes the same K/V the replay writes
             try:
@@ -264,6 +275,7 @@ class DeltaBatchEngine:
                 self.cuda_graphs = False
                 return out
             self._graphs[key] = (graph, static_out)
+            self.stats["graph_captures"] += 1
             return out
         graph, static_out = self._graphs[key]
         graph.replay()

@@ -11,6 +11,9 @@ per BLOCK_E entries, using a one-hot-by-line matrix of the entry values:
   one writer per output element, no atomics, no Python loop over users;
 - dv: D[lines, entries] = dyᵀ[lines, tokens] @ X_g[tokens, entries] over the user's tokens, then
   dv_e = D[line(e), e]: dy's rows are read once per block instead of once per entry.
+- decode-shaped forwards (a few tokens per user: serving) stream the entries instead: a tensor-core
+  product would be 15/16 padding there, and the cost is reading the entries (10 bytes each), so
+  each program reads long runs of them and sums v·x[t, col] per line in registers.
 Blocks without entries return at once. Index plans are built once per `Segments` (cached on it)
 with torch ops, on the device, without waiting for the device.
 """
@@ -28,9 +31,11 @@ from tkllm_ray.sparse.sddmm_triton import transpose
 # Tile sizes: `benchmarks/packed_kernels.py` sweeps them at tkllm-s shapes (16 accounts x 1,024
 # tokens) and `packed_bench.py --tune` trains with the fastest. BLOCK_T shrinks to the largest
 # user's token count (decode: one token per account), never below tl.dot's 16.
-# Defaults: the H100 sweep's best (packed-kernels-nvidia-h100-80gb-hbm3.json).
+# Defaults: the H100 sweeps' best (packed-kernels- and decode-kernels-nvidia-h100-80gb-hbm3.json).
 CONFIG = {"csr": {"LINES": 16, "BLOCK_E": 32, "BLOCK_T": 128, "num_warps": 8},
-          "sddmm": {"LINES": 16, "BLOCK_E": 64, "BLOCK_T": 32, "SPLIT": 1, "num_warps": 4}}
+          "sddmm": {"LINES": 16, "BLOCK_E": 64, "BLOCK_T": 32, "SPLIT": 1, "num_warps": 4},
+          "decode": {"LINES": 32, "BLOCK_E": 128, "num_warps": 4}}
+DECODE_TOKENS = 4  # at most this many tokens per user: the streaming forward kernel
 
 
 @triton.jit
@@ -72,6 +77,37 @@ def _csr_add(srcT, out, src, dst, vals, ptr, tok_off, lines, blocks_per_user, st
         o = out + t[:, None].to(tl.int64) * stride_out + (l0 + ls)[None, :]
         cur = tl.load(o, mask=m, other=0.0)
         tl.store(o, (cur.to(tl.float32) + acc).to(cur.dtype), mask=m)
+
+
+@triton.jit
+def _csr_decode(x, out, src, dst, vals, ptr, tok_off, lines, blocks_per_user, stride_x, stride_out, stride_ptr,
+                LINES: tl.constexpr, BLOCK_E: tl.constexpr):
+    # Program (user u, lines [l0, l0 + LINES)), for each of u's few tokens t:
+    # out[t, l] += Σ_{entries e of (u, l)} v_e · x[t, src_e], the entries read BLOCK_E at a time.
+    # User u's line pointers start at ptr[u · stride_ptr] (stride `lines`: one CSR over the
+    # (user, line) grid; `lines + 1`: a pointer run per user, as serving's slot regions have).
+    b = tl.program_id(0)
+    u = b // blocks_per_user
+    l0 = (b % blocks_per_user) * LINES
+    t0 = tl.load(tok_off + u)
+    t1 = tl.load(tok_off + u + 1)
+    p0 = tl.load(ptr + u * stride_ptr + l0)
+    p1 = tl.load(ptr + u * stride_ptr + tl.minimum(l0 + LINES, lines))
+    ls = tl.arange(0, LINES)
+    lm = (l0 + ls) < lines
+    for t in range(t0, t1):
+        acc = tl.zeros((LINES,), dtype=tl.float32)
+        for e0 in range(p0, p1, BLOCK_E):
+            e = e0 + tl.arange(0, BLOCK_E)
+            em = e < p1
+            s = tl.load(src + e, mask=em, other=0)
+            d = tl.load(dst + e, mask=em, other=-1) - l0
+            v = tl.load(vals + e, mask=em, other=0.0).to(tl.float32)
+            xv = tl.load(x + t * stride_x + s, mask=em, other=0.0).to(tl.float32)
+            acc += tl.sum(tl.where(d[:, None] == ls[None, :], (v * xv)[:, None], 0.0), axis=0)
+        o = out + t * stride_out + l0 + ls
+        cur = tl.load(o, mask=lm, other=0.0)
+        tl.store(o, (cur.to(tl.float32) + acc).to(cur.dtype), mask=lm)
 
 
 @triton.jit
@@ -190,11 +226,25 @@ def sampled_grad_T(dyT: torch.Tensor, xT: torch.Tensor, seg, out_features: int) 
     return out
 
 
+def _decode_into(out: torch.Tensor, x: torch.Tensor, values: torch.Tensor, p: dict, seg) -> None:
+    """out (tokens, out_features) += the delta term for decode-shaped batches, reading x (tokens, in)."""
+    if not _has_work(seg):
+        return
+    c, width = CONFIG["decode"], out.shape[1]
+    per_user = triton.cdiv(width, c["LINES"])
+    _csr_decode[(seg.users * per_user,)](
+        x, out, p["src"], p["dst"], values.contiguous(), p["ptr"], seg.token_offsets, width, per_user, x.stride(0),
+        out.stride(0), p.get("stride", width), LINES=c["LINES"], BLOCK_E=c["BLOCK_E"], num_warps=c["num_warps"])
+
+
 def add_forward(out2: torch.Tensor, x2: torch.Tensor, values: torch.Tensor, seg) -> torch.Tensor:
     """out2 (tokens, out) += each row's delta term, in place. Returns x2's transpose, which the
     backward's dv reads (saved instead of x2: the same memory, one transpose fewer)."""
     xT = transpose(x2)
-    _csr_into(out2, xT, values, _plan_rows(seg, out2.shape[1]), seg)
+    if max(seg.token_counts, default=0) <= DECODE_TOKENS:
+        _decode_into(out2, x2.contiguous(), values, _plan_rows(seg, out2.shape[1]), seg)
+    else:
+        _csr_into(out2, xT, values, _plan_rows(seg, out2.shape[1]), seg)
     return xT
 
 

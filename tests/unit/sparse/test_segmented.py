@@ -53,8 +53,11 @@ dev = "{device}"
 g = torch.Generator().manual_seed(1)
 din, dout = 40, 24
 # Mixed sizes: a user without rows, one without entries, blocks of 16 lines holding more entries
-# than one BLOCK_E run (200 entries), and decode-like batches of one token per user.
-cases = [([70, 0, 130, 3, 64], [50, 9, 0, 200, 65]), ([1, 1, 0, 1], [30, 0, 12, 7])]
+# than one BLOCK_E run (200 entries), and decode-shaped batches (at most DECODE_TOKENS per user:
+# the streaming forward kernel), one with line blocks of more entries than its BLOCK_E.
+cases = [([70, 0, 130, 3, 64], [50, 9, 0, 200, 65]), ([1, 1, 0, 1], [30, 0, 12, 7]),
+         ([2, 4, 1, 3], [600, 30, 0, 900])]
+assert max(cases[2][0]) <= K.DECODE_TOKENS and 900 * 16 // dout > K.CONFIG["decode"]["BLOCK_E"]
 for dtype in (torch.float32, torch.bfloat16):
     tol = dict(rtol=1e-4, atol=1e-3) if dtype == torch.float32 or dev == "cpu" else dict(rtol=1e-2, atol=1e-2)
     for counts, ks in cases:

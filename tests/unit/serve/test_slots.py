@@ -1,0 +1,61 @@
+"""Serving's per-slot delta layout: the decode kernel over it gives each slot's row its own account's
+W + Δ (interpreter on CPU, real GPU if present); reassigning slots rewrites regions in place (the
+tensors a CUDA graph reads keep their addresses) until an account needs more room."""
+
+import pytest
+import torch
+
+from tkllm_ray.serve.slots import SlotDeltas
+
+CHECK = r"""
+import torch
+from torch import nn
+from tkllm_ray.serve.slots import SlotDeltas
+from tkllm_ray.sparse import segmented_triton as K
+dev = "{device}"
+g = torch.Generator().manual_seed(0)
+din, dout, slots = 64, 40, 5
+lin = nn.Linear(din, dout, bias=False).to(dev)
+
+def delta(k):
+    idx = torch.sort(torch.randperm(din * dout, generator=g)[:k]).values
+    return {{"m": (idx.to(dev), torch.randn(k, generator=g).to(dev))}}
+
+def check(table, deltas):
+    x = torch.randn(slots, din, generator=g).to(dev)
+    y0 = torch.randn(slots, dout, generator=g).to(dev)
+    y = y0.clone()
+    seg, vals = table.module_inputs("m", lin)
+    K.add_forward(y, x, vals, seg)
+    for s, d in enumerate(deltas):
+        w = torch.zeros(dout * din, device=dev)
+        if d is not None:
+            w[d["m"][0]] = d["m"][1]
+        torch.testing.assert_close(y[s], y0[s] + x[s] @ w.view(dout, din).T, rtol=1e-4, atol=1e-4)
+
+table = SlotDeltas(slots, {{"m": lin}}, torch.float32, torch.device(dev))
+deltas = [delta(300), None, delta(5), delta(700), None]  # a line block of more entries than BLOCK_E
+assert table.assign(deltas) is True and table.bufs["m"].cap == 1024  # grown from nothing
+check(table, deltas)
+held = [t.data_ptr() for t in (table.bufs["m"].rows, table.bufs["m"].vals, table.bufs["m"].ptr)]
+deltas = [None, deltas[3], delta(90), deltas[3], delta(1)]  # moved, dropped, new: no more room needed
+assert table.assign(deltas) is False
+assert [t.data_ptr() for t in (table.bufs["m"].rows, table.bufs["m"].vals, table.bufs["m"].ptr)] == held
+check(table, deltas)
+deltas[0] = delta(1500)  # more entries than a slot's region holds: new, larger buffers
+assert table.assign(deltas) is True and table.bufs["m"].cap == 2048
+check(table, deltas)
+assert table.assign([None] * slots) is False and not table.active
+check(table, [None] * slots)
+print("ok")
+"""
+
+
+def test_slot_regions_decode_each_rows_own_delta(kernel_check):
+    kernel_check(CHECK)
+
+
+def test_assign_needs_one_delta_per_slot():
+    table = SlotDeltas(3, {"m": torch.nn.Linear(4, 4)}, torch.float32, torch.device("cpu"))
+    with pytest.raises(ValueError, match="one delta .or None. per slot: 3 slots, 2 given"):
+        table.assign([None, None])
