@@ -1,15 +1,17 @@
 """Decode-time delta layout with one region per engine slot, so a CUDA graph of the decode step stays
-valid whatever accounts the slots hold.
+valid whatever accounts the slots hold, and a slot changes hands in three device copies.
 
 Rebuilding a mixed batch's inputs (every account's entries concatenated, index plans over them)
 whenever a request joins or leaves costs a pass over all of them and a new CUDA graph capture;
-with continuous batching that happens nearly every step. Here each target module owns fixed
-buffers: slot s's entries (output row, input column, value) live at [s·cap, s·cap + k) and its line
-pointers (lines + 1 of them, absolute positions) at ptr[s·(lines + 1):]. Giving a slot another
-account rewrites only that slot's region, in place: the tensors a captured graph reads keep their
-addresses. A slot without a delta has empty lines. The decode kernel reads each slot's pointers
-through `stride` (segmented_triton._csr_decode). Capacities are powers of two that grow (and
-then, only then, the graphs are recaptured) when an account has more entries in a module.
+with continuous batching that happens nearly every step. Here one pool holds every slot's delta:
+slot s owns [s·cap, (s+1)·cap) of the pool's entry arrays (input column, value: 4 bytes an entry
+below 32k columns) and [s·P, (s+1)·P) of its line pointers, where P = Σ over target modules of
+(lines + 1): module m's pointers for slot s start at s·P + off[m] and hold absolute positions. An
+account is laid out once per assignment (all its modules in one pass: `_layout`), then copied into
+its slot: the tensors a captured graph reads keep their addresses. A slot without a delta has
+empty lines. The decode kernel reads slot s's pointers through `stride` P
+(segmented_triton._csr_decode). The capacity is a power of two that grows, and only then are the
+graphs recaptured, when an account has more entries than a region holds.
 """
 
 from __future__ import annotations
@@ -19,32 +21,36 @@ from types import SimpleNamespace
 import torch
 from torch import nn
 
-from tkllm_ray.sparse.delta_op import split_indices
-
 
 class SlotDeltas:
     def __init__(self, slots: int, linears: dict[str, nn.Module], dtype: torch.dtype, device: torch.device):
         self.slots, self.dtype, self.device = slots, dtype, torch.device(device)
+        self.names = list(linears)
         self.shapes = {n: (m.weight.shape[0], m.weight.shape[1]) for n, m in linears.items()}
+        lines = torch.tensor([self.shapes[n][0] + 1 for n in self.names])
+        self.offsets = [0, *lines.cumsum(0).tolist()]  # module m's pointers: [off[m], off[m + 1]) of a slot's P
+        self.P = self.offsets[-1]
+        self.line_base = torch.tensor(self.offsets[:-1], device=self.device)
+        self.in_features = torch.tensor([self.shapes[n][1] for n in self.names], device=self.device)
+        self.col_dtype = torch.int16 if max(c for _, c in self.shapes.values()) < 2**15 else torch.int32
         self.held: list[dict | None] = [None] * slots  # the delta each slot holds (compared by identity)
         self.tokens = 1  # decode: one row per slot (the engine's context protocol)
-        self.bufs: dict[str, SimpleNamespace] = {}
-        tok_off = torch.arange(slots + 1, dtype=torch.int64, device=self.device)
-        for name in self.shapes:
-            self.bufs[name] = self._alloc(name, 1, tok_off)
+        self.tok_off = torch.arange(slots + 1, dtype=torch.int64, device=self.device)
+        self._alloc(1)
 
-    def _alloc(self, name: str, cap: int, tok_off: torch.Tensor) -> SimpleNamespace:
-        lines = self.shapes[name][0]
-        b = SimpleNamespace(cap=cap, rows=torch.zeros(self.slots * cap, dtype=torch.int32, device=self.device),
-                            cols=torch.zeros(self.slots * cap, dtype=torch.int32, device=self.device),
-                            vals=torch.zeros(self.slots * cap, dtype=self.dtype, device=self.device),
-                            ptr=(torch.arange(self.slots, device=self.device) * cap).repeat_interleave(lines + 1))
-        # What the segmented op's GPU path reads (a Segments' fields and its cached rows plan).
-        b.seg = SimpleNamespace(users=self.slots, token_counts=(1,) * self.slots, token_offsets=tok_off,
-                                rows=b.rows, cols=b.cols,
-                                _plans={f"rows{lines}": {"src": b.cols, "dst": b.rows, "perm": None, "ptr": b.ptr,
-                                                         "stride": lines + 1}})
-        return b
+    def _alloc(self, cap: int) -> None:
+        self.cap = cap
+        self.cols = torch.zeros(self.slots * cap, dtype=self.col_dtype, device=self.device)
+        self.vals = torch.zeros(self.slots * cap, dtype=self.dtype, device=self.device)
+        self.ptr = (torch.arange(self.slots, device=self.device) * cap).repeat_interleave(self.P)
+        # What the decode kernel reads per module (segmented_triton._decode_into: a Segments' fields
+        # and its cached rows plan). An entry's row comes from the line pointers: none is stored.
+        self.segs = {}
+        for m, name in enumerate(self.names):
+            plan = {"src": self.cols, "dst": None, "perm": None, "ptr": self.ptr[self.offsets[m]:], "stride": self.P}
+            self.segs[name] = SimpleNamespace(users=self.slots, token_counts=(1,) * self.slots,
+                                              token_offsets=self.tok_off, rows=self.cols, cols=self.cols,
+                                              _plans={f"rows{self.shapes[name][0]}": plan})
 
     @property
     def active(self) -> bool:
@@ -52,44 +58,53 @@ class SlotDeltas:
 
     def assign(self, deltas: list[dict | None]) -> bool:
         """Make slot s hold deltas[s] (a device delta {module: (sorted flat indices, values)}, or
-        None). Only slots whose delta changed are rewritten. Returns True when a buffer had to grow
+        None). Only slots whose delta changed are rewritten. Returns True when the pool had to grow
         (its tensors are new: graphs that read the old ones are stale)."""
         if len(deltas) != self.slots:
             raise ValueError(f"one delta (or None) per slot: {self.slots} slots, {len(deltas)} given")
-        grown = False
-        for name in self.shapes:
-            need = max((d[name][0].numel() for d in deltas if d is not None and name in d), default=0)
-            if need > self.bufs[name].cap:
-                tok_off = self.bufs[name].seg.token_offsets
-                self.bufs[name] = self._alloc(name, 1 << (need - 1).bit_length(), tok_off)
-                grown = True
+        need = max((sum(p[0].numel() for n, p in d.items() if n in self.shapes) for d in deltas if d is not None),
+                   default=0)
+        grown = need > self.cap
+        if grown:
+            self._alloc(1 << (need - 1).bit_length())
         for s, d in enumerate(deltas):
             if grown or d is not self.held[s]:  # grown: every region is new (and empty)
                 self._write(s, d)
         return grown
 
     @torch.no_grad()
+    def _layout(self, delta: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """One account's (columns, values, line pointers relative to its region), all modules in a
+        few whole-account ops: entries in module order, each module's sorted by flat index (so by
+        row); a line's run starts where the entries of lower (module, row) keys end."""
+        parts = [(m, delta[n]) for m, n in enumerate(self.names) if n in delta and delta[n][0].numel()]
+        if not parts:
+            return None, None, torch.zeros(self.P, dtype=torch.int64, device=self.device)
+        counts = torch.tensor([p[0].numel() for _, p in parts], device=self.device)
+        mods = torch.tensor([m for m, _ in parts], device=self.device)
+        module = torch.repeat_interleave(mods, counts, output_size=int(sum(p[0].numel() for _, p in parts)))
+        idx = torch.cat([p[0].to(self.device, torch.int64) for _, p in parts])
+        width = self.in_features[module]
+        key = idx // width + self.line_base[module]
+        ptr = torch.searchsorted(key, torch.arange(self.P, device=self.device))
+        vals = torch.cat([p[1].to(self.device, self.dtype) for _, p in parts])
+        return (idx % width).to(self.col_dtype), vals, ptr
+
+    @torch.no_grad()
     def _write(self, slot: int, delta: dict | None) -> None:
-        for name, (lines, cols) in self.shapes.items():
-            b = self.bufs[name]
-            start, ptr = slot * b.cap, b.ptr[slot * (lines + 1) : (slot + 1) * (lines + 1)]
-            part = delta.get(name) if delta is not None else None
-            if part is None or part[0].numel() == 0:
-                ptr.fill_(start)
-                continue
-            idx, vals = part
-            k = idx.numel()
-            rows, cc = split_indices(idx.to(self.device, torch.int64), cols)
-            b.rows[start : start + k] = rows
-            b.cols[start : start + k] = cc
-            b.vals[start : start + k] = vals.to(self.device, self.dtype)
-            # entries are sorted by flat index, so by row: line l's run starts at searchsorted(rows, l)
-            torch.searchsorted(rows, torch.arange(lines + 1, device=self.device), out=ptr)
-            ptr += start
+        start = slot * self.cap
+        cols, vals, ptr = self._layout(delta) if delta is not None else (None, None, None)
+        out = self.ptr[slot * self.P : (slot + 1) * self.P]
+        if cols is None:
+            out.fill_(start)
+        else:
+            self.cols[start : start + cols.numel()] = cols
+            self.vals[start : start + vals.numel()] = vals
+            torch.add(ptr, start, out=out)
         self.held[slot] = delta
 
     def module_inputs(self, name: str, lin: nn.Module):
         """(segments, values) for the decode step: every module, always (a captured graph must launch
         the same kernels whatever the slots hold)."""
-        b = self.bufs.get(name)
-        return (None, None) if b is None else (b.seg, b.vals)
+        seg = self.segs.get(name)
+        return (None, None) if seg is None else (seg, self.vals)

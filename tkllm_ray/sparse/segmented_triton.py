@@ -12,8 +12,9 @@ per BLOCK_E entries, using a one-hot-by-line matrix of the entry values:
 - dv: D[lines, entries] = dyᵀ[lines, tokens] @ X_g[tokens, entries] over the user's tokens, then
   dv_e = D[line(e), e]: dy's rows are read once per block instead of once per entry.
 - decode-shaped forwards (a few tokens per user: serving) stream the entries instead: a tensor-core
-  product would be 15/16 padding there, and the cost is reading the entries (10 bytes each), so
-  each program reads long runs of them and sums v·x[t, col] per line in registers.
+  product would be 15/16 padding there, and the cost is reading the entries (column and value:
+  4-6 bytes each), so each program reads long runs of them and sums v·x[t, col] per line in
+  registers.
 Blocks without entries return at once. Index plans are built once per `Segments` (cached on it)
 with torch ops, on the device, without waiting for the device.
 """
@@ -80,32 +81,37 @@ def _csr_add(srcT, out, src, dst, vals, ptr, tok_off, lines, blocks_per_user, st
 
 
 @triton.jit
-def _csr_decode(x, out, src, dst, vals, ptr, tok_off, lines, blocks_per_user, stride_x, stride_out, stride_ptr,
+def _csr_decode(x, out, src, vals, ptr, tok_off, lines, blocks_per_user, stride_x, stride_out, stride_ptr,
                 LINES: tl.constexpr, BLOCK_E: tl.constexpr):
     # Program (user u, lines [l0, l0 + LINES)), for each of u's few tokens t:
     # out[t, l] += Σ_{entries e of (u, l)} v_e · x[t, src_e], the entries read BLOCK_E at a time.
-    # User u's line pointers start at ptr[u · stride_ptr] (stride `lines`: one CSR over the
-    # (user, line) grid; `lines + 1`: a pointer run per user, as serving's slot regions have).
+    # An entry's line is found from the block's line pointers (no per-entry row to read: the
+    # column and the value are all the bytes an entry costs). User u's line pointers start at
+    # ptr[u · stride_ptr] (stride `lines`: one CSR over the (user, line) grid; `lines + 1`: a
+    # pointer run per user, as serving's slot regions have).
     b = tl.program_id(0)
     u = b // blocks_per_user
     l0 = (b % blocks_per_user) * LINES
     t0 = tl.load(tok_off + u)
     t1 = tl.load(tok_off + u + 1)
-    p0 = tl.load(ptr + u * stride_ptr + l0)
-    p1 = tl.load(ptr + u * stride_ptr + tl.minimum(l0 + LINES, lines))
     ls = tl.arange(0, LINES)
-    lm = (l0 + ls) < lines
+    base = ptr + u * stride_ptr
+    p1 = tl.load(base + tl.minimum(l0 + LINES, lines))
+    lo = tl.load(base + l0 + ls, mask=(l0 + ls) < lines, other=p1)  # line l's entries: [lo[l], hi[l])
+    hi = tl.load(base + l0 + ls + 1, mask=(l0 + ls) < lines, other=p1)
+    p0 = tl.min(lo, axis=0)
     for t in range(t0, t1):
         acc = tl.zeros((LINES,), dtype=tl.float32)
         for e0 in range(p0, p1, BLOCK_E):
             e = e0 + tl.arange(0, BLOCK_E)
             em = e < p1
             s = tl.load(src + e, mask=em, other=0)
-            d = tl.load(dst + e, mask=em, other=-1) - l0
             v = tl.load(vals + e, mask=em, other=0.0).to(tl.float32)
             xv = tl.load(x + t * stride_x + s, mask=em, other=0.0).to(tl.float32)
-            acc += tl.sum(tl.where(d[:, None] == ls[None, :], (v * xv)[:, None], 0.0), axis=0)
+            mine = (e[:, None] >= lo[None, :]) & (e[:, None] < hi[None, :])
+            acc += tl.sum(tl.where(mine, (v * xv)[:, None], 0.0), axis=0)
         o = out + t * stride_out + l0 + ls
+        lm = (l0 + ls) < lines
         cur = tl.load(o, mask=lm, other=0.0)
         tl.store(o, (cur.to(tl.float32) + acc).to(cur.dtype), mask=lm)
 
@@ -233,7 +239,7 @@ def _decode_into(out: torch.Tensor, x: torch.Tensor, values: torch.Tensor, p: di
     c, width = CONFIG["decode"], out.shape[1]
     per_user = triton.cdiv(width, c["LINES"])
     _csr_decode[(seg.users * per_user,)](
-        x, out, p["src"], p["dst"], values.contiguous(), p["ptr"], seg.token_offsets, width, per_user, x.stride(0),
+        x, out, p["src"], values.contiguous(), p["ptr"], seg.token_offsets, width, per_user, x.stride(0),
         out.stride(0), p.get("stride", width), LINES=c["LINES"], BLOCK_E=c["BLOCK_E"], num_warps=c["num_warps"])
 
 

@@ -147,5 +147,9 @@ def test_on_cuda_graph_replays_decode_the_same_tokens_as_eager_steps(base):
     eager = DeltaBatchEngine(copy.deepcopy(model), slots=4, max_len=64, cuda_graphs=False).generate(reqs)
     graphed = DeltaBatchEngine(copy.deepcopy(model), slots=4, max_len=64)
     assert graphed.generate(reqs) == eager
+    captured = graphed.stats["graph_captures"]
+    # other accounts in the slots: their regions are rewritten, the same graph replays
+    assert graphed.generate(reqs[::-1]) == eager[::-1]
+    assert graphed.stats["graph_captures"] == captured
     assert graphed.generate([reqs[0]]) == eager[:1]  # base only: its own graph
-    assert {k[0] for k in graphed._graphs} == {"base"} and graphed.cuda_graphs  # captured, never fell back
+    assert {k[0] for k in graphed._graphs} == {"base", "deltas"} and graphed.cuda_graphs  # never fell back

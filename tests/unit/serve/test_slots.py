@@ -14,36 +14,43 @@ from tkllm_ray.serve.slots import SlotDeltas
 from tkllm_ray.sparse import segmented_triton as K
 dev = "{device}"
 g = torch.Generator().manual_seed(0)
-din, dout, slots = 64, 40, 5
-lin = nn.Linear(din, dout, bias=False).to(dev)
+slots = 5
+lins = {{"m": nn.Linear(64, 40, bias=False).to(dev), "n": nn.Linear(40, 24, bias=False).to(dev)}}
 
-def delta(k):
-    idx = torch.sort(torch.randperm(din * dout, generator=g)[:k]).values
-    return {{"m": (idx.to(dev), torch.randn(k, generator=g).to(dev))}}
+def delta(k):  # k entries in m, k // 2 in n (none when that is 0)
+    out = {{}}
+    for name, kk in (("m", k), ("n", k // 2)):
+        w = lins[name].weight
+        if kk:
+            idx = torch.sort(torch.randperm(w.numel(), generator=g)[:kk]).values
+            out[name] = (idx.to(dev), torch.randn(kk, generator=g).to(dev))
+    return out
 
 def check(table, deltas):
-    x = torch.randn(slots, din, generator=g).to(dev)
-    y0 = torch.randn(slots, dout, generator=g).to(dev)
-    y = y0.clone()
-    seg, vals = table.module_inputs("m", lin)
-    K.add_forward(y, x, vals, seg)
-    for s, d in enumerate(deltas):
-        w = torch.zeros(dout * din, device=dev)
-        if d is not None:
-            w[d["m"][0]] = d["m"][1]
-        torch.testing.assert_close(y[s], y0[s] + x[s] @ w.view(dout, din).T, rtol=1e-4, atol=1e-4)
+    for name, lin in lins.items():
+        dout, din = lin.weight.shape
+        x = torch.randn(slots, din, generator=g).to(dev)
+        y0 = torch.randn(slots, dout, generator=g).to(dev)
+        y = y0.clone()
+        seg, vals = table.module_inputs(name, lin)
+        K.add_forward(y, x, vals, seg)
+        for s, d in enumerate(deltas):
+            w = torch.zeros(dout * din, device=dev)
+            if d is not None and name in d:
+                w[d[name][0]] = d[name][1]
+            torch.testing.assert_close(y[s], y0[s] + x[s] @ w.view(dout, din).T, rtol=1e-4, atol=1e-4)
 
-table = SlotDeltas(slots, {{"m": lin}}, torch.float32, torch.device(dev))
-deltas = [delta(300), None, delta(5), delta(700), None]  # a line block of more entries than BLOCK_E
-assert table.assign(deltas) is True and table.bufs["m"].cap == 1024  # grown from nothing
+table = SlotDeltas(slots, lins, torch.float32, torch.device(dev))
+deltas = [delta(300), None, delta(1), delta(700), None]  # line blocks of more entries than BLOCK_E
+assert table.assign(deltas) is True and table.cap == 2048  # grown from nothing to 700 + 350 entries
 check(table, deltas)
-held = [t.data_ptr() for t in (table.bufs["m"].rows, table.bufs["m"].vals, table.bufs["m"].ptr)]
+held = [t.data_ptr() for t in (table.cols, table.vals, table.ptr)]
 deltas = [None, deltas[3], delta(90), deltas[3], delta(1)]  # moved, dropped, new: no more room needed
 assert table.assign(deltas) is False
-assert [t.data_ptr() for t in (table.bufs["m"].rows, table.bufs["m"].vals, table.bufs["m"].ptr)] == held
+assert [t.data_ptr() for t in (table.cols, table.vals, table.ptr)] == held
 check(table, deltas)
-deltas[0] = delta(1500)  # more entries than a slot's region holds: new, larger buffers
-assert table.assign(deltas) is True and table.bufs["m"].cap == 2048
+deltas[0] = delta(1500)  # more entries than a slot's region holds: a new, larger pool
+assert table.assign(deltas) is True and table.cap == 4096
 check(table, deltas)
 assert table.assign([None] * slots) is False and not table.active
 check(table, [None] * slots)
