@@ -82,6 +82,28 @@ def timed_generate(engine: DeltaBatchEngine, reqs: list[GenRequest]) -> dict:
             "graph_captures": engine.stats["graph_captures"] - captures}
 
 
+def profile_decode(engine: DeltaBatchEngine, reqs: list[GenRequest], out_dir: str, steps: int = 10) -> dict:
+    """Diagnostics (--profile): device time per kernel over `steps` decode steps of a full batch."""
+    from torch.profiler import ProfilerActivity, profile
+
+    for r in reqs:
+        engine.submit(r)
+    for _ in range(3):  # admit, then replay-ready decode steps
+        engine.step()
+    sync()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            engine.step()
+        sync()
+    table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=20)
+    os.makedirs(out_dir, exist_ok=True)
+    with open(os.path.join(out_dir, "serve-decode-profile.txt"), "w") as f:
+        f.write(table)
+    print(table, flush=True)
+    engine.abort()
+    return {"steps": steps}
+
+
 def churn(engine: DeltaBatchEngine, args, deltas: list) -> dict:
     """Continuous batching with requests joining and leaving: 4 x batch requests of a quarter to
     all of --new-tokens new tokens, each with its own account's delta, through batch slots."""
@@ -201,6 +223,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--cold-loads", type=int, default=32)
     ap.add_argument("--ttft-requests", type=int, default=100)
     ap.add_argument("--skip", nargs="*", default=[], help="sections not to run (e.g. peft_mixed merge_restore)")
+    ap.add_argument("--profile", action="store_true", help="diagnostics: profile 10 mixed decode steps")
     ap.add_argument("--tune", action="store_true", help="first sweep the decode kernel's tiles (decode_kernels.py, "
                     "its own JSON), then serve with the fastest")
     ap.add_argument("--out", default=os.environ.get("OUT", "benchmarks/results"))
@@ -243,9 +266,10 @@ def main(argv=None) -> dict:
                     ("hf_generate_base", lambda: hf_generate(base, args)),
                     ("merge_restore", lambda: merge_restore(base, args, deltas[: min(16, len(deltas))])),
                     ("latency", lambda: cache_latency(args, engine, store, fp, accounts, nbytes)),
-                    ("peft_mixed", lambda: peft_mixed(base, args))]
+                    ("peft_mixed", lambda: peft_mixed(base, args)),
+                    ("profile", lambda: profile_decode(engine, _requests(args, deltas), args.out))]
         for name, run in sections:
-            if name in args.skip:
+            if name in args.skip or (name == "profile" and not args.profile):
                 continue
             t = time.perf_counter()
             res[name] = run()

@@ -172,7 +172,13 @@ class DeltaBatchEngine:
             for i, (_, lv) in enumerate(new):
                 ids[i, : len(lv.req.prompt)] = torch.tensor(lv.req.prompt)
             lens = torch.tensor([len(lv.req.prompt) for _, lv in new])
-            self.ctx = _RowDeltas([lv.req.delta for _, lv in new], self.dtype)
+            deltas = [lv.req.delta for _, lv in new]
+            if self._table is not None and any(d is not None for d in deltas):
+                self.ctx, grown = self._table.prefill([s for s, _ in new], deltas)
+                if grown:
+                    self._drop_delta_graphs()
+            else:
+                self.ctx = _RowDeltas(deltas, self.dtype)
             try:
                 logits = self._prefill(ids.to(self.device), torch.tensor([s for s, _ in new], device=self.device),
                                        lens.to(self.device))
@@ -188,8 +194,8 @@ class DeltaBatchEngine:
         last = [lv.out[-1] if lv is not None and lv.out else self.pad_id for lv in self.live]
         deltas = [lv.req.delta if lv is not None else None for lv in self.live]
         if self._table is not None:
-            if self._table.assign(deltas):  # a region grew: graphs that read the old buffers are stale
-                self._graphs = {k: g for k, g in self._graphs.items() if k[0] == "base"}
+            if self._table.assign(deltas):
+                self._drop_delta_graphs()
             self._decode_ctx = self._table if self._table.active else self._no_deltas
         elif self._decode_ctx is None:
             self._decode_ctx = _RowDeltas(deltas, self.dtype)
@@ -202,6 +208,10 @@ class DeltaBatchEngine:
         for s, tok in zip(rows, self._pick(logits[rows], [self.live[s] for s in rows])):
             self.pos[s] += 1
             self._emit(s, tok, updates)
+
+    def _drop_delta_graphs(self) -> None:
+        """The slot pool grew: graphs that read its old buffers are stale."""
+        self._graphs = {k: g for k, g in self._graphs.items() if k[0] == "base"}
 
     def _emit(self, slot: int, token: int, updates: list) -> None:
         lv = self.live[slot]

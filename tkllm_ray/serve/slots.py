@@ -4,14 +4,15 @@ valid whatever accounts the slots hold, and a slot changes hands in three device
 Rebuilding a mixed batch's inputs (every account's entries concatenated, index plans over them)
 whenever a request joins or leaves costs a pass over all of them and a new CUDA graph capture;
 with continuous batching that happens nearly every step. Here one pool holds every slot's delta:
-slot s owns [s·cap, (s+1)·cap) of the pool's entry arrays (input column, value: 4 bytes an entry
-below 32k columns) and [s·P, (s+1)·P) of its line pointers, where P = Σ over target modules of
-(lines + 1): module m's pointers for slot s start at s·P + off[m] and hold absolute positions. An
-account is laid out once per assignment (all its modules in one pass: `_layout`), then copied into
-its slot: the tensors a captured graph reads keep their addresses. A slot without a delta has
-empty lines. The decode kernel reads slot s's pointers through `stride` P
-(segmented_triton._csr_decode). The capacity is a power of two that grows, and only then are the
-graphs recaptured, when an account has more entries than a region holds.
+slot s owns [s·cap, (s+1)·cap) of the pool's entry arrays (row within its module, input column,
+value: 6 bytes an entry below 32k rows and columns) and [s·P, (s+1)·P) of its line pointers, where
+P = Σ over target modules of (lines + 1): module m's pointers for slot s start at s·P + off[m] and
+hold absolute positions. An account is laid out once per assignment (all its modules in a few
+whole-account ops: `_layout`), then copied into its slot: the tensors a captured graph reads keep
+their addresses. A slot without a delta has empty lines. The kernels read slot s's pointers
+through `stride` P, and a prefill's requests reach their slots through `map`
+(segmented_triton). The capacity is a power of two that grows, and only then are the graphs
+recaptured, when an account has more entries than a region holds.
 """
 
 from __future__ import annotations
@@ -26,13 +27,15 @@ class SlotDeltas:
     def __init__(self, slots: int, linears: dict[str, nn.Module], dtype: torch.dtype, device: torch.device):
         self.slots, self.dtype, self.device = slots, dtype, torch.device(device)
         self.names = list(linears)
+        self.module_index = {n: m for m, n in enumerate(self.names)}
         self.shapes = {n: (m.weight.shape[0], m.weight.shape[1]) for n, m in linears.items()}
         lines = torch.tensor([self.shapes[n][0] + 1 for n in self.names])
         self.offsets = [0, *lines.cumsum(0).tolist()]  # module m's pointers: [off[m], off[m + 1]) of a slot's P
         self.P = self.offsets[-1]
         self.line_base = torch.tensor(self.offsets[:-1], device=self.device)
         self.in_features = torch.tensor([self.shapes[n][1] for n in self.names], device=self.device)
-        self.col_dtype = torch.int16 if max(c for _, c in self.shapes.values()) < 2**15 else torch.int32
+        small = max(max(r, c) for r, c in self.shapes.values()) < 2**15
+        self.index_dtype = torch.int16 if small else torch.int32
         self.held: list[dict | None] = [None] * slots  # the delta each slot holds (compared by identity)
         self.tokens = 1  # decode: one row per slot (the engine's context protocol)
         self.tok_off = torch.arange(slots + 1, dtype=torch.int64, device=self.device)
@@ -40,17 +43,20 @@ class SlotDeltas:
 
     def _alloc(self, cap: int) -> None:
         self.cap = cap
-        self.cols = torch.zeros(self.slots * cap, dtype=self.col_dtype, device=self.device)
+        self.rows = torch.zeros(self.slots * cap, dtype=self.index_dtype, device=self.device)
+        self.cols = torch.zeros(self.slots * cap, dtype=self.index_dtype, device=self.device)
         self.vals = torch.zeros(self.slots * cap, dtype=self.dtype, device=self.device)
         self.ptr = (torch.arange(self.slots, device=self.device) * cap).repeat_interleave(self.P)
-        # What the decode kernel reads per module (segmented_triton._decode_into: a Segments' fields
-        # and its cached rows plan). An entry's row comes from the line pointers: none is stored.
-        self.segs = {}
-        for m, name in enumerate(self.names):
-            plan = {"src": self.cols, "dst": None, "perm": None, "ptr": self.ptr[self.offsets[m]:], "stride": self.P}
-            self.segs[name] = SimpleNamespace(users=self.slots, token_counts=(1,) * self.slots,
-                                              token_offsets=self.tok_off, rows=self.cols, cols=self.cols,
-                                              _plans={f"rows{self.shapes[name][0]}": plan})
+        self.segs = {n: self._segments(n, self.slots, 1, self.tok_off, None) for n in self.names}
+
+    def _segments(self, name: str, users: int, tokens: int, tok_off: torch.Tensor, umap: torch.Tensor | None):
+        """What the segmented op's GPU path reads for module `name` (a Segments' fields and its
+        cached rows plan) over `users` rows groups of `tokens` tokens, group u in slot umap[u]."""
+        m = self.module_index[name]
+        plan = {"src": self.cols, "dst": self.rows, "perm": None, "ptr": self.ptr[self.offsets[m]:], "stride": self.P,
+                "map": umap}
+        return SimpleNamespace(users=users, token_counts=(tokens,) * users, token_offsets=tok_off, rows=self.rows,
+                               cols=self.cols, _plans={f"rows{self.shapes[name][0]}": plan})
 
     @property
     def active(self) -> bool:
@@ -62,42 +68,57 @@ class SlotDeltas:
         (its tensors are new: graphs that read the old ones are stale)."""
         if len(deltas) != self.slots:
             raise ValueError(f"one delta (or None) per slot: {self.slots} slots, {len(deltas)} given")
-        need = max((sum(p[0].numel() for n, p in d.items() if n in self.shapes) for d in deltas if d is not None),
-                   default=0)
+        return self._place(dict(enumerate(deltas)))
+
+    def prefill(self, slots: list[int], deltas: list[dict | None]) -> tuple["_PrefillView", bool]:
+        """Put new requests' deltas into their slots; returns the context their prefill reads
+        (request i's rows -> slot slots[i]) and whether the pool grew (as `assign`)."""
+        grown = self._place(dict(zip(slots, deltas)))
+        return _PrefillView(self, torch.tensor(slots, dtype=torch.int64).to(self.device, non_blocking=True)), grown
+
+    def _place(self, wanted: dict[int, dict | None]) -> bool:
+        need = max((self._entries(d) for d in [*wanted.values(), *self.held] if d is not None), default=0)
         grown = need > self.cap
-        if grown:
+        if grown:  # every region is new (and empty): rewrite what the slots hold, then place
             self._alloc(1 << (need - 1).bit_length())
-        for s, d in enumerate(deltas):
-            if grown or d is not self.held[s]:  # grown: every region is new (and empty)
+            for s, d in enumerate(self.held):
+                if s not in wanted:
+                    self._write(s, d)
+        for s, d in wanted.items():
+            if grown or d is not self.held[s]:
                 self._write(s, d)
         return grown
 
+    def _entries(self, delta: dict) -> int:
+        return sum(p[0].numel() for n, p in delta.items() if n in self.shapes)
+
     @torch.no_grad()
-    def _layout(self, delta: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """One account's (columns, values, line pointers relative to its region), all modules in a
+    def _layout(self, delta: dict) -> tuple:
+        """One account's (rows, columns, values, line pointers relative to its region), all modules in a
         few whole-account ops: entries in module order, each module's sorted by flat index (so by
         row); a line's run starts where the entries of lower (module, row) keys end."""
         parts = [(m, delta[n]) for m, n in enumerate(self.names) if n in delta and delta[n][0].numel()]
         if not parts:
-            return None, None, torch.zeros(self.P, dtype=torch.int64, device=self.device)
+            return None, None, None, None
         counts = torch.tensor([p[0].numel() for _, p in parts], device=self.device)
         mods = torch.tensor([m for m, _ in parts], device=self.device)
         module = torch.repeat_interleave(mods, counts, output_size=int(sum(p[0].numel() for _, p in parts)))
         idx = torch.cat([p[0].to(self.device, torch.int64) for _, p in parts])
         width = self.in_features[module]
-        key = idx // width + self.line_base[module]
-        ptr = torch.searchsorted(key, torch.arange(self.P, device=self.device))
         vals = torch.cat([p[1].to(self.device, self.dtype) for _, p in parts])
-        return (idx % width).to(self.col_dtype), vals, ptr
+        rows = idx // width
+        ptr = torch.searchsorted(rows + self.line_base[module], torch.arange(self.P, device=self.device))
+        return rows.to(self.index_dtype), (idx % width).to(self.index_dtype), vals, ptr
 
     @torch.no_grad()
     def _write(self, slot: int, delta: dict | None) -> None:
         start = slot * self.cap
-        cols, vals, ptr = self._layout(delta) if delta is not None else (None, None, None)
+        rows, cols, vals, ptr = self._layout(delta) if delta is not None else (None,) * 4
         out = self.ptr[slot * self.P : (slot + 1) * self.P]
         if cols is None:
             out.fill_(start)
         else:
+            self.rows[start : start + rows.numel()] = rows
             self.cols[start : start + cols.numel()] = cols
             self.vals[start : start + vals.numel()] = vals
             torch.add(ptr, start, out=out)
@@ -108,3 +129,21 @@ class SlotDeltas:
         the same kernels whatever the slots hold)."""
         seg = self.segs.get(name)
         return (None, None) if seg is None else (seg, self.vals)
+
+
+class _PrefillView:
+    """The batch context of a prefill whose request i owns rows [i·tokens, (i+1)·tokens) and slot
+    slots[i] (the engine sets `tokens`: the padded prompt width, then 1 for the last positions)."""
+
+    def __init__(self, table: SlotDeltas, umap: torch.Tensor):
+        self.table, self.umap, self.tokens = table, umap, 1
+        self._offsets: dict[int, torch.Tensor] = {}
+
+    def module_inputs(self, name: str, lin: nn.Module):
+        if name not in self.table.shapes:
+            return None, None
+        n = self.umap.numel()
+        if self.tokens not in self._offsets:
+            self._offsets[self.tokens] = torch.arange(n + 1, device=self.table.device) * self.tokens
+        seg = self.table._segments(name, n, self.tokens, self._offsets[self.tokens], self.umap)
+        return seg, self.table.vals

@@ -12,9 +12,8 @@ per BLOCK_E entries, using a one-hot-by-line matrix of the entry values:
 - dv: D[lines, entries] = dyᵀ[lines, tokens] @ X_g[tokens, entries] over the user's tokens, then
   dv_e = D[line(e), e]: dy's rows are read once per block instead of once per entry.
 - decode-shaped forwards (a few tokens per user: serving) stream the entries instead: a tensor-core
-  product would be 15/16 padding there, and the cost is reading the entries (column and value:
-  4-6 bytes each), so each program reads long runs of them and sums v·x[t, col] per line in
-  registers.
+  product would be 15/16 padding there, and the cost is reading the entries (6-10 bytes each),
+  so each program reads long runs of them and sums v·x[t, col] per line in registers.
 Blocks without entries return at once. Index plans are built once per `Segments` (cached on it)
 with torch ops, on the device, without waiting for the device.
 """
@@ -40,17 +39,24 @@ DECODE_TOKENS = 4  # at most this many tokens per user: the streaming forward ke
 
 
 @triton.jit
-def _csr_add(srcT, out, src, dst, vals, ptr, tok_off, lines, blocks_per_user, stride_src, stride_out,
-             LINES: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_T: tl.constexpr, HALF: tl.constexpr):
+def _csr_add(srcT, out, src, dst, vals, ptr, tok_off, umap, lines, blocks_per_user, stride_src, stride_out, stride_ptr,
+             LINES: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_T: tl.constexpr, HALF: tl.constexpr,
+             MAPPED: tl.constexpr):
     # Program (user u, lines [l0, l0 + LINES), BLOCK_T of u's tokens):
     # out[t, l] += Σ_{entries e of (u, l)} v_e · srcT[src_e, t].
+    # u's line pointers start at ptr[u' · stride_ptr], u' = umap[u] if MAPPED else u (see _csr_decode).
     b = tl.program_id(0)
     u = b // blocks_per_user
     l0 = (b % blocks_per_user) * LINES
     t1 = tl.load(tok_off + u + 1)
     ts = tl.load(tok_off + u) + tl.program_id(1) * BLOCK_T
-    p0 = tl.load(ptr + u * lines + l0)
-    p1 = tl.load(ptr + u * lines + tl.minimum(l0 + LINES, lines))
+    if MAPPED:
+        us = tl.load(umap + u)
+    else:
+        us = u
+    base = ptr + us * stride_ptr
+    p0 = tl.load(base + l0)
+    p1 = tl.load(base + tl.minimum(l0 + LINES, lines))
     if (ts < t1) & (p1 > p0):
         t = ts + tl.arange(0, BLOCK_T)
         tm = t < t1
@@ -81,37 +87,38 @@ def _csr_add(srcT, out, src, dst, vals, ptr, tok_off, lines, blocks_per_user, st
 
 
 @triton.jit
-def _csr_decode(x, out, src, vals, ptr, tok_off, lines, blocks_per_user, stride_x, stride_out, stride_ptr,
-                LINES: tl.constexpr, BLOCK_E: tl.constexpr):
+def _csr_decode(x, out, src, dst, vals, ptr, tok_off, umap, lines, blocks_per_user, stride_x, stride_out, stride_ptr,
+                LINES: tl.constexpr, BLOCK_E: tl.constexpr, MAPPED: tl.constexpr):
     # Program (user u, lines [l0, l0 + LINES)), for each of u's few tokens t:
     # out[t, l] += Σ_{entries e of (u, l)} v_e · x[t, src_e], the entries read BLOCK_E at a time.
-    # An entry's line is found from the block's line pointers (no per-entry row to read: the
-    # column and the value are all the bytes an entry costs). User u's line pointers start at
-    # ptr[u · stride_ptr] (stride `lines`: one CSR over the (user, line) grid; `lines + 1`: a
-    # pointer run per user, as serving's slot regions have).
+    # u's line pointers start at ptr[u' · stride_ptr]: u' = u and stride `lines` for one CSR over
+    # the (user, line) grid; serving's slot pool has a pointer run per slot (stride P) and maps a
+    # batch's users to their slots (umap).
     b = tl.program_id(0)
     u = b // blocks_per_user
     l0 = (b % blocks_per_user) * LINES
     t0 = tl.load(tok_off + u)
     t1 = tl.load(tok_off + u + 1)
-    ls = tl.arange(0, LINES)
-    base = ptr + u * stride_ptr
+    if MAPPED:
+        us = tl.load(umap + u)
+    else:
+        us = u
+    base = ptr + us * stride_ptr
+    p0 = tl.load(base + l0)
     p1 = tl.load(base + tl.minimum(l0 + LINES, lines))
-    lo = tl.load(base + l0 + ls, mask=(l0 + ls) < lines, other=p1)  # line l's entries: [lo[l], hi[l])
-    hi = tl.load(base + l0 + ls + 1, mask=(l0 + ls) < lines, other=p1)
-    p0 = tl.min(lo, axis=0)
+    ls = tl.arange(0, LINES)
+    lm = (l0 + ls) < lines
     for t in range(t0, t1):
         acc = tl.zeros((LINES,), dtype=tl.float32)
         for e0 in range(p0, p1, BLOCK_E):
             e = e0 + tl.arange(0, BLOCK_E)
             em = e < p1
             s = tl.load(src + e, mask=em, other=0)
+            d = tl.load(dst + e, mask=em, other=-1) - l0
             v = tl.load(vals + e, mask=em, other=0.0).to(tl.float32)
             xv = tl.load(x + t * stride_x + s, mask=em, other=0.0).to(tl.float32)
-            mine = (e[:, None] >= lo[None, :]) & (e[:, None] < hi[None, :])
-            acc += tl.sum(tl.where(mine, (v * xv)[:, None], 0.0), axis=0)
+            acc += tl.sum(tl.where(d[:, None] == ls[None, :], (v * xv)[:, None], 0.0), axis=0)
         o = out + t * stride_out + l0 + ls
-        lm = (l0 + ls) < lines
         cur = tl.load(o, mask=lm, other=0.0)
         tl.store(o, (cur.to(tl.float32) + acc).to(cur.dtype), mask=lm)
 
@@ -212,9 +219,11 @@ def _csr_into(out: torch.Tensor, srcT: torch.Tensor, values: torch.Tensor, p: di
     per_user = triton.cdiv(width, c["LINES"])
     bt = _block_t(seg, c["BLOCK_T"])
     grid = (seg.users * per_user, triton.cdiv(max(seg.token_counts), bt))
-    _csr_add[grid](srcT, out, p["src"], p["dst"], vals.contiguous(), p["ptr"], seg.token_offsets, width, per_user,
-                   srcT.stride(0), out.stride(0), LINES=c["LINES"], BLOCK_E=c["BLOCK_E"], BLOCK_T=bt,
-                   HALF=_half(srcT), num_warps=c["num_warps"])
+    umap = p.get("map")
+    _csr_add[grid](srcT, out, p["src"], p["dst"], vals.contiguous(), p["ptr"], seg.token_offsets,
+                   seg.token_offsets if umap is None else umap, width, per_user, srcT.stride(0), out.stride(0),
+                   p.get("stride", width), LINES=c["LINES"], BLOCK_E=c["BLOCK_E"], BLOCK_T=bt, HALF=_half(srcT),
+                   MAPPED=umap is not None, num_warps=c["num_warps"])
 
 
 def sampled_grad_T(dyT: torch.Tensor, xT: torch.Tensor, seg, out_features: int) -> torch.Tensor:
@@ -239,8 +248,10 @@ def _decode_into(out: torch.Tensor, x: torch.Tensor, values: torch.Tensor, p: di
     c, width = CONFIG["decode"], out.shape[1]
     per_user = triton.cdiv(width, c["LINES"])
     _csr_decode[(seg.users * per_user,)](
-        x, out, p["src"], values.contiguous(), p["ptr"], seg.token_offsets, width, per_user, x.stride(0),
-        out.stride(0), p.get("stride", width), LINES=c["LINES"], BLOCK_E=c["BLOCK_E"], num_warps=c["num_warps"])
+        x, out, p["src"], p["dst"], values.contiguous(), p["ptr"], seg.token_offsets,
+        seg.token_offsets if p.get("map") is None else p["map"], width, per_user, x.stride(0), out.stride(0),
+        p.get("stride", width), LINES=c["LINES"], BLOCK_E=c["BLOCK_E"], MAPPED=p.get("map") is not None,
+        num_warps=c["num_warps"])
 
 
 def add_forward(out2: torch.Tensor, x2: torch.Tensor, values: torch.Tensor, seg) -> torch.Tensor:

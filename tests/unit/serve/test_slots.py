@@ -52,6 +52,26 @@ check(table, deltas)
 deltas[0] = delta(1500)  # more entries than a slot's region holds: a new, larger pool
 assert table.assign(deltas) is True and table.cap == 4096
 check(table, deltas)
+# A prefill: request i's rows (prompt width, then 1 for the last positions) in slot slots_[i],
+# through the line-block kernel (wide) and the streaming one (narrow).
+slots_, new = [3, 0], [delta(200), None]
+view, grown = table.prefill(slots_, new)
+assert grown is False and table.held[3] is new[0] and table.held[0] is None
+for width in (1, 3, 20):
+    view.tokens = width
+    for name, lin in lins.items():
+        dout, din = lin.weight.shape
+        x = torch.randn(2 * width, din, generator=g).to(dev)
+        y0 = torch.randn(2 * width, dout, generator=g).to(dev)
+        y = y0.clone()
+        seg, vals = view.module_inputs(name, lin)
+        K.add_forward(y, x, vals, seg)
+        for i, d in enumerate(new):
+            w = torch.zeros(dout * din, device=dev)
+            if d is not None and name in d:
+                w[d[name][0]] = d[name][1]
+            rows = slice(i * width, (i + 1) * width)
+            torch.testing.assert_close(y[rows], y0[rows] + x[rows] @ w.view(dout, din).T, rtol=1e-4, atol=1e-4)
 assert table.assign([None] * slots) is False and not table.active
 check(table, [None] * slots)
 print("ok")
