@@ -22,7 +22,7 @@ from results_io import write_result
 SHAPES = {"attn": ((2048, 2048), 96), "up_gate": ((2048, 5632), 48), "down": ((5632, 2048), 24),
           "lm_head": ((2048, 32000), 1)}
 GRID = [{"LINES": ln, "BLOCK_E": be, "num_warps": w}
-        for ln, be, w in itertools.product((16, 32, 64), (64, 128, 256, 512), (2, 4, 8))]
+        for ln, be, w in itertools.product((16, 32, 64, 128), (128, 256, 512, 1024), (2, 4, 8))]
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 
 

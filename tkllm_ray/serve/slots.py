@@ -77,8 +77,11 @@ class SlotDeltas:
         return _PrefillView(self, torch.tensor(slots, dtype=torch.int64).to(self.device, non_blocking=True)), grown
 
     def _place(self, wanted: dict[int, dict | None]) -> bool:
-        need = max((self._entries(d) for d in [*wanted.values(), *self.held] if d is not None), default=0)
-        grown = need > self.cap
+        # only deltas not yet in a slot can need more room (the held ones fit): a decode step with
+        # no change costs a scan of identities, not of every module's entry count
+        changed = [d for s, d in wanted.items() if d is not None and d is not self.held[s]]
+        grown = max((self._entries(d) for d in changed), default=0) > self.cap
+        need = max((self._entries(d) for d in [*changed, *self.held] if d is not None), default=0) if grown else 0
         if grown:  # every region is new (and empty): rewrite what the slots hold, then place
             self._alloc(1 << (need - 1).bit_length())
             for s, d in enumerate(self.held):

@@ -105,10 +105,11 @@ def segmented_sampled_grad_reference(dy2: torch.Tensor, x2: torch.Tensor, seg: S
     return out
 
 
-def add_forward_reference(out2: torch.Tensor, x2: torch.Tensor, values: torch.Tensor, seg: Segments) -> torch.Tensor:
-    """out2 += the delta term, in place; returns what the backward reads (x2 itself here)."""
+def add_forward_reference(out2: torch.Tensor, x2: torch.Tensor, values: torch.Tensor, seg: Segments,
+                          keep: bool = True) -> torch.Tensor | None:
+    """out2 += the delta term, in place; returns what the backward reads (x2 itself here) when `keep`."""
     out2 += segmented_forward_reference(x2, values, seg, out2.shape[1]).to(out2.dtype)
-    return x2
+    return x2 if keep else None
 
 
 def backward_reference(dy2: torch.Tensor, x2: torch.Tensor | None, values: torch.Tensor, seg: Segments,
@@ -137,9 +138,9 @@ class SegmentedDeltaAddFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, base, x, values, seg: Segments, in_features: int):
         add, _ = _kernels(x)
-        saved = add(base.view(-1, base.shape[-1]), x.reshape(-1, in_features), values, seg)
+        saved = add(base.view(-1, base.shape[-1]), x.reshape(-1, in_features), values, seg, ctx.needs_input_grad[2])
         ctx.mark_dirty(base)
-        ctx.save_for_backward(saved if ctx.needs_input_grad[2] else None, values)
+        ctx.save_for_backward(saved, values)
         ctx.seg, ctx.x_shape = seg, x.shape
         return base
 
@@ -163,8 +164,8 @@ class SegmentedDeltaLinearFn(torch.autograd.Function):
     def forward(ctx, x, weight, bias, values, seg: Segments):
         y = torch.nn.functional.linear(x, weight, bias)
         add, _ = _kernels(x)
-        saved = add(y.view(-1, weight.shape[0]), x.reshape(-1, weight.shape[1]), values, seg)
-        ctx.save_for_backward(saved if ctx.needs_input_grad[3] else None, values, weight)
+        saved = add(y.view(-1, weight.shape[0]), x.reshape(-1, weight.shape[1]), values, seg, ctx.needs_input_grad[3])
+        ctx.save_for_backward(saved, values, weight)
         ctx.seg, ctx.x_shape = seg, x.shape
         return y
 

@@ -12,8 +12,9 @@ per BLOCK_E entries, using a one-hot-by-line matrix of the entry values:
 - dv: D[lines, entries] = dyᵀ[lines, tokens] @ X_g[tokens, entries] over the user's tokens, then
   dv_e = D[line(e), e]: dy's rows are read once per block instead of once per entry.
 - decode-shaped forwards (a few tokens per user: serving) stream the entries instead: a tensor-core
-  product would be 15/16 padding there, and the cost is reading the entries (6-10 bytes each),
-  so each program reads long runs of them and sums v·x[t, col] per line in registers.
+  product would be 15/16 padding there, and the cost is reading the entries (column and value,
+  4-6 bytes each), so each program reads long runs of them and sums v·x[t, col] per line from a
+  running sum in registers.
 Blocks without entries return at once. Index plans are built once per `Segments` (cached on it)
 with torch ops, on the device, without waiting for the device.
 """
@@ -34,7 +35,7 @@ from tkllm_ray.sparse.sddmm_triton import transpose
 # Defaults: the H100 sweeps' best (packed-kernels- and decode-kernels-nvidia-h100-80gb-hbm3.json).
 CONFIG = {"csr": {"LINES": 16, "BLOCK_E": 32, "BLOCK_T": 128, "num_warps": 8},
           "sddmm": {"LINES": 16, "BLOCK_E": 64, "BLOCK_T": 32, "SPLIT": 1, "num_warps": 4},
-          "decode": {"LINES": 32, "BLOCK_E": 128, "num_warps": 4}}
+          "decode": {"LINES": 64, "BLOCK_E": 256, "num_warps": 4}}
 DECODE_TOKENS = 4  # at most this many tokens per user: the streaming forward kernel
 
 
@@ -87,12 +88,14 @@ def _csr_add(srcT, out, src, dst, vals, ptr, tok_off, umap, lines, blocks_per_us
 
 
 @triton.jit
-def _csr_decode(x, out, src, dst, vals, ptr, tok_off, umap, lines, blocks_per_user, stride_x, stride_out, stride_ptr,
+def _csr_decode(x, out, src, vals, ptr, tok_off, umap, lines, blocks_per_user, stride_x, stride_out, stride_ptr,
                 LINES: tl.constexpr, BLOCK_E: tl.constexpr, MAPPED: tl.constexpr):
     # Program (user u, lines [l0, l0 + LINES)), for each of u's few tokens t:
     # out[t, l] += Σ_{entries e of (u, l)} v_e · x[t, src_e], the entries read BLOCK_E at a time.
-    # u's line pointers start at ptr[u' · stride_ptr]: u' = u and stride `lines` for one CSR over
-    # the (user, line) grid; serving's slot pool has a pointer run per slot (stride P) and maps a
+    # Lines are runs of the sorted entries, so a chunk's per-line sums are differences of its
+    # running sum at the runs' ends (O(1) work an entry, whatever LINES; no row is read). u's line
+    # pointers start at ptr[u' · stride_ptr]: u' = u and stride `lines` for one CSR over the
+    # (user, line) grid; serving's slot pool has a pointer run per slot (stride P) and maps a
     # batch's users to their slots (umap).
     b = tl.program_id(0)
     u = b // blocks_per_user
@@ -104,20 +107,26 @@ def _csr_decode(x, out, src, dst, vals, ptr, tok_off, umap, lines, blocks_per_us
     else:
         us = u
     base = ptr + us * stride_ptr
-    p0 = tl.load(base + l0)
-    p1 = tl.load(base + tl.minimum(l0 + LINES, lines))
     ls = tl.arange(0, LINES)
     lm = (l0 + ls) < lines
+    p1 = tl.load(base + tl.minimum(l0 + LINES, lines))
+    lo = tl.load(base + l0 + ls, mask=lm, other=p1)  # line l's entries: [lo[l], hi[l])
+    hi = tl.load(base + l0 + ls + 1, mask=lm, other=p1)
+    p0 = tl.min(lo, axis=0)
     for t in range(t0, t1):
         acc = tl.zeros((LINES,), dtype=tl.float32)
         for e0 in range(p0, p1, BLOCK_E):
             e = e0 + tl.arange(0, BLOCK_E)
             em = e < p1
             s = tl.load(src + e, mask=em, other=0)
-            d = tl.load(dst + e, mask=em, other=-1) - l0
             v = tl.load(vals + e, mask=em, other=0.0).to(tl.float32)
             xv = tl.load(x + t * stride_x + s, mask=em, other=0.0).to(tl.float32)
-            acc += tl.sum(tl.where(d[:, None] == ls[None, :], (v * xv)[:, None], 0.0), axis=0)
+            run = tl.cumsum(v * xv, axis=0)  # run[i] = Σ of the chunk's first i + 1 products
+            a = tl.minimum(tl.maximum(lo - e0, 0), BLOCK_E)  # line l's part of the chunk: [a, b)
+            z = tl.minimum(tl.maximum(hi - e0, 0), BLOCK_E)
+            upto_z = tl.where(z > 0, tl.gather(run, tl.maximum(z - 1, 0).to(tl.int32), 0), 0.0)
+            upto_a = tl.where(a > 0, tl.gather(run, tl.maximum(a - 1, 0).to(tl.int32), 0), 0.0)
+            acc += upto_z - upto_a
         o = out + t * stride_out + l0 + ls
         cur = tl.load(o, mask=lm, other=0.0)
         tl.store(o, (cur.to(tl.float32) + acc).to(cur.dtype), mask=lm)
@@ -248,21 +257,21 @@ def _decode_into(out: torch.Tensor, x: torch.Tensor, values: torch.Tensor, p: di
     c, width = CONFIG["decode"], out.shape[1]
     per_user = triton.cdiv(width, c["LINES"])
     _csr_decode[(seg.users * per_user,)](
-        x, out, p["src"], p["dst"], values.contiguous(), p["ptr"], seg.token_offsets,
+        x, out, p["src"], values.contiguous(), p["ptr"], seg.token_offsets,
         seg.token_offsets if p.get("map") is None else p["map"], width, per_user, x.stride(0), out.stride(0),
         p.get("stride", width), LINES=c["LINES"], BLOCK_E=c["BLOCK_E"], MAPPED=p.get("map") is not None,
         num_warps=c["num_warps"])
 
 
-def add_forward(out2: torch.Tensor, x2: torch.Tensor, values: torch.Tensor, seg) -> torch.Tensor:
+def add_forward(out2: torch.Tensor, x2: torch.Tensor, values: torch.Tensor, seg, keep: bool = True):
     """out2 (tokens, out) += each row's delta term, in place. Returns x2's transpose, which the
-    backward's dv reads (saved instead of x2: the same memory, one transpose fewer)."""
-    xT = transpose(x2)
+    backward's dv reads (saved instead of x2: the same memory, one transpose fewer), when `keep`."""
     if max(seg.token_counts, default=0) <= DECODE_TOKENS:
         _decode_into(out2, x2.contiguous(), values, _plan_rows(seg, out2.shape[1]), seg)
-    else:
-        _csr_into(out2, xT, values, _plan_rows(seg, out2.shape[1]), seg)
-    return xT
+        return transpose(x2) if keep else None
+    xT = transpose(x2)
+    _csr_into(out2, xT, values, _plan_rows(seg, out2.shape[1]), seg)
+    return xT if keep else None
 
 
 def backward(dy2: torch.Tensor, xT: torch.Tensor | None, values: torch.Tensor, seg, dx2: torch.Tensor | None,
