@@ -5,7 +5,8 @@ module shapes: the streaming decode kernel over a sweep of tile sizes, next to t
     python benchmarks/decode_kernels.py          # GPU; writes decode-kernels-<device>.json
 
 `serve_bench.py --tune` runs the sweep first and serves with the fastest tiles. Bandwidth counts the
-entry bytes the kernel must read (int32 column, int32 row, bf16 value: 10 bytes per entry).
+entry bytes the kernel reads (int32 column, bf16 value: 6 bytes an entry; the serving pool's int16
+columns make it 4). Times are device times: each call replayed from a CUDA graph, as serving runs it.
 """
 
 from __future__ import annotations
@@ -13,10 +14,11 @@ from __future__ import annotations
 import argparse
 import itertools
 import os
+import time
 
 import torch
 from packed_kernels import _ms, _segments  # sibling modules: this script's folder is on sys.path
-from results_io import write_result
+from results_io import sync, write_result
 
 # (in, out) of tkllm-s's linears, with how many of each the model has
 SHAPES = {"attn": ((2048, 2048), 96), "up_gate": ((2048, 5632), 48), "down": ((5632, 2048), 24),
@@ -26,9 +28,31 @@ GRID = [{"LINES": ln, "BLOCK_E": be, "num_warps": w}
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 
 
+def _graph_ms(fn, reps: int = 20) -> float:
+    """Device time per call: `reps` calls captured in one CUDA graph and replayed (serving runs
+    them inside graphs, so CPU launch overhead, which dominates a plain timing of a small
+    kernel, is not what it pays). Falls back to plain timing on the CPU."""
+    if DEV != "cuda":
+        return _ms(fn)
+    fn()
+    sync()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(reps):
+            fn()
+    graph.replay()
+    sync()
+    t = time.perf_counter()
+    for _ in range(3):
+        graph.replay()
+    sync()
+    return (time.perf_counter() - t) / (3 * reps) * 1e3
+
+
 def sweep(users: int = 64, tokens: int = 1, density: float = 0.003, shapes: dict = SHAPES, grid: list = GRID) -> dict:
-    """Time the decode kernel per tile config on every shape; set CONFIG["decode"] to the fastest
-    (per-layer time weighted by how many such layers the model has) and return the table."""
+    """Time the decode kernel per tile config on every shape (inside CUDA graphs); set
+    CONFIG["decode_by_shape"] to each shape's fastest and CONFIG["decode"] to the fastest overall
+    (per-layer time weighted by how many such layers the model has); return the table."""
     from tkllm_ray.sparse import segmented_triton as K
 
     out = {"users": users, "tokens_per_user": tokens, "density": density, "shapes": {}}
@@ -41,22 +65,25 @@ def sweep(users: int = 64, tokens: int = 1, density: float = 0.003, shapes: dict
         v = torch.randn(k, device=DEV, dtype=dtype)
         y = torch.zeros(users * tokens, dout, device=DEV, dtype=dtype)
         plan = K._plan_rows(seg, dout)
-        row = {"entries": k, "gemm_ms": _ms(lambda: torch.nn.functional.linear(x, w)),
-               "line_block_ms": _ms(lambda: K._csr_into(y, K.transpose(x), v, plan, seg)), "decode": []}
+        row = {"entries": k, "gemm_ms": _graph_ms(lambda: torch.nn.functional.linear(x, w)),
+               "line_block_ms": _graph_ms(lambda: K._csr_into(y, K.transpose(x), v, plan, seg)), "decode": []}
         for i, cfg in enumerate(grid):
             K.CONFIG["decode"] = cfg
-            ms = _ms(lambda: K._decode_into(y, x, v, plan, seg))
-            row["decode"].append({**cfg, "ms": ms, "entry_gb_per_s": k * 10 / ms / 1e6})
+            ms = _graph_ms(lambda: K._decode_into(y, x, v, plan, seg))
+            row["decode"].append({**cfg, "ms": ms, "entry_gb_per_s": k * 6 / ms / 1e6})
             totals[i] = totals.get(i, 0.0) + ms * count
         best = min(row["decode"], key=lambda r: r["ms"])
         row["best_decode_ms"], row["best_decode_gb_per_s"] = best["ms"], best["entry_gb_per_s"]
+        K.CONFIG["decode_by_shape"][f"{dout}x{din}"] = {c: best[c] for c in ("LINES", "BLOCK_E", "num_warps")}
         out["shapes"][name] = row
         print(f"{name}: gemm {row['gemm_ms']:.3f} ms, line-block {row['line_block_ms']:.3f} ms, "
               f"decode best {best['ms']:.3f} ms ({best['entry_gb_per_s']:.0f} GB/s)", flush=True)
     best = min(totals, key=totals.get)
     K.CONFIG["decode"] = grid[best]
-    out["chosen"] = grid[best]
+    out["chosen"], out["chosen_by_shape"] = grid[best], dict(K.CONFIG["decode_by_shape"])
     out["model_ms_per_step"] = {"decode": totals[best],
+                                "decode_per_shape_best": sum(r["best_decode_ms"] * shapes[n][1]
+                                                             for n, r in out["shapes"].items()),
                                 "line_block": sum(r["line_block_ms"] * shapes[n][1] for n, r in out["shapes"].items()),
                                 "gemm": sum(r["gemm_ms"] * shapes[n][1] for n, r in out["shapes"].items())}
     return out

@@ -35,7 +35,8 @@ from tkllm_ray.sparse.sddmm_triton import transpose
 # Defaults: the H100 sweeps' best (packed-kernels- and decode-kernels-nvidia-h100-80gb-hbm3.json).
 CONFIG = {"csr": {"LINES": 16, "BLOCK_E": 32, "BLOCK_T": 128, "num_warps": 8},
           "sddmm": {"LINES": 16, "BLOCK_E": 64, "BLOCK_T": 32, "SPLIT": 1, "num_warps": 4},
-          "decode": {"LINES": 64, "BLOCK_E": 256, "num_warps": 4}}
+          "decode": {"LINES": 64, "BLOCK_E": 256, "num_warps": 4},
+          "decode_by_shape": {}}  # "<out>x<in>" -> tiles for that layer shape (the sweep's per-shape best)
 DECODE_TOKENS = 4  # at most this many tokens per user: the streaming forward kernel
 
 
@@ -254,7 +255,8 @@ def _decode_into(out: torch.Tensor, x: torch.Tensor, values: torch.Tensor, p: di
     """out (tokens, out_features) += the delta term for decode-shaped batches, reading x (tokens, in)."""
     if not _has_work(seg):
         return
-    c, width = CONFIG["decode"], out.shape[1]
+    width = out.shape[1]
+    c = CONFIG["decode_by_shape"].get(f"{width}x{x.shape[1]}", CONFIG["decode"])
     per_user = triton.cdiv(width, c["LINES"])
     _csr_decode[(seg.users * per_user,)](
         x, out, p["src"], values.contiguous(), p["ptr"], seg.token_offsets,
