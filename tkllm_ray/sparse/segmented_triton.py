@@ -35,7 +35,7 @@ from tkllm_ray.sparse.sddmm_triton import transpose
 # Defaults: the H100 sweeps' best (packed-kernels- and decode-kernels-nvidia-h100-80gb-hbm3.json).
 CONFIG = {"csr": {"LINES": 16, "BLOCK_E": 32, "BLOCK_T": 128, "num_warps": 8},
           "sddmm": {"LINES": 16, "BLOCK_E": 64, "BLOCK_T": 32, "SPLIT": 1, "num_warps": 4},
-          "decode": {"LINES": 64, "BLOCK_E": 256, "num_warps": 4},
+          "decode": {"LINES": 128, "BLOCK_E": 1024, "num_warps": 4},
           "decode_by_shape": {}}  # "<out>x<in>" -> tiles for that layer shape (the sweep's per-shape best)
 DECODE_TOKENS = 4  # at most this many tokens per user: the streaming forward kernel
 

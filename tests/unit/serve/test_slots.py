@@ -13,6 +13,7 @@ from torch import nn
 from tkllm_ray.serve.slots import SlotDeltas
 from tkllm_ray.sparse import segmented_triton as K
 dev = "{device}"
+K.CONFIG["decode"] = {{"LINES": 16, "BLOCK_E": 64, "num_warps": 4}}  # line blocks of several runs
 g = torch.Generator().manual_seed(0)
 slots = 5
 lins = {{"m": nn.Linear(64, 40, bias=False).to(dev), "n": nn.Linear(40, 24, bias=False).to(dev)}}
