@@ -104,6 +104,15 @@ def profile_decode(engine: DeltaBatchEngine, reqs: list[GenRequest], out_dir: st
     return {"steps": steps}
 
 
+def unmerged(engine: DeltaBatchEngine, run):
+    """`run` with one account's batches kept on the segmented path (not merged into the weights)."""
+    engine.merge_single = False
+    try:
+        return run()
+    finally:
+        engine.merge_single = True
+
+
 def churn(engine: DeltaBatchEngine, args, deltas: list) -> dict:
     """Continuous batching with requests joining and leaving: 4 x batch requests of a quarter to
     all of --new-tokens new tokens, each with its own account's delta, through batch slots."""
@@ -254,13 +263,26 @@ def main(argv=None) -> dict:
         # base's linears for its own).
         eager = DeltaBatchEngine(copy.deepcopy(base), slots=args.batch, max_len=args.prompt + args.new_tokens,
                                  cuda_graphs=False)
+        spare = copy.deepcopy(base)  # copied before `engine` swaps the base's linears for its own
         engine = DeltaBatchEngine(base, slots=args.batch, max_len=args.prompt + args.new_tokens)
+        made: list = []
+
+        def compiled() -> DeltaBatchEngine:  # the engine with torch.compile on its base step, made once
+            if not made:
+                made.append(DeltaBatchEngine(spare, slots=args.batch, max_len=args.prompt + args.new_tokens,
+                                             compile=True))
+            return made[0]
         # Our engine first, the slow baselines last; the JSON is rewritten after every section so a
         # run cut short by its time limit still reports what it measured.
         sections = [("ours_base", lambda: timed_generate(engine, _requests(args, [None] * args.batch))),
                     ("ours_mixed", lambda: timed_generate(engine, _requests(args, deltas))),
                     ("ours_single_account", lambda: timed_generate(engine, _requests(args, [deltas[0]] * args.batch))),
+                    ("ours_single_account_segmented", lambda: unmerged(
+                        engine, lambda: timed_generate(engine, _requests(args, [deltas[0]] * args.batch)))),
                     ("ours_mixed_churn", lambda: churn(engine, args, deltas)),
+                    ("ours_base_compiled", lambda: timed_generate(compiled(), _requests(args, [None] * args.batch))),
+                    ("ours_single_account_compiled", lambda: timed_generate(
+                        compiled(), _requests(args, [deltas[0]] * args.batch))),
                     ("ours_base_eager", lambda: timed_generate(eager, _requests(args, [None] * args.batch))),
                     ("ours_mixed_eager", lambda: timed_generate(eager, _requests(args, deltas))),
                     ("hf_generate_base", lambda: hf_generate(base, args)),
@@ -287,7 +309,8 @@ def main(argv=None) -> dict:
     if base_tps:
         res["base_decode_tokens_per_s_b64"] = base_tps
         for key, section in (("mixed64_throughput_ratio_vs_base", "ours_mixed"),
-                             ("single_account_throughput_ratio_vs_base", "ours_single_account")):
+                             ("single_account_throughput_ratio_vs_base", "ours_single_account"),
+                             ("single_account_segmented_ratio_vs_base", "ours_single_account_segmented")):
             if section in res:
                 res[key] = res[section]["tokens_per_s"] / base_tps
     if "latency" in res:

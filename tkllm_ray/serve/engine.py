@@ -11,6 +11,10 @@ in, and a request's tokens do not depend on what else runs beside it (tested).
   to `bucket`, not the whole max_len.
 - Sampling is batched (one argmax for all rows, draws only for sampling rows) with one host copy
   per step. Requests join and leave between steps; `stream` runs a fixed list to completion.
+- A decode batch of one account only runs the plain base step with that account's delta scattered
+  into the weights (restored bit-exactly before anything else runs): no delta term at all. In
+  fp32 this gives the mixed path's tokens (tested); in bf16 the roundings differ (W + Δ rounded
+  once vs the delta term added in fp32), as batch composition changes rounding in any engine.
 Llama-family bases (the presets and SmolLM2): the engine runs their layers itself, reusing the
 model's own norms, rotary embedding and (mixed) linears.
 """
@@ -25,9 +29,10 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from tkllm_ray.sparse.delta_store import Delta
 from tkllm_ray.serve.slots import SlotDeltas
+from tkllm_ray.sparse.delta_store import Delta
 from tkllm_ray.sparse.mixed import rows_inputs, swap_in
+from tkllm_ray.sparse.model import AppliedDelta
 from tkllm_ray.sparse.sensitivity import target_linears
 
 
@@ -70,8 +75,12 @@ class _Live:
 
 class DeltaBatchEngine:
     def __init__(self, model: nn.Module, pad_id: int = 0, target_modules: list[str] | None = None,
-                 slots: int = 64, max_len: int | None = None, bucket: int = 64, cuda_graphs: bool = True):
+                 slots: int = 64, max_len: int | None = None, bucket: int = 64, cuda_graphs: bool = True,
+                 merge_single: bool = True, compile: bool = False):
         self.model, self.pad_id, self.bucket = model.eval(), pad_id, bucket
+        # A decode batch of one account only runs on the base with its delta scattered into the
+        # weights (restored exactly when another account joins): the plain base step, no delta term.
+        self.merge_single, self._merged = merge_single, None
         for p in model.parameters():
             p.requires_grad_(False)
         cfg = model.config
@@ -92,7 +101,10 @@ class DeltaBatchEngine:
         # for batches with deltas (read from the slot regions; dropped only when a region grows).
         self.cuda_graphs = cuda_graphs and self.device.type == "cuda"
         self._graphs: dict[tuple, tuple] = {}
-        self.stats = {"graph_captures": 0}
+        # torch.compile fuses the base step's many small ops (norms, rotary, cache writes) before the
+        # graph captures it; steps with a delta term stay uncompiled (their kernels are Triton already).
+        self._compiled = torch.compile(self._decode_step, dynamic=False) if compile else None
+        self.stats = {"graph_captures": 0, "merges": 0}
         self._static = (torch.zeros(slots, dtype=torch.long, device=self.device),
                         torch.zeros(slots, dtype=torch.long, device=self.device))
         linears = target_linears(model, target_modules)
@@ -120,6 +132,7 @@ class DeltaBatchEngine:
         self.waiting.clear()
         self.live, self.pos = [None] * self.slots, [0] * self.slots
         self._decode_ctx = None
+        self._merge(None)
 
     @property
     def busy(self) -> bool:
@@ -173,12 +186,16 @@ class DeltaBatchEngine:
                 ids[i, : len(lv.req.prompt)] = torch.tensor(lv.req.prompt)
             lens = torch.tensor([len(lv.req.prompt) for _, lv in new])
             deltas = [lv.req.delta for _, lv in new]
-            if self._table is not None and any(d is not None for d in deltas):
-                self.ctx, grown = self._table.prefill([s for s, _ in new], deltas)
-                if grown:
-                    self._drop_delta_graphs()
+            if self._merged is not None and all(d is self._merged[0] for d in deltas):
+                self.ctx = _RowDeltas([None] * len(new), self.dtype)  # their account is merged in already
             else:
-                self.ctx = _RowDeltas(deltas, self.dtype)
+                self._merge(None)
+                if self._table is not None and any(d is not None for d in deltas):
+                    self.ctx, grown = self._table.prefill([s for s, _ in new], deltas)
+                    if grown:
+                        self._drop_delta_graphs()
+                else:
+                    self.ctx = _RowDeltas(deltas, self.dtype)
             try:
                 logits = self._prefill(ids.to(self.device), torch.tensor([s for s, _ in new], device=self.device),
                                        lens.to(self.device))
@@ -193,21 +210,39 @@ class DeltaBatchEngine:
         rows = [s for s in range(self.slots) if self.live[s] is not None]
         last = [lv.out[-1] if lv is not None and lv.out else self.pad_id for lv in self.live]
         deltas = [lv.req.delta if lv is not None else None for lv in self.live]
-        if self._table is not None:
+        sole = deltas[rows[0]] if self.merge_single and all(deltas[s] is deltas[rows[0]] for s in rows) else None
+        self._merge(sole)
+        if sole is not None:  # one account's batch: its delta is in the weights, the base graph replays
+            ctx, with_deltas = self._no_deltas, False
+        elif self._table is not None:
             if self._table.assign(deltas):
                 self._drop_delta_graphs()
-            self._decode_ctx = self._table if self._table.active else self._no_deltas
-        elif self._decode_ctx is None:
-            self._decode_ctx = _RowDeltas(deltas, self.dtype)
+            ctx, with_deltas = (self._table if self._table.active else self._no_deltas), self._table.active
+        else:
+            if self._decode_ctx is None:
+                self._decode_ctx = _RowDeltas(deltas, self.dtype)
+            ctx, with_deltas = self._decode_ctx, any(d is not None for d in deltas)
         span = min(self.max_len, -(-(max(self.pos[s] for s in rows) + 1) // self.bucket) * self.bucket)
-        self.ctx = self._decode_ctx
+        self.ctx = ctx
         try:
-            logits = self._decode_logits(last, span, any(d is not None for d in deltas))
+            logits = self._decode_logits(last, span, with_deltas)
         finally:
             self.ctx = None
         for s, tok in zip(rows, self._pick(logits[rows], [self.live[s] for s in rows])):
             self.pos[s] += 1
             self._emit(s, tok, updates)
+
+    def _merge(self, delta: Delta | None) -> None:
+        """Hold `delta` scattered into the base weights (None: the plain base), restoring the
+        previous one bit-exactly first."""
+        if self._merged is not None and self._merged[0] is delta:
+            return
+        if self._merged is not None:
+            self._merged[1].restore()
+            self._merged = None
+        if delta is not None:
+            self._merged = (delta, AppliedDelta(self.model, delta))
+            self.stats["merges"] += 1
 
     def _drop_delta_graphs(self) -> None:
         """The slot pool grew: graphs that read its old buffers are stale."""
@@ -271,15 +306,16 @@ class DeltaBatchEngine:
         tokens, pos = self._static
         tokens.copy_(torch.tensor(last), non_blocking=True)
         pos.copy_(torch.tensor(self.pos), non_blocking=True)
+        step = self._compiled if self._compiled is not None and not deltas else self._decode_step
         if not self.cuda_graphs:
-            return self._decode_step(tokens, pos, span)
+            return step(tokens, pos, span)
         key = ("deltas" if deltas else "base", span)
         if key not in self._graphs:
-            out = self._decode_step(tokens, pos, span)  # writes the same K/V the replay writes
+            out = step(tokens, pos, span)  # writes the same K/V the replay writes (and compiles)
             try:
                 graph = torch.cuda.CUDAGraph()
                 with torch.cuda.graph(graph):
-                    static_out = self._decode_step(tokens, pos, span)
+                    static_out = step(tokens, pos, span)
             except RuntimeError as e:  # e.g. an op that cannot be captured: stay eager from now on
                 print(f"CUDA graph capture failed, decoding eagerly: {e}")
                 self.cuda_graphs = False

@@ -64,6 +64,24 @@ def test_a_mixed_batch_gives_each_request_its_solo_tokens(base):
     assert batch[0] == batch[4]
 
 
+def test_one_accounts_batch_decodes_merged_and_the_base_comes_back_bit_exact(base):
+    engine = DeltaBatchEngine(copy.deepcopy(base))
+    before = {n: p.clone() for n, p in engine.model.named_parameters()}
+    delta = _delta(base, 5)
+    reqs = [GenRequest(_prompt(i, 5 + i), delta, max_tokens=7) for i in range(3)]
+    merged = engine.generate(reqs)
+    assert engine.stats["merges"] == 1 and engine._merged is not None
+    engine.merge_single = False  # the same batch on the segmented path
+    assert engine.generate(reqs) == merged and engine._merged is None
+    engine.merge_single = True
+    # another account's request leaves after 3 tokens: mixed, then merged from that step on
+    other = GenRequest(_prompt(9, 6), _delta(base, 6), max_tokens=3)
+    assert engine.generate([*reqs, other]) == [*merged, engine.generate([other])[0]]
+    engine.generate([GenRequest(_prompt(1, 5), None, max_tokens=3)])  # the plain base again
+    assert engine._merged is None
+    assert all(torch.equal(p, before[n]) for n, p in engine.model.named_parameters())
+
+
 def test_sampling_is_seeded_and_stop_eos_and_limits_end_a_request(base):
     engine = DeltaBatchEngine(copy.deepcopy(base))
     delta, prompt = _delta(base, 3), _prompt(3, 5)
@@ -153,3 +171,16 @@ def test_on_cuda_graph_replays_decode_the_same_tokens_as_eager_steps(base):
     assert graphed.stats["graph_captures"] == captured
     assert graphed.generate([reqs[0]]) == eager[:1]  # base only: its own graph
     assert {k[0] for k in graphed._graphs} == {"base", "deltas"} and graphed.cuda_graphs  # never fell back
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_on_cuda_a_compiled_base_step_decodes_the_same_tokens(base):
+    model = copy.deepcopy(base).float().cuda()
+    delta = {n: (i_.cuda(), v.float().cuda()) for n, (i_, v) in _delta(base, 4).items()}
+    reqs = [GenRequest(_prompt(i, 5 + i), None, max_tokens=8) for i in range(3)]
+    solo = [GenRequest(_prompt(i, 5 + i), delta, max_tokens=8) for i in range(2)]  # one account: merged, base step
+    plain = DeltaBatchEngine(copy.deepcopy(model), slots=4, max_len=64)
+    compiled = DeltaBatchEngine(copy.deepcopy(model), slots=4, max_len=64, compile=True)
+    assert compiled.generate(reqs) == plain.generate(reqs)
+    assert compiled.generate(solo) == plain.generate(solo) and compiled.stats["merges"] == 1
