@@ -168,8 +168,11 @@ class DeltaCache:
         t0 = time.perf_counter()
         try:
             try:
-                delta, manifest = load_delta(self.store, account, version, self.base_fingerprint, self.options)
-                self._check(delta)
+                delta, manifest = load_delta(self.store, account, version, self.base_fingerprint, self.options,
+                                             index_dtype=None)
+                self._check_modules(delta)
+                host = CachedDelta.of(account, manifest["version"], delta, manifest, self.dtype)
+                self._check_entries(host)
             except TkllmError as e:
                 if "no delta published" in str(e):
                     raise UnknownAccount(f"unknown account {account!r}: no delta is published for it") from None
@@ -178,10 +181,7 @@ class DeltaCache:
             except (OSError, ValueError, KeyError, RuntimeError) as e:  # unreadable manifest or tensors
                 self._count("load_errors")
                 raise DeltaLoadError(f"account {account!r}: its delta cannot be read ({e})") from None
-            host = CachedDelta.of(account, manifest["version"], delta, manifest, self.dtype)
-            if self.pin:
-                host = host.to(torch.device("cpu"), pin=True)
-            hot = host.to(self.device)
+            hot = host.to(self.device)  # from pageable memory: pinning first would cost more than it saves
             if self.device.type == "cuda":
                 torch.cuda.current_stream().synchronize()  # ready before any request reads it
             with self._lock:
@@ -189,35 +189,48 @@ class DeltaCache:
                 self.stats["load_ms"].append((time.perf_counter() - t0) * 1e3)
                 self.host.put(host)
                 self._promote(hot)
+            if self.pin:  # the host copy is pinned after the request has its delta (fast promotions later)
+                self._pool.submit(self._pin, host)
             return hot
         finally:
             with self._lock:
                 self._loading.pop((account, version), None)
 
-    def _check(self, delta: Delta) -> None:
-        """Every module's indices sorted, unique and inside its weights: one pass over all entries
-        (a check per module cost more than the load), naming the first module that fails."""
+    def _pin(self, item: CachedDelta) -> None:
+        pinned = item.to(torch.device("cpu"), pin=True)
+        with self._lock:
+            if self.host.items.get(item.account) is item:  # not replaced or evicted meanwhile
+                self.host.items[item.account] = pinned
+
+    def _check_modules(self, delta: Delta) -> None:
         for name, (idx, vals) in delta.items():
             if idx.numel() != vals.numel():
                 raise ValueError(f"module {name}: {idx.numel()} indices but {vals.numel()} values")
             if self.shapes is not None and name not in self.shapes:
                 raise ValueError(f"module {name} is not a target linear of the served base")
-        names = [n for n, (i, _) in delta.items() if i.numel()]
-        if not names:
+            if idx.dtype == torch.int64 and idx.numel() and int(idx.max()) >= 2**31:  # stored wide: a huge module
+                raise ValueError(f"module {name}: indices past 2^31 (the cache keeps int32 indices)")
+
+    def _check_entries(self, item: CachedDelta) -> None:
+        """Every module's indices sorted, unique and inside its weights: one pass over the flat
+        indices (a check per module cost more than the load), naming the first module that fails."""
+        flat = item.flat[0]
+        spans = [(n, k) for n, k in item.layout if k]
+        if not spans:
             return
-        counts = torch.tensor([delta[n][0].numel() for n in names])
-        flat = torch.cat([delta[n][0].to(torch.int64) for n in names])
+        counts = torch.tensor([k for _, k in spans])
         starts = counts.cumsum(0) - counts
-        rising = flat[1:] > flat[:-1]
+        nonempty = torch.cat([item.delta[n][0] for n, _ in spans]) if len(spans) < len(item.layout) else flat
+        rising = nonempty[1:] > nonempty[:-1]
         rising[starts[1:] - 1] = True  # a module's first entry need not exceed the previous module's last
         if not bool(rising.all()):
-            bad = int(torch.searchsorted(starts, (~rising).nonzero()[0, 0] + 1, right=True)) - 1
-            check_sorted(delta[names[bad]][0], f"module {names[bad]}'s indices")
+            bad = spans[int(torch.searchsorted(starts, (~rising).nonzero()[0, 0] + 1, right=True)) - 1][0]
+            check_sorted(item.delta[bad][0], f"module {bad}'s indices")
         if self.shapes is not None:
-            limit = torch.tensor([self.shapes[n] for n in names])
-            out = (flat[starts] < 0) | (flat[starts + counts - 1] >= limit)
+            limit = torch.tensor([self.shapes[n] for n, _ in spans])
+            out = (nonempty[starts] < 0) | (nonempty[starts + counts - 1] >= limit)
             if bool(out.any()):
-                name = names[int(out.nonzero()[0, 0])]
+                name = spans[int(out.nonzero()[0, 0])][0]
                 raise ValueError(f"module {name}: an index is outside its {self.shapes[name]} weights")
 
     # -- new versions -------------------------------------------------------------------------------

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import threading
 import time
 from typing import Any
 
@@ -32,10 +33,13 @@ def encode(delta: Delta, value_dtype: str = "bf16") -> bytes:
     return st_save(tensors)
 
 
-def decode(data: bytes) -> Delta:
+def decode(data: bytes, index_dtype: torch.dtype | None = torch.int64) -> Delta:
+    """`index_dtype=None`: indices as stored (int32 below 2^31: no widening copy for a reader
+    that wants int32, e.g. a serving cache)."""
     tensors = st_load(data)
     names = sorted({k.rsplit(".", 1)[0] for k in tensors})
-    return {n: (tensors[f"{n}.indices"].to(torch.int64), tensors[f"{n}.values"]) for n in names}
+    return {n: (tensors[f"{n}.indices"] if index_dtype is None else tensors[f"{n}.indices"].to(index_dtype),
+                tensors[f"{n}.values"]) for n in names}
 
 
 def save_delta(store: str, account_id: str, delta: Delta, base_model: str, base_fingerprint: str,
@@ -71,24 +75,35 @@ def save_delta(store: str, account_id: str, delta: Delta, base_model: str, base_
 
 
 def load_delta(store: str, account_id: str, version: str | None = None, base_fingerprint: str | None = None,
-               options=None) -> tuple[Delta, dict]:
+               options=None, index_dtype: torch.dtype | None = torch.int64) -> tuple[Delta, dict]:
     """Load a published delta; refuse a corrupt file or one trained on another base. The returned
-    manifest carries the resolved `version`."""
+    manifest carries the resolved `version`. The checksum is computed on a second thread while the
+    tensors decode (hashlib releases the GIL), and checked before anything is returned."""
     root = join(store, validate_account_id(account_id))
     version = version or read_latest(root, options)
     if version is None:
         raise TkllmError(f"no delta published for account {account_id!r} under {store}")
     manifest = read_manifest(store, account_id, version, options)
     blob = read_bytes(join(root, version, "delta.safetensors"), options)
-    if hashlib.sha256(blob).hexdigest() != manifest["files"]["delta.safetensors"]:
+    digest: list[str] = []
+    hasher = threading.Thread(target=lambda: digest.append(hashlib.sha256(blob).hexdigest()))
+    hasher.start()
+    try:
+        delta = decode(blob, index_dtype)
+    except Exception:
+        delta = None  # a corrupt file may not even decode: the checksum below names it
+    hasher.join()
+    if digest[0] != manifest["files"]["delta.safetensors"]:
         raise TkllmError(f"delta {account_id}/{version} is corrupt (sha256 mismatch): republish it")
+    if delta is None:
+        delta = decode(blob, index_dtype)  # intact but unreadable: its own error
     if base_fingerprint is not None and manifest["base_fingerprint"] != base_fingerprint:
         raise TkllmError(
             f"delta {account_id}/{version} was trained on base {manifest['base_model']} "
             f"({manifest['base_fingerprint'][:19]}…), not the loaded base ({base_fingerprint[:19]}…): "
             "load the matching base or retrain the account"
         )
-    return decode(blob), {**manifest, "version": version}
+    return delta, {**manifest, "version": version}
 
 
 def read_manifest(store: str, account_id: str, version: str, options=None) -> dict:

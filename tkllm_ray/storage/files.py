@@ -64,6 +64,9 @@ def is_dir(uri: str, options: StorageOptions | None = None) -> bool:
 def read_bytes(uri: str, options: StorageOptions | None = None) -> bytes:
     fs, path = filesystem_for(uri, options)
     try:
+        if isinstance(fs, pafs.LocalFileSystem):  # one read into bytes, not Arrow's buffer and a copy
+            with open(path, "rb") as f:
+                return f.read()
         with fs.open_input_stream(path) as f:
             return f.read()
     except FileNotFoundError:
