@@ -34,7 +34,8 @@ from tkllm_ray.serve.metrics import ServeMetrics
 class DeltaModel:
     def __init__(self, model: str, tokenizer: str, deltas: str, device: str = "cpu", device_cache_mb: int = 1024,
                  host_cache_mb: int = 4096, max_batch: int = 16, batch_wait_ms: float = 5.0, refresh_s: float = 5.0,
-                 storage=None, max_seq_len: int | None = None, experts: str | None = None):
+                 storage=None, max_seq_len: int | None = None, experts: str | None = None,
+                 compile_decode: bool = False):
         from tkllm_ray.data.tokenizer import load_tokenizer
         from tkllm_ray.models import fingerprint
         from tkllm_ray.models.load import load_base_model
@@ -46,7 +47,8 @@ class DeltaModel:
         fp = fingerprint(base)
         self.cache = DeltaCache(deltas, device, device_cache_mb << 20, host_cache_mb << 20, fp,
                                 next(base.parameters()).dtype, storage, shapes=shapes)
-        self.engine = DeltaBatchEngine(base, pad_id=self.tok.pad_token_id or 0, slots=max_batch, max_len=max_seq_len)
+        self.engine = DeltaBatchEngine(base, pad_id=self.tok.pad_token_id or 0, slots=max_batch, max_len=max_seq_len,
+                                       compile=compile_decode and str(device).startswith("cuda"))
         self.experts = load_experts(experts, fp, device, next(base.parameters()).dtype, storage) \
             if experts else None
         self.embed = base.get_input_embeddings()
@@ -341,4 +343,5 @@ def app_builder(args: dict):
     keys = KeyRing.from_file(cfg.keys_file) if cfg.keys_file else None
     return build_app(cfg.model, cfg.tokenizer, cfg.deltas, cfg.base_name, keys, device=cfg.device,
                      device_cache_mb=cfg.device_cache_mb, host_cache_mb=cfg.host_cache_mb, max_batch=cfg.max_batch,
-                     max_seq_len=cfg.max_seq_len, experts=cfg.experts, batch_wait_ms=cfg.batch_wait_ms, refresh_s=cfg.refresh_s, storage=cfg.storage)
+                     max_seq_len=cfg.max_seq_len, experts=cfg.experts, batch_wait_ms=cfg.batch_wait_ms,
+                     refresh_s=cfg.refresh_s, storage=cfg.storage, compile_decode=cfg.compile_decode)
