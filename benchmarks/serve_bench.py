@@ -281,6 +281,7 @@ def main(argv=None) -> dict:
                         engine, lambda: timed_generate(engine, _requests(args, [deltas[0]] * args.batch)))),
                     ("ours_mixed_churn", lambda: churn(engine, args, deltas)),
                     ("ours_base_compiled", lambda: timed_generate(compiled(), _requests(args, [None] * args.batch))),
+                    ("ours_mixed_compiled", lambda: timed_generate(compiled(), _requests(args, deltas))),
                     ("ours_single_account_compiled", lambda: timed_generate(
                         compiled(), _requests(args, [deltas[0]] * args.batch))),
                     ("ours_base_eager", lambda: timed_generate(eager, _requests(args, [None] * args.batch))),
@@ -313,6 +314,10 @@ def main(argv=None) -> dict:
                              ("single_account_segmented_ratio_vs_base", "ours_single_account_segmented")):
             if section in res:
                 res[key] = res[section]["tokens_per_s"] / base_tps
+    for key, section in (("mixed64_compiled_ratio_vs_compiled_base", "ours_mixed_compiled"),
+                         ("single_account_compiled_ratio_vs_compiled_base", "ours_single_account_compiled")):
+        if section in res and "ours_base_compiled" in res:
+            res[key] = res[section]["tokens_per_s"] / res["ours_base_compiled"]["tokens_per_s"]
     if "latency" in res:
         res.update({k: res["latency"][k] for k in ("cold_load_p50_ms", "cold_load_p99_ms",
                                                     "ttft_p99_ratio_4x_working_set")})

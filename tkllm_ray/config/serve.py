@@ -25,7 +25,7 @@ class ServeConfig(ConfigModel):
     max_batch: int = Field(16, ge=1, le=1024, description="requests decoding at once (KV-cache slots per replica)")
     max_seq_len: int | None = Field(None, ge=8, description="tokens per request (prompt + generated) the KV cache "
                                     "holds; default: the base's context length")
-    compile_decode: bool = Field(False, description="on a GPU, torch.compile the base decode step before its CUDA "
+    compile_decode: bool = Field(False, description="on a GPU, torch.compile the decode step before its CUDA "
                                  "graph is captured (H100: ~1.7x the base decode rate; each new attention span "
                                  "compiles once, ~30 s)")
     batch_wait_ms: float = Field(5.0, ge=0, le=1000, description="how long an idle replica waits to prefill arrivals together")

@@ -101,8 +101,8 @@ class DeltaBatchEngine:
         # for batches with deltas (read from the slot regions; dropped only when a region grows).
         self.cuda_graphs = cuda_graphs and self.device.type == "cuda"
         self._graphs: dict[tuple, tuple] = {}
-        # torch.compile fuses the base step's many small ops (norms, rotary, cache writes) before the
-        # graph captures it; steps with a delta term stay uncompiled (their kernels are Triton already).
+        # torch.compile fuses the step's many small ops (norms, rotary, cache writes) before the graph
+        # captures it; the delta kernel stays one opaque op (segmented_triton.decode_add).
         self._compiled = torch.compile(self._decode_step, dynamic=False) if compile else None
         self.stats = {"graph_captures": 0, "merges": 0}
         self._static = (torch.zeros(slots, dtype=torch.long, device=self.device),
@@ -306,7 +306,7 @@ class DeltaBatchEngine:
         tokens, pos = self._static
         tokens.copy_(torch.tensor(last), non_blocking=True)
         pos.copy_(torch.tensor(self.pos), non_blocking=True)
-        step = self._compiled if self._compiled is not None and not deltas else self._decode_step
+        step = self._compiled if self._compiled is not None else self._decode_step
         if not self.cuda_graphs:
             return step(tokens, pos, span)
         key = ("deltas" if deltas else "base", span)

@@ -183,13 +183,19 @@ class SegmentedDeltaLinearFn(torch.autograd.Function):
 def segmented_delta_add(base, x, values, seg: Segments):
     """base: the base module's output (..., out) for x (..., in), whose flattened rows follow
     `seg.token_offsets`; values: (K,) all users' values -> base with row t's x[t] Δ_u(t)ᵀ added
-    (in place when base is contiguous)."""
+    (in place when base is contiguous). Without autograd (serving) the kernels are called directly:
+    nothing is saved, and torch.compile sees plain ops."""
+    if not torch.is_grad_enabled():
+        base = base.contiguous()
+        add, _ = _kernels(x)
+        add(base.view(-1, base.shape[-1]), x.reshape(-1, x.shape[-1]), values, seg, False)
+        return base
     return SegmentedDeltaAddFn.apply(base.contiguous(), x, values, seg, x.shape[-1])
 
 
 def segmented_delta_linear(x, weight, bias, values, seg: Segments):
     """y = x Wᵀ + b + the per-user delta term (the op of DESIGN.md, for a plain weight): one fused
     op when the weight and bias are frozen, the base linear plus the added term otherwise."""
-    if weight.requires_grad or (bias is not None and bias.requires_grad):
+    if weight.requires_grad or (bias is not None and bias.requires_grad) or not torch.is_grad_enabled():
         return segmented_delta_add(torch.nn.functional.linear(x, weight, bias), x, values, seg)
     return SegmentedDeltaLinearFn.apply(x, weight, bias, values, seg)

@@ -22,6 +22,7 @@ with torch ops, on the device, without waiting for the device.
 from __future__ import annotations
 
 import os
+from typing import Optional
 
 import torch
 import triton
@@ -257,12 +258,27 @@ def _decode_into(out: torch.Tensor, x: torch.Tensor, values: torch.Tensor, p: di
         return
     width = out.shape[1]
     c = CONFIG["decode_by_shape"].get(f"{width}x{x.shape[1]}", CONFIG["decode"])
-    per_user = triton.cdiv(width, c["LINES"])
-    _csr_decode[(seg.users * per_user,)](
-        x, out, p["src"], values.contiguous(), p["ptr"], seg.token_offsets,
-        seg.token_offsets if p.get("map") is None else p["map"], width, per_user, x.stride(0), out.stride(0),
-        p.get("stride", width), LINES=c["LINES"], BLOCK_E=c["BLOCK_E"], MAPPED=p.get("map") is not None,
-        num_warps=c["num_warps"])
+    decode_add(out, x, p["src"], values.contiguous(), p["ptr"], seg.token_offsets, p.get("map"), seg.users,
+               p.get("stride", width), c["LINES"], c["BLOCK_E"], c["num_warps"])
+
+
+@torch.library.custom_op("tkllm::decode_add", mutates_args=("out",))
+def decode_add(out: torch.Tensor, x: torch.Tensor, src: torch.Tensor, vals: torch.Tensor, ptr: torch.Tensor,
+               tok_off: torch.Tensor, umap: Optional[torch.Tensor], users: int, stride_ptr: int, lines_per_block: int,
+               block_e: int, num_warps: int) -> None:
+    """The decode kernel as a torch op (out += the delta term, in place), so a compiled decode
+    step keeps it as one opaque call among the ops torch.compile fuses."""
+    width = out.shape[1]
+    per_user = triton.cdiv(width, lines_per_block)
+    _csr_decode[(users * per_user,)](
+        x, out, src, vals, ptr, tok_off, tok_off if umap is None else umap, width, per_user, x.stride(0),
+        out.stride(0), stride_ptr, LINES=lines_per_block, BLOCK_E=block_e, MAPPED=umap is not None,
+        num_warps=num_warps)
+
+
+@decode_add.register_fake
+def _(out, x, src, vals, ptr, tok_off, umap, users, stride_ptr, lines_per_block, block_e, num_warps) -> None:
+    return None
 
 
 def add_forward(out2: torch.Tensor, x2: torch.Tensor, values: torch.Tensor, seg, keep: bool = True):

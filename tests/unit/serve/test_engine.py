@@ -175,12 +175,14 @@ def test_on_cuda_graph_replays_decode_the_same_tokens_as_eager_steps(base):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-def test_on_cuda_a_compiled_base_step_decodes_the_same_tokens(base):
+def test_on_cuda_a_compiled_decode_step_decodes_the_same_tokens(base):
     model = copy.deepcopy(base).float().cuda()
-    delta = {n: (i_.cuda(), v.float().cuda()) for n, (i_, v) in _delta(base, 4).items()}
+    deltas = [{n: (i_.cuda(), v.float().cuda()) for n, (i_, v) in _delta(base, s).items()} for s in (4, 5)]
     reqs = [GenRequest(_prompt(i, 5 + i), None, max_tokens=8) for i in range(3)]
-    solo = [GenRequest(_prompt(i, 5 + i), delta, max_tokens=8) for i in range(2)]  # one account: merged, base step
+    solo = [GenRequest(_prompt(i, 5 + i), deltas[0], max_tokens=8) for i in range(2)]  # one account: merged
+    mixed = [GenRequest(_prompt(i, 5 + i), [deltas[0], None, deltas[1]][i], max_tokens=8) for i in range(3)]
     plain = DeltaBatchEngine(copy.deepcopy(model), slots=4, max_len=64)
     compiled = DeltaBatchEngine(copy.deepcopy(model), slots=4, max_len=64, compile=True)
     assert compiled.generate(reqs) == plain.generate(reqs)
     assert compiled.generate(solo) == plain.generate(solo) and compiled.stats["merges"] == 1
+    assert compiled.generate(mixed) == plain.generate(mixed)  # the delta kernel inside the compiled step
