@@ -1,0 +1,262 @@
+"""Token-selective PEFT (TS-LoRA, TS-DoRA; arXiv 2511.16147): an adapter whose update each token
+takes or skips, by a threshold learned per layer.
+
+For a frozen target linear W0 with adapter M, token i's output is
+
+    h_i = W0 x_i + S_i · M(x_i),   r_i = ‖M(x_i)‖₂ / ‖W0 x_i‖₂,   S_i = 1(r_i ≥ τ),   τ ≥ 0 per layer.
+
+M is LoRA (M(x) = s·B A x, B zero at first) or DoRA (magnitude m and direction W0 + s·B A, the
+direction's row norms held constant in backward as in the DoRA paper: M(x) is the DoRA output
+minus W0 x). At the start M = 0, so with τ = 0 every token takes its (zero) update: training
+starts as plain LoRA / DoRA, and a layer with τ = 0 is exactly LoRA / DoRA (tested).
+
+How τ learns (our derivation; the paper publishes no code). Per layer the objective is
+
+    F(θ, τ) = L(θ, τ) + λ (ā − ρ)²,   ā = mean_i S_i  (the layer's token activation rate),
+
+with ρ the target activation rate and λ the sparsity penalty (config `ts_target_rate`,
+`ts_penalty`).
+1. The gate is a proximal step. Hard thresholding z ↦ z·1(|z| ≥ τ) is the proximal operator of
+   the L0 penalty (τ²/2)‖z‖₀. Applied to the relative update size r_i, it keeps an update only
+   where its size pays the penalty. So the forward pass *is* the prox step of an L0-regularised
+   choice of which tokens get updates, and τ sets the penalty's price.
+2. An approximate gradient for τ. L depends on τ only through the indicators, whose derivative is
+   zero almost everywhere. Smooth the step with a triangle kernel K_ε of half-width ε around τ:
+   ∂S_i/∂τ ≈ −K_ε(r_i − τ). Backpropagation gives g_i = ∂F/∂S_i = ⟨∂L/∂h_i, M(x_i)⟩ + 2λ(ā − ρ)/N,
+   so ∂F/∂τ ≈ −Σ_i g_i K_ε(r_i − τ). Read it token by token near the threshold:
+   - an update that lowers the loss (g_i < 0) pulls τ down, admitting more tokens;
+   - one that raises it pushes τ up;
+   - an activation rate above ρ pushes τ up.
+   ε is `ts_bandwidth` times the batch's median r (scale-free: r has no natural unit).
+3. The step: Adam moments on that gradient (the paper's "Adam-style momentum": the estimate is
+   noisy and badly scaled), with a step size relative to the layer's typical r (the last batch's
+   median: r's scale grows as the adapter learns, and a fixed step would jump past every token
+   into a region where the kernel sees none), then τ ← max(τ, 0), the projection onto the
+   feasible set (the prox of its indicator).
+r is detached: the adapter learns from the tokens it serves (S_i multiplies its output), never
+through the gate.
+
+At inference the gate skips work, not just output. For TS-LoRA, ‖M(x)‖ = s·√(uᵀ(BᵀB)u) with
+u = A x (r numbers per token), so the B projection (2·out·rank FLOPs a token, half the adapter)
+runs only for tokens that pass (`skipped_flops`). For TS-DoRA the update's norm needs B u, so
+only the final scale-and-add is skipped.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+EPS = 1e-12
+
+
+class ThresholdGate(torch.autograd.Function):
+    """S = 1(r ≥ τ) forward; backward: ∂/∂τ ≈ −Σ grad_S · K_ε(r − τ), nothing into r."""
+
+    @staticmethod
+    def forward(ctx, r: torch.Tensor, tau: torch.Tensor, width: float):
+        ctx.save_for_backward(r, tau)
+        ctx.width = width
+        return (r >= tau).to(r.dtype)
+
+    @staticmethod
+    def backward(ctx, grad_s):
+        r, tau = ctx.saved_tensors
+        if ctx.width <= 0:  # every r alike (e.g. a zero adapter at the start): nothing to learn about τ
+            return None, torch.zeros_like(tau), None
+        kernel = torch.clamp(1 - (r - tau).abs() / ctx.width, min=0) / ctx.width
+        return None, -(grad_s * kernel).sum().reshape(tau.shape), None
+
+
+class TSAdapterLinear(nn.Module):
+    """A frozen base linear with a token-selective adapter (subclasses: TSLoRALinear, TSDoRALinear)."""
+
+    def __init__(self, base: nn.Linear, rank: int, alpha: float, tau: float = 0.0, bandwidth: float = 0.5):
+        super().__init__()
+        self.base = base
+        for p in base.parameters():
+            p.requires_grad_(False)
+        out_f, in_f = base.weight.shape
+        dev, dtype = base.weight.device, torch.float32
+        self.rank, self.scale, self.bandwidth = rank, alpha / rank, bandwidth
+        self.lora_A = nn.Parameter(torch.empty(rank, in_f, device=dev, dtype=dtype))
+        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))  # as LoRA: A random, B zero
+        self.lora_B = nn.Parameter(torch.zeros(out_f, rank, device=dev, dtype=dtype))
+        self.tau = nn.Parameter(torch.tensor(float(tau), device=dev))
+        self.last_rate: torch.Tensor | None = None  # this forward's activation rate (a tensor: the penalty's input)
+        self.r_scale = 0.0  # the last training batch's median r: the scale of τ's steps
+        self.counts = {"tokens": 0, "active": 0, "skipped_flops": 0}
+
+    def update(self, x: torch.Tensor, y0: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y0 = self.base(x)
+        if not torch.is_grad_enabled() and not self.training:
+            return self._infer(x, y0)
+        m = self.update(x, y0)
+        r = (m.float().norm(dim=-1) / y0.float().norm(dim=-1).clamp_min(EPS)).detach()
+        self.r_scale = float(r.median())
+        width = self.bandwidth * self.r_scale
+        s = ThresholdGate.apply(r, self.tau, width)
+        self.last_rate = s.mean()
+        self._count(s)
+        return y0 + (s.unsqueeze(-1) * m).to(y0.dtype)
+
+    def _count(self, s: torch.Tensor) -> None:
+        self.counts["tokens"] += s.numel()
+        self.counts["active"] += int(s.sum())
+
+    def _infer(self, x: torch.Tensor, y0: torch.Tensor) -> torch.Tensor:
+        m = self.update(x, y0)
+        r = m.float().norm(dim=-1) / y0.float().norm(dim=-1).clamp_min(EPS)
+        s = (r >= self.tau).to(m.dtype)
+        self._count(s)
+        return y0 + (s.unsqueeze(-1) * m).to(y0.dtype)
+
+    def activation_rate(self) -> float:
+        return self.counts["active"] / max(self.counts["tokens"], 1)
+
+
+class TSLoRALinear(TSAdapterLinear):
+    def update(self, x, y0):
+        return (x.to(self.lora_A.dtype) @ self.lora_A.T @ self.lora_B.T) * self.scale
+
+    def _infer(self, x, y0):
+        """Gate from u = A x and BᵀB; the B projection only for the tokens that pass."""
+        u = x.to(self.lora_A.dtype) @ self.lora_A.T  # (..., rank)
+        gram = self.lora_B.T @ self.lora_B
+        norm_m = self.scale * torch.einsum("...i,ij,...j->...", u, gram, u).clamp_min(0).sqrt()
+        r = norm_m / y0.float().norm(dim=-1).clamp_min(EPS)
+        keep = r >= self.tau
+        out = y0.clone()
+        rows = keep.nonzero(as_tuple=True)
+        out[rows] += ((u[rows] @ self.lora_B.T) * self.scale).to(y0.dtype)
+        self._count(keep.float())
+        self.counts["skipped_flops"] += int((~keep).sum()) * 2 * self.lora_B.shape[0] * self.rank
+        return out
+
+
+class TSDoRALinear(TSAdapterLinear):
+    def __init__(self, base: nn.Linear, rank: int, alpha: float, tau: float = 0.0, bandwidth: float = 0.5):
+        super().__init__(base, rank, alpha, tau, bandwidth)
+        self.magnitude = nn.Parameter(base.weight.detach().float().norm(dim=1))  # DoRA's m: ‖W0‖ per output row
+
+    def update(self, x, y0):
+        w0 = self.base.weight.float()
+        direction = w0 + self.scale * (self.lora_B @ self.lora_A)
+        ratio = self.magnitude / direction.norm(dim=1).detach().clamp_min(EPS)  # norms constant in backward
+        bias = self.base.bias.float() if self.base.bias is not None else 0.0
+        lora = (x.to(self.lora_A.dtype) @ self.lora_A.T @ self.lora_B.T) * self.scale
+        return (ratio - 1) * (y0.float() - bias) + ratio * lora
+
+
+def penalty(modules: dict[str, TSAdapterLinear], target_rate: float, weight: float) -> torch.Tensor:
+    """λ Σ_layers (ā − ρ)² over this forward's activation rates (add it to the loss)."""
+    rates = [m.last_rate for m in modules.values() if m.last_rate is not None]
+    if not rates or weight == 0:
+        return torch.zeros(())
+    return weight * sum((r - target_rate) ** 2 for r in rates)
+
+
+class TauOptimizer:
+    """Adam on the thresholds' approximate gradients, each step `lr` times its layer's median r,
+    then τ ← max(τ, 0)."""
+
+    def __init__(self, modules: dict[str, TSAdapterLinear], lr: float):
+        self.modules, self.lr = list(modules.values()), lr
+        self.taus = [m.tau for m in self.modules]
+        self.opt = torch.optim.Adam([{"params": [t]} for t in self.taus], lr=lr)
+
+    def step(self) -> None:
+        for group, m in zip(self.opt.param_groups, self.modules):
+            group["lr"] = self.lr * max(m.r_scale, EPS)
+        self.opt.step()
+        with torch.no_grad():
+            for t in self.taus:
+                t.clamp_(min=0)
+
+    def zero_grad(self) -> None:
+        self.opt.zero_grad(set_to_none=True)
+
+
+KINDS = {"ts-lora": TSLoRALinear, "ts-dora": TSDoRALinear}
+
+
+def attach(model: nn.Module, method: str, linears: dict[str, nn.Linear], rank: int, alpha: float | None = None,
+           tau: float = 0.0, bandwidth: float = 0.5) -> dict[str, TSAdapterLinear]:
+    """Freeze `model` and wrap each of `linears` (name -> module) in a token-selective adapter."""
+    if method not in KINDS:
+        raise ValueError(f"unknown token-selective method {method!r}: choose one of {sorted(KINDS)}")
+    for p in model.parameters():
+        p.requires_grad_(False)
+    out = {}
+    for name, lin in linears.items():
+        parent, _, leaf = name.rpartition(".")
+        mod = KINDS[method](lin, rank, alpha if alpha is not None else 2.0 * rank, tau, bandwidth)
+        setattr(model.get_submodule(parent) if parent else model, leaf, mod)
+        out[name] = mod
+    return out
+
+
+def adapter_params(modules: dict[str, TSAdapterLinear]) -> list[nn.Parameter]:
+    """What the model's optimizer trains: everything but the thresholds (TauOptimizer's)."""
+    return [p for m in modules.values() for n, p in m.named_parameters() if not n.startswith("base.") and n != "tau"]
+
+
+def state_dict(modules: dict[str, TSAdapterLinear]) -> dict[str, torch.Tensor]:
+    return {f"{name}.{n}": p.detach().cpu().contiguous() for name, m in modules.items()
+            for n, p in m.named_parameters() if not n.startswith("base.")}
+
+
+def load_state(modules: dict[str, TSAdapterLinear], tensors: dict[str, torch.Tensor]) -> None:
+    """Load `state_dict` output into attached modules of the same method and shapes."""
+    expected = {f"{name}.{n}" for name, m in modules.items() for n, _ in m.named_parameters()
+                if not n.startswith("base.")}
+    if set(tensors) != expected:
+        missing, extra = sorted(expected - set(tensors))[:3], sorted(set(tensors) - expected)[:3]
+        raise ValueError(f"adapter tensors do not match the attached modules (missing {missing}, unexpected {extra})")
+    with torch.no_grad():
+        for name, m in modules.items():
+            for n, p in m.named_parameters():
+                if not n.startswith("base."):
+                    p.copy_(tensors[f"{name}.{n}"])
+
+
+def ranking(modules: dict[str, TSAdapterLinear]) -> list[tuple[str, float]]:
+    """Modules by measured activation rate, highest first (least sparse: the most important)."""
+    return sorted(((n, m.activation_rate()) for n, m in modules.items()), key=lambda kv: -kv[1])
+
+
+def keep_top(model: nn.Module, modules: dict[str, TSAdapterLinear], fraction: float) -> dict[str, TSAdapterLinear]:
+    """Keep the `fraction` least sparse modules; put the others' plain base linears back."""
+    if not 0 < fraction <= 1:
+        raise ValueError(f"fraction must be in (0, 1], got {fraction}")
+    keep = {n for n, _ in ranking(modules)[: max(1, round(fraction * len(modules)))]}
+    for name, m in modules.items():
+        if name not in keep:
+            parent, _, leaf = name.rpartition(".")
+            setattr(model.get_submodule(parent) if parent else model, leaf, m.base)
+    return {n: m for n, m in modules.items() if n in keep}
+
+
+def plot_rates(modules: dict[str, TSAdapterLinear], path: str, title: str = "token activation rate per module") -> str:
+    """A bar chart of each module's measured activation rate, in model order."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names, rates = list(modules), [m.activation_rate() for m in modules.values()]
+    fig, ax = plt.subplots(figsize=(max(6, 0.18 * len(names)), 3.5))
+    ax.bar(range(len(names)), rates)
+    ax.set_ylim(0, 1)
+    ax.set_ylabel("share of tokens updated")
+    ax.set_title(title)
+    ax.set_xticks(range(len(names)), [n.replace("model.layers.", "") for n in names], rotation=90, fontsize=6)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
