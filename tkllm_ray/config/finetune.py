@@ -15,7 +15,8 @@ class FinetuneConfig(ConfigModel):
     accounts: str | None = Field(None, description="many accounts, packed on Ray Train workers: 'all' (every "
                                  "account of the dataset) or a file/URI with one account id per line")
     data: str = Field(description="ingested dataset root (path or s3://), as written by `tkllm ingest`")
-    method: Literal["gspf", "full", "lora", "adapter", "diffpruning"] = Field("gspf", description="fine-tuning method")
+    method: Literal["gspf", "full", "lora", "adapter", "diffpruning", "ts-lora", "ts-dora"] = Field(
+        "gspf", description="fine-tuning method (ts-lora, ts-dora: token-selective, train/ts_peft.py)")
     model: str = Field("tkllm-tiny", description="model preset (tkllm-tiny/s/m/l) or a Hugging Face model directory")
     tokenizer: str = Field("builtin", description="tokenizer: 'builtin' or a Hugging Face tokenizer directory")
     output: str = Field("runs/deltas", description="delta store root (path or s3://)")
@@ -35,7 +36,13 @@ class FinetuneConfig(ConfigModel):
                                    "selection favours (backprop stops below them; default: no limit)")
     target_modules: list[str] | None = Field(None, description="GSPF, DiffPruning, LoRA: name fragments of linear "
                                                                "layers to train (default: all)")
-    lora_rank: int = Field(16, ge=1, description="LoRA: rank")
+    lora_rank: int = Field(16, ge=1, description="LoRA, TS-LoRA, TS-DoRA: rank")
+    ts_target_rate: float = Field(0.5, gt=0, le=1, description="TS-LoRA/DoRA: target share of tokens a layer updates")
+    ts_penalty: float = Field(1.0, ge=0, description="TS-LoRA/DoRA: weight of the penalty (rate - target)^2 per layer")
+    ts_tau_lr: float = Field(0.05, gt=0, description="TS-LoRA/DoRA: threshold step, as a share of the layer's "
+                             "median update ratio")
+    ts_bandwidth: float = Field(0.5, gt=0, description="TS-LoRA/DoRA: half-width of the gate's smoothing kernel, "
+                                "as a share of the median update ratio")
     adapter_bottleneck: int = Field(16, ge=1, le=4096, description="Adapter: bottleneck width (hidden -> N -> hidden) "
                                     "of the adapters after each attention and MLP output")
     diffpruning_l0: float = Field(1.0, ge=0, le=1000, description="DiffPruning: weight λ of the L0 penalty, the "

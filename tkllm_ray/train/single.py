@@ -1,4 +1,5 @@
-"""Fine-tune one account's model (GSPF, full, LoRA, Adapter or DiffPruning) from an ingested dataset.
+"""Fine-tune one account's model (GSPF, full, LoRA, Adapter, DiffPruning, TS-LoRA or TS-DoRA) from an
+ingested dataset.
 
 The step is the reusable piece (`GSPF.step`, `DiffPruning.step`, `DenseTrainer.step`, all one
 `optimizer_step`); this module wires data, eval, cost reporting and publishing around it for one
@@ -31,6 +32,8 @@ from tkllm_ray.train.baselines import Adapter, DenseTrainer
 from tkllm_ray.train.data import account_posts, pack
 from tkllm_ray.train.schedule import events, total_steps
 from tkllm_ray.train.diffpruning import DiffPruning, DiffPruningSettings
+from tkllm_ray.train import ts_peft
+from tkllm_ray.train.ts_peft import TSTrainer, save_ts
 
 SPARSE_METHODS = ("gspf", "diffpruning")  # published as sparse deltas; the others as model/adapter directories
 
@@ -118,12 +121,16 @@ def train_account(cfg: FinetuneConfig, model, eos_id: int, train_posts: list[lis
     if cfg.method == "diffpruning" and cfg.diffpruning_mask_epochs:
         costs.update({k: gated[k] for k in ("trainable_params", "train_state_bytes")})
     delta = _ship(model, trainer) if cfg.method in SPARSE_METHODS else None
-    ppl_after = perplexity(model, eval_ids, eval_labels, cfg.batch_size)
+    selective = {"train": trainer.report()} if isinstance(trainer, TSTrainer) else None
+    ppl_after = perplexity(model, eval_ids, eval_labels, cfg.batch_size)  # token-selective: gated inference
     metrics = {"eval_ppl_before": ppl_before, "eval_ppl_after": ppl_after, "train_loss_last": losses[-1],
                "steps": len(losses), **costs, "train_tokens": int((train_labels != -100).sum()) * cfg.epochs}
     result = {"account": cfg.account, "method": cfg.method, "device": str(device), **metrics}
     if cfg.method == "gspf":
         result["reselection"] = trainer.state.history
+    if selective is not None:
+        selective["eval"] = trainer.report()
+        result["token_selective"] = selective
     return AccountRun(result, model, base_fp, shapes, delta, adapter, trainer)
 
 
@@ -131,7 +138,8 @@ def publish_run(cfg: FinetuneConfig, run: AccountRun, run_id: str | None = None)
     """Sparse methods: a delta version (+ placement table and heatmap); Adapter: its directory;
     full FT: a standalone HF directory; LoRA: the peft adapter directory."""
     result = dict(run.result)
-    metrics = {k: v for k, v in result.items() if k not in ("account", "method", "device", "reselection")}
+    metrics = {k: v for k, v in result.items() if k not in ("account", "method", "device", "reselection",
+                                                            "token_selective")}
     if run.delta is not None:
         table = placement_table({n: i for n, (i, _) in run.delta.items()}, run.shapes)
         plot = heatmap_png(table, f"{cfg.method} delta, {cfg.account}, density {cfg.density:.2%}")
@@ -141,6 +149,9 @@ def publish_run(cfg: FinetuneConfig, run: AccountRun, run_id: str | None = None)
             metrics=metrics, extra_files={"placement.json": json.dumps(table).encode(), "placement.png": plot},
             run_id=run_id, options=cfg.storage)
         result["delta_uri"] = join(cfg.output, cfg.account, result["version"])
+    elif isinstance(run.trainer, TSTrainer):
+        result["model_uri"] = save_ts(join(cfg.output, cfg.account, cfg.method, new_version_id()), run.trainer.modules,
+                                      cfg, run.base_fingerprint)
     elif run.adapter is not None:
         result["model_uri"] = run.adapter.save(join(cfg.output, cfg.account, "adapter", new_version_id()),
                                                cfg.model, run.base_fingerprint, cfg.storage)
@@ -162,6 +173,11 @@ def _trainer(cfg: FinetuneConfig, model):
         return model, DiffPruning(model, lm_loss, DiffPruningSettings(
             density=cfg.density, target_modules=cfg.target_modules, lr=cfg.lr, weight_decay=cfg.weight_decay,
             l0=cfg.diffpruning_l0, alpha_init=cfg.diffpruning_alpha_init))
+    if cfg.method in ts_peft.KINDS:
+        mods = ts_peft.attach(model, cfg.method, target_linears(model, cfg.target_modules), cfg.lora_rank,
+                              bandwidth=cfg.ts_bandwidth)
+        return model, TSTrainer(model, mods, lm_loss, cfg.lr, cfg.weight_decay, cfg.ts_target_rate, cfg.ts_penalty,
+                                cfg.ts_tau_lr)
     if cfg.method == "lora":
         model = _wrap_lora(model, cfg)
     return model, DenseTrainer(model, lm_loss, cfg.lr, cfg.weight_decay)

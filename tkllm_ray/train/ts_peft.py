@@ -260,3 +260,84 @@ def plot_rates(modules: dict[str, TSAdapterLinear], path: str, title: str = "tok
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
+
+
+class TSTrainer:
+    """One account's token-selective fine-tune: AdamW on the adapters, TauOptimizer on the
+    thresholds, the loss plus the activation-rate penalty."""
+
+    def __init__(self, model: nn.Module, modules: dict[str, TSAdapterLinear], loss_fn, lr: float,
+                 weight_decay: float, target_rate: float, penalty_weight: float, tau_lr: float):
+        self.model, self.modules, self.loss_fn = model, modules, loss_fn
+        self.target_rate, self.penalty_weight = target_rate, penalty_weight
+        self.opt = torch.optim.AdamW(adapter_params(modules), lr=lr, weight_decay=weight_decay)
+        self.taus = TauOptimizer(modules, tau_lr)
+
+    def step(self, batch) -> float:
+        self.model.train()
+        self.opt.zero_grad(set_to_none=True)
+        self.taus.zero_grad()
+        loss = self.loss_fn(self.model, batch)
+        (loss + penalty(self.modules, self.target_rate, self.penalty_weight).to(loss.device)).backward()
+        self.opt.step()
+        self.taus.step()
+        return float(loss.detach())
+
+    def report(self, reset: bool = True) -> dict:
+        """Token activation rates (overall and per module) and skipped FLOPs since the last reset."""
+        tokens = sum(m.counts["tokens"] for m in self.modules.values())
+        out = {"activation_rate": sum(m.counts["active"] for m in self.modules.values()) / max(tokens, 1),
+               "skipped_flops": sum(m.counts["skipped_flops"] for m in self.modules.values()),
+               "per_module": {n: round(m.activation_rate(), 4) for n, m in self.modules.items()},
+               "tau": {n: round(float(m.tau), 6) for n, m in self.modules.items()}}
+        if reset:
+            for m in self.modules.values():
+                m.counts.update(tokens=0, active=0, skipped_flops=0)
+        return out
+
+
+def save_ts(uri: str, modules: dict[str, TSAdapterLinear], cfg, base_fingerprint: str) -> str:
+    """An account's token-selective adapters as a directory (local or s3://, appearing whole):
+    adapter.safetensors (A, B, τ, DoRA's magnitude per module), ts_config.json (method, rank,
+    modules, base), rates.png (activation rate per module)."""
+    import json
+    import os
+    import tempfile
+
+    from safetensors.torch import save_file
+
+    from tkllm_ray.storage import write_dir
+
+    first = next(iter(modules.values()))
+    meta = {"method": next(k for k, v in KINDS.items() if type(first) is v), "base_model": cfg.model,
+            "base_fingerprint": base_fingerprint, "rank": first.rank, "alpha": first.scale * first.rank,
+            "bandwidth": first.bandwidth, "modules": list(modules), "account": cfg.account,
+            "activation_rate": {n: round(m.activation_rate(), 4) for n, m in modules.items()}}
+    with tempfile.TemporaryDirectory() as d:
+        save_file(state_dict(modules), os.path.join(d, "adapter.safetensors"))
+        plot_rates(modules, os.path.join(d, "rates.png"), f"{meta['method']} {cfg.account}: tokens updated per module")
+        with open(os.path.join(d, "ts_config.json"), "w") as f:
+            json.dump(meta, f, indent=1)
+        write_dir(d, uri, cfg.storage, last=("ts_config.json",))
+    return uri
+
+
+def load_ts(model: nn.Module, uri: str, options=None, base_fingerprint: str | None = None) -> dict[str, TSAdapterLinear]:
+    """Attach the adapters saved by `save_ts` to `model` (its base); refuses another base's."""
+    import json
+    import os
+
+    from safetensors.torch import load_file
+
+    from tkllm_ray.errors import TkllmError
+    from tkllm_ray.storage.cache import local_dir
+
+    d = local_dir(uri, "token-selective adapter directory", options)
+    with open(os.path.join(d, "ts_config.json")) as f:
+        meta = json.load(f)
+    if base_fingerprint is not None and meta["base_fingerprint"] != base_fingerprint:
+        raise TkllmError(f"adapters at {uri} were trained on another base ({meta['base_model']}); load that base")
+    mods = attach(model, meta["method"], {n: model.get_submodule(n) for n in meta["modules"]}, meta["rank"],
+                  meta["alpha"], bandwidth=meta["bandwidth"])
+    load_state(mods, load_file(os.path.join(d, "adapter.safetensors"), device=str(next(model.parameters()).device)))
+    return mods

@@ -98,3 +98,26 @@ def test_unknown_account_is_a_clear_error(dataset, capsys):
     root, _ = dataset
     assert main(["finetune", "--account", "nobody", "--data", root]) == 1
     assert "account 'nobody' has no train posts" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("method", ["ts-lora", "ts-dora"])
+def test_token_selective_finetune_reports_rates_and_its_adapters_reload(dataset, tmp_path, method, capsys):
+    from tkllm_ray.train.ts_peft import load_ts
+
+    root, accounts = dataset
+    assert main(["finetune", "--account", accounts[1], "--data", root, "--method", method, "--epochs", "6",
+                 "--lr", "0.01", "--output", str(tmp_path / "out"), "--seq-len", "64", "--lora-rank", "4",
+                 "--ts-target-rate", "0.6", "--ts-penalty", "5", "--ts-tau-lr", "0.3", "--json"]) == 0
+    r = _result(capsys.readouterr().out)
+    assert r["eval_ppl_after"] < r["eval_ppl_before"]
+    ts = r["token_selective"]
+    for phase in ("train", "eval"):  # tokens that took their update, in training and at inference
+        assert 0 < ts[phase]["activation_rate"] < 1 and len(ts[phase]["per_module"]) == len(ts[phase]["tau"])
+    assert (ts["eval"]["skipped_flops"] > 0) == (method == "ts-lora")
+    files = {p.name for p in Path(r["model_uri"]).iterdir()}
+    assert {"adapter.safetensors", "ts_config.json", "rates.png"} <= files
+    # served as saved: a fresh base with the adapters reloaded gives the published perplexity
+    base = build_model("tkllm-tiny", vocab_size=8192, seed=0)
+    load_ts(base, r["model_uri"], base_fingerprint=fingerprint(base))
+    ids, labels = pack(account_posts(root, accounts[1], "eval"), cached_tokenizer().eos_token_id, 64)
+    assert perplexity(base, ids, labels, 8) == pytest.approx(r["eval_ppl_after"], rel=1e-5)
