@@ -52,7 +52,9 @@ def test_unknown_key_and_bad_value_are_named(tmp_path):
 @pytest.mark.parametrize("text, error", [
     ("account: a\ndata: d\nadapter_bottleneck: 0\n", r"adapter_bottleneck: Input should be greater than or equal to 1"),
     ("account: a\ndata: d\ndiffpruning_l0: -1\n", r"diffpruning_l0: Input should be greater than or equal to 0"),
-    ("account: a\ndata: d\nmethod: adapters\n", r"method: Input should be 'gspf', 'full', 'lora', 'adapter' or 'diffpruning'"),
+    ("account: a\ndata: d\nmethod: adapters\n", r"method: Input should be 'gspf', 'full', 'lora', 'adapter', 'diffpruning', 'ts-lora' or 'ts-dora'"),
+    ("account: a\ndata: d\nts_target_rate: 1.5\n", r"ts_target_rate: Input should be less than or equal to 1"),
+    ("account: a\ndata: d\nzero3: true\n", r"zero3 shards the base over packed workers: name the accounts"),
     ("data: d\n", r"give either account \(one\) or accounts"),
     ("account: a\naccounts: all\ndata: d\n", r"give either account \(one\) or accounts"),
     ("accounts: all\ndata: d\nmethod: lora\n", r"packed training \(accounts\) runs GSPF"),
