@@ -65,3 +65,13 @@ def test_finetune_config_errors_are_named(tmp_path, text, error):
     p.write_text(text)
     with pytest.raises(TkllmError, match=error):
         load_config(FinetuneConfig, p)
+
+
+def test_serve_dtype_is_one_of_the_named_ones(tmp_path):
+    p = tmp_path / "s.yaml"
+    p.write_text("model: tkllm-tiny\ndeltas: d\nallow_anonymous: true\ndtype: float16\n")
+    with pytest.raises(TkllmError, match=r"dtype: Input should be 'auto', 'float32' or 'bfloat16'"):
+        load_config(ServeConfig, p)
+    p.write_text("model: tkllm-tiny\ndeltas: d\nallow_anonymous: true\ndtype: bfloat16\ncompile_decode: true\n")
+    cfg = load_config(ServeConfig, p)
+    assert cfg.dtype == "bfloat16" and cfg.compile_decode is True

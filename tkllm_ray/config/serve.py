@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import Field, model_validator
 
 from tkllm_ray.config.base import ConfigModel
@@ -20,6 +22,8 @@ class ServeConfig(ConfigModel):
     experts: str | None = Field(None, description="style experts root (path or s3://; see "
                                                    "tkllm_ray/serve/experts.py), served beside the deltas")
     device: str = Field("cpu", description="cpu or cuda")
+    dtype: Literal["auto", "float32", "bfloat16"] = Field("auto", description="base weights and deltas on the "
+                                                          "replica (auto: bfloat16 on cuda, float32 on cpu)")
     device_cache_mb: int = Field(1024, ge=1, description="per replica: deltas kept on the device")
     host_cache_mb: int = Field(4096, ge=1, description="per replica: deltas kept in host memory")
     max_batch: int = Field(16, ge=1, le=1024, description="requests decoding at once (KV-cache slots per replica)")

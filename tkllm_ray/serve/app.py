@@ -35,14 +35,19 @@ class DeltaModel:
     def __init__(self, model: str, tokenizer: str, deltas: str, device: str = "cpu", device_cache_mb: int = 1024,
                  host_cache_mb: int = 4096, max_batch: int = 16, batch_wait_ms: float = 5.0, refresh_s: float = 5.0,
                  storage=None, max_seq_len: int | None = None, experts: str | None = None,
-                 compile_decode: bool = False):
+                 compile_decode: bool = False, dtype: str = "auto"):
         from tkllm_ray.data.tokenizer import load_tokenizer
         from tkllm_ray.models import fingerprint
         from tkllm_ray.models.load import load_base_model
         from tkllm_ray.sparse.sensitivity import target_linears
 
         self.tok = load_tokenizer(tokenizer, storage)
-        base = load_base_model(model, len(self.tok), device=device, options=storage, tokenizer_name=tokenizer)
+        import torch
+
+        weights = {"float32": torch.float32, "bfloat16": torch.bfloat16}.get(
+            dtype, torch.bfloat16 if str(device).startswith("cuda") else torch.float32)
+        base = load_base_model(model, len(self.tok), device=device, options=storage, tokenizer_name=tokenizer,
+                               dtype=weights)
         shapes = {n: m.weight.numel() for n, m in target_linears(base).items()}
         fp = fingerprint(base)
         self.cache = DeltaCache(deltas, device, device_cache_mb << 20, host_cache_mb << 20, fp,
@@ -344,4 +349,5 @@ def app_builder(args: dict):
     return build_app(cfg.model, cfg.tokenizer, cfg.deltas, cfg.base_name, keys, device=cfg.device,
                      device_cache_mb=cfg.device_cache_mb, host_cache_mb=cfg.host_cache_mb, max_batch=cfg.max_batch,
                      max_seq_len=cfg.max_seq_len, experts=cfg.experts, batch_wait_ms=cfg.batch_wait_ms,
-                     refresh_s=cfg.refresh_s, storage=cfg.storage, compile_decode=cfg.compile_decode)
+                     refresh_s=cfg.refresh_s, storage=cfg.storage, compile_decode=cfg.compile_decode,
+                     dtype=cfg.dtype)
