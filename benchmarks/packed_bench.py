@@ -74,7 +74,7 @@ def run_engine(args, base, jobs, seconds: float, max_resident: int, budget: int 
                         host_budget=host_budget)
     phases: dict = {}
     if args.phase_times:
-        for name in ("_sensitivity_pass", "_select", "_train_step"):
+        for name in ("_sensitivity_pass", "_select_round", "_train_step"):
             _timed(engine, name, phases)
         _timed(engine.pager, "prepare", phases)
     done, tokens = [], [0]
@@ -92,8 +92,9 @@ def run_engine(args, base, jobs, seconds: float, max_resident: int, budget: int 
     warm = engine._sensitivity_pass  # the deadline holds during warm-ups too
 
     def warm_then_check(picked):
-        warm(picked)
+        ready = warm(picked)  # the accounts whose warm-up ended: the engine selects for them next
         stop(engine)
+        return ready
 
     engine._sensitivity_pass = warm_then_check
     if torch.cuda.is_available():
