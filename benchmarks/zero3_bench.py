@@ -24,7 +24,7 @@ import time
 
 import torch
 
-from results_io import write_result  # sibling module: this script's folder is on sys.path
+from results_io import sync, write_result  # sibling module: this script's folder is on sys.path
 
 
 def _peak_gib() -> float | None:
@@ -88,12 +88,12 @@ def full_ft(args, device) -> dict:
     ids = torch.randint(2, args.vocab, (args.ft_rows, args.seq_len), generator=g).to(device)
     times = []
     for step in range(args.ft_steps + 1):  # the first step (allocation, tracing) is not timed
-        _sync()
+        sync()
         t = time.perf_counter()
         loss = engine(input_ids=ids, labels=ids).loss
         engine.backward(loss)
         engine.step()
-        _sync()
+        sync()
         if step:
             times.append(time.perf_counter() - t)
     step_s = sorted(times)[len(times) // 2]
@@ -102,11 +102,6 @@ def full_ft(args, device) -> dict:
            "loss_last": float(loss)}
     engine.destroy()
     return out
-
-
-def _sync() -> None:
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
 
 
 def worker(config: dict) -> None:

@@ -49,29 +49,28 @@ def test_unknown_key_and_bad_value_are_named(tmp_path):
         load_config(IngestConfig, p)
 
 
-@pytest.mark.parametrize("text, error", [
-    ("account: a\ndata: d\nadapter_bottleneck: 0\n", r"adapter_bottleneck: Input should be greater than or equal to 1"),
-    ("account: a\ndata: d\ndiffpruning_l0: -1\n", r"diffpruning_l0: Input should be greater than or equal to 0"),
-    ("account: a\ndata: d\nmethod: adapters\n", r"method: Input should be 'gspf', 'full', 'lora', 'adapter', 'diffpruning', 'ts-lora' or 'ts-dora'"),
-    ("account: a\ndata: d\nts_target_rate: 1.5\n", r"ts_target_rate: Input should be less than or equal to 1"),
-    ("account: a\ndata: d\nzero3: true\n", r"zero3 shards the base over packed workers: name the accounts"),
-    ("data: d\n", r"give either account \(one\) or accounts"),
-    ("account: a\naccounts: all\ndata: d\n", r"give either account \(one\) or accounts"),
-    ("accounts: all\ndata: d\nmethod: lora\n", r"packed training \(accounts\) runs GSPF"),
-    ("accounts: all\ndata: d\nhost_state_memory_gb: 64\n", r"set state_memory_gb too"),
+@pytest.mark.parametrize("model, text, error", [
+    (FinetuneConfig, "account: a\ndata: d\nadapter_bottleneck: 0\n", r"adapter_bottleneck: Input should be greater than or equal to 1"),
+    (FinetuneConfig, "account: a\ndata: d\ndiffpruning_l0: -1\n", r"diffpruning_l0: Input should be greater than or equal to 0"),
+    (FinetuneConfig, "account: a\ndata: d\nmethod: adapters\n", r"method: Input should be 'gspf', 'full', 'lora', 'adapter', 'diffpruning', 'ts-lora' or 'ts-dora'"),
+    (FinetuneConfig, "account: a\ndata: d\nts_target_rate: 1.5\n", r"ts_target_rate: Input should be less than or equal to 1"),
+    (FinetuneConfig, "account: a\ndata: d\nzero3: true\n", r"zero3 shards the base over packed workers: name the accounts"),
+    (FinetuneConfig, "data: d\n", r"give either account \(one\) or accounts"),
+    (FinetuneConfig, "account: a\naccounts: all\ndata: d\n", r"give either account \(one\) or accounts"),
+    (FinetuneConfig, "accounts: all\ndata: d\nmethod: lora\n", r"packed training \(accounts\) runs GSPF"),
+    (FinetuneConfig, "accounts: all\ndata: d\nhost_state_memory_gb: 64\n", r"set state_memory_gb too"),
+    (ServeConfig, "model: tkllm-tiny\ndeltas: d\nallow_anonymous: true\ndtype: float16\n",
+     r"dtype: Input should be 'auto', 'float32' or 'bfloat16'"),
 ])
-def test_finetune_config_errors_are_named(tmp_path, text, error):
-    p = tmp_path / "f.yaml"
+def test_config_errors_are_named(tmp_path, model, text, error):
+    p = tmp_path / "c.yaml"
     p.write_text(text)
     with pytest.raises(TkllmError, match=error):
-        load_config(FinetuneConfig, p)
+        load_config(model, p)
 
 
-def test_serve_dtype_is_one_of_the_named_ones(tmp_path):
+def test_serve_dtype_and_compile_load(tmp_path):
     p = tmp_path / "s.yaml"
-    p.write_text("model: tkllm-tiny\ndeltas: d\nallow_anonymous: true\ndtype: float16\n")
-    with pytest.raises(TkllmError, match=r"dtype: Input should be 'auto', 'float32' or 'bfloat16'"):
-        load_config(ServeConfig, p)
     p.write_text("model: tkllm-tiny\ndeltas: d\nallow_anonymous: true\ndtype: bfloat16\ncompile_decode: true\n")
     cfg = load_config(ServeConfig, p)
     assert cfg.dtype == "bfloat16" and cfg.compile_decode is True

@@ -8,6 +8,13 @@ import torch
 from tkllm_ray.models.presets import PRESETS, build_model, check_vocab, pretrained_dir
 
 
+def resolve_dtype(name: str, device: str | torch.device) -> torch.dtype:
+    """A config's weight dtype: "float32", "bfloat16", or "auto" (bfloat16 on CUDA, float32 elsewhere)."""
+    if name == "auto":
+        return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16}[name]
+
+
 def load_base_model(spec: str, vocab_size: int, seed: int = 0, device: str | torch.device = "cpu",
                     options=None, tokenizer_name: str = "builtin", dtype: torch.dtype = torch.float32):
     """`vocab_size` is the tokenizer's: presets are built with it; loaded models must cover it."""

@@ -8,6 +8,7 @@ Random init from a config: weights come from training (or `from_pretrained` on a
 from __future__ import annotations
 
 import hashlib
+from typing import Iterable
 
 import torch
 
@@ -67,8 +68,15 @@ def build_model(name: str, vocab_size: int = 8192, seed: int = 0, dtype: torch.d
 def fingerprint(model: torch.nn.Module) -> str:
     """sha256 over every parameter's name, shape, dtype and bytes, in name order: two bases
     with the same fingerprint are bit-identical, so a delta trained on one applies to the other."""
+    return fingerprint_of(sorted(model.state_dict().items()))
+
+
+@torch.no_grad()
+def fingerprint_of(tensors: Iterable[tuple[str, torch.Tensor]]) -> str:
+    """The fingerprint of (name, tensor) pairs given in name order, each hashed as it arrives
+    (a sharded base hands them over one gathered parameter at a time: train/zero3.py)."""
     h = hashlib.sha256()
-    for name, t in sorted(model.state_dict().items()):
+    for name, t in tensors:
         h.update(f"{name}|{tuple(t.shape)}|{t.dtype}|".encode())
         t = t.detach().contiguous().cpu()
         h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")

@@ -38,16 +38,12 @@ class DeltaModel:
                  compile_decode: bool = False, dtype: str = "auto"):
         from tkllm_ray.data.tokenizer import load_tokenizer
         from tkllm_ray.models import fingerprint
-        from tkllm_ray.models.load import load_base_model
+        from tkllm_ray.models.load import load_base_model, resolve_dtype
         from tkllm_ray.sparse.sensitivity import target_linears
 
         self.tok = load_tokenizer(tokenizer, storage)
-        import torch
-
-        weights = {"float32": torch.float32, "bfloat16": torch.bfloat16}.get(
-            dtype, torch.bfloat16 if str(device).startswith("cuda") else torch.float32)
         base = load_base_model(model, len(self.tok), device=device, options=storage, tokenizer_name=tokenizer,
-                               dtype=weights)
+                               dtype=resolve_dtype(dtype, device))
         shapes = {n: m.weight.numel() for n, m in target_linears(base).items()}
         fp = fingerprint(base)
         self.cache = DeltaCache(deltas, device, device_cache_mb << 20, host_cache_mb << 20, fp,

@@ -22,6 +22,8 @@ from types import SimpleNamespace
 import torch
 from torch import nn
 
+from tkllm_ray.sparse.delta_op import split_indices
+
 
 class SlotDeltas:
     def __init__(self, slots: int, linears: dict[str, nn.Module], dtype: torch.dtype, device: torch.device):
@@ -37,7 +39,6 @@ class SlotDeltas:
         small = max(max(r, c) for r, c in self.shapes.values()) < 2**15
         self.index_dtype = torch.int16 if small else torch.int32
         self.held: list[dict | None] = [None] * slots  # the delta each slot holds (compared by identity)
-        self.tokens = 1  # decode: one row per slot (the engine's context protocol)
         self.tok_off = torch.arange(slots + 1, dtype=torch.int64, device=self.device)
         self._alloc(1)
 
@@ -103,15 +104,14 @@ class SlotDeltas:
         parts = [(m, delta[n]) for m, n in enumerate(self.names) if n in delta and delta[n][0].numel()]
         if not parts:
             return None, None, None, None
-        counts = torch.tensor([p[0].numel() for _, p in parts], device=self.device)
+        sizes = [p[0].numel() for _, p in parts]
         mods = torch.tensor([m for m, _ in parts], device=self.device)
-        module = torch.repeat_interleave(mods, counts, output_size=int(sum(p[0].numel() for _, p in parts)))
+        module = torch.repeat_interleave(mods, torch.tensor(sizes, device=self.device), output_size=sum(sizes))
         idx = torch.cat([p[0].to(self.device, torch.int64) for _, p in parts])
-        width = self.in_features[module]
         vals = torch.cat([p[1].to(self.device, self.dtype) for _, p in parts])
-        rows = idx // width
+        rows, cols = split_indices(idx, self.in_features[module])
         ptr = torch.searchsorted(rows + self.line_base[module], torch.arange(self.P, device=self.device))
-        return rows.to(self.index_dtype), (idx % width).to(self.index_dtype), vals, ptr
+        return rows.to(self.index_dtype), cols.to(self.index_dtype), vals, ptr
 
     @torch.no_grad()
     def _write(self, slot: int, delta: dict | None) -> None:

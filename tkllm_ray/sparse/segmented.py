@@ -129,6 +129,13 @@ def _kernels(t: torch.Tensor):
     return add_forward_reference, backward_reference
 
 
+def _add_delta(out: torch.Tensor, x: torch.Tensor, values: torch.Tensor, seg: Segments, keep: bool):
+    """out (..., out) += the delta term of x (..., in), in place, on x's device's kernels; returns
+    what the backward reads when `keep`."""
+    add, _ = _kernels(x)
+    return add(out.view(-1, out.shape[-1]), x.reshape(-1, x.shape[-1]), values, seg, keep)
+
+
 class SegmentedDeltaAddFn(torch.autograd.Function):
     """Adds the per-user delta term into `base`, the base module's output, in place: any base (a
     plain nn.Linear, one whose weight DeepSpeed ZeRO-3 gathers in its own forward, a quantized one)
@@ -136,9 +143,8 @@ class SegmentedDeltaAddFn(torch.autograd.Function):
     its own output would fail autograd's version check loudly, not silently.)"""
 
     @staticmethod
-    def forward(ctx, base, x, values, seg: Segments, in_features: int):
-        add, _ = _kernels(x)
-        saved = add(base.view(-1, base.shape[-1]), x.reshape(-1, in_features), values, seg, ctx.needs_input_grad[2])
+    def forward(ctx, base, x, values, seg: Segments):
+        saved = _add_delta(base, x, values, seg, ctx.needs_input_grad[2])
         ctx.mark_dirty(base)
         ctx.save_for_backward(saved, values)
         ctx.seg, ctx.x_shape = seg, x.shape
@@ -152,7 +158,7 @@ class SegmentedDeltaAddFn(torch.autograd.Function):
         _, backward = _kernels(dy2)
         dv = backward(dy2, saved, values, ctx.seg, dx2, ctx.needs_input_grad[2])
         return (dy, None if dx2 is None else dx2.reshape(ctx.x_shape),
-                None if dv is None else dv.to(values.dtype), None, None)
+                None if dv is None else dv.to(values.dtype), None)
 
 
 class SegmentedDeltaLinearFn(torch.autograd.Function):
@@ -163,8 +169,7 @@ class SegmentedDeltaLinearFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, values, seg: Segments):
         y = torch.nn.functional.linear(x, weight, bias)
-        add, _ = _kernels(x)
-        saved = add(y.view(-1, weight.shape[0]), x.reshape(-1, weight.shape[1]), values, seg, ctx.needs_input_grad[3])
+        saved = _add_delta(y, x, values, seg, ctx.needs_input_grad[3])
         ctx.save_for_backward(saved, values, weight)
         ctx.seg, ctx.x_shape = seg, x.shape
         return y
@@ -187,10 +192,9 @@ def segmented_delta_add(base, x, values, seg: Segments):
     nothing is saved, and torch.compile sees plain ops."""
     if not torch.is_grad_enabled():
         base = base.contiguous()
-        add, _ = _kernels(x)
-        add(base.view(-1, base.shape[-1]), x.reshape(-1, x.shape[-1]), values, seg, False)
+        _add_delta(base, x, values, seg, False)
         return base
-    return SegmentedDeltaAddFn.apply(base.contiguous(), x, values, seg, x.shape[-1])
+    return SegmentedDeltaAddFn.apply(base.contiguous(), x, values, seg)
 
 
 def segmented_delta_linear(x, weight, bias, values, seg: Segments):

@@ -16,6 +16,7 @@ evaluation rounds every worker joins.
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
 from typing import Callable, Iterable
 
@@ -252,10 +253,9 @@ class PackedGSPF:
         """One packed forward and backward; returns each account's loss (its own batch mean)."""
         ids = torch.cat([b[0] for _, b in picked])
         lockstep = self.lockstep is not None
-        self.ctx = BatchContext([u for u, _ in picked], [b[0].numel() for _, b in picked], sensitivity, always=lockstep)
+        ctx = BatchContext([u for u, _ in picked], [b[0].numel() for _, b in picked], sensitivity, always=lockstep)
         # Lockstep: backprop through every layer, whichever modules this worker's accounts train
-        h = grads_from_embeddings(self.model) if sensitivity or lockstep else None
-        try:
+        with self.batch(ctx, embedding_grads=sensitivity or lockstep):
             logits = self.model(input_ids=ids).logits
             losses, r0 = [], 0
             for _, (b_ids, b_labels) in picked:
@@ -265,11 +265,26 @@ class PackedGSPF:
                                               ignore_index=-100))
                 r0 += n
             torch.stack(losses).sum().backward()
+        return losses
+
+    @contextlib.contextmanager
+    def batch(self, ctx: BatchContext, embedding_grads: bool = False):
+        """The packed linears read `ctx` inside (forward and backward). `embedding_grads`: the graph
+        starts at the embedding output, so gradients flow with every weight frozen."""
+        self.ctx = ctx
+        hook = grads_from_embeddings(self.model) if embedding_grads else None
+        try:
+            yield
         finally:
             self.ctx = None
-            if h is not None:
-                h.remove()
-        return losses
+            if hook is not None:
+                hook.remove()
+
+    def idle_batch(self) -> tuple[torch.Tensor, BatchContext]:
+        """One row of pads through every module, without entries: a worker's share of a lockstep
+        pass when it has none of its own (the others' passes gather the sharded weights)."""
+        ids = torch.zeros(1, 8, dtype=torch.int64, device=self.device)
+        return ids, BatchContext([], [ids.numel()], False, entries=[{}], always=True)
 
     # -- sensitivity ----------------------------------------------------------------------------
     def accumulate(self, name: str, dy: torch.Tensor, x2: torch.Tensor) -> None:
@@ -280,7 +295,7 @@ class PackedGSPF:
                 u.sens[name] = torch.zeros(weight_shape(self.linears[name].weight), dtype=torch.float32, device=dy.device)
             add_abs_grad(u.sens[name], dy2[off[i] : off[i + 1]], x2[off[i] : off[i + 1]])
 
-    def _sensitivity_pass(self, picked) -> None:
+    def _sensitivity_pass(self, picked) -> list[UserRun]:
         self.model.eval()
         self._forward_backward(picked, sensitivity=True)
         self.stats["sensitivity_passes"] += 1
@@ -293,17 +308,11 @@ class PackedGSPF:
         return ready
 
     def _idle_pass(self) -> None:
-        """Lockstep, no accounts left here: a pass of one row through every module (the other
-        workers' passes gather the sharded weights; this one must gather with them)."""
+        """Lockstep, no accounts left here: a forward and backward of the idle batch."""
         self.model.train()
-        ids = torch.zeros(1, 8, dtype=torch.int64, device=self.device)
-        self.ctx = BatchContext([], [ids.numel()], False, entries=[{}], always=True)
-        h = grads_from_embeddings(self.model)
-        try:
+        ids, ctx = self.idle_batch()
+        with self.batch(ctx, embedding_grads=True):
             (self.model(input_ids=ids).logits.float().sum() * 0).backward()
-        finally:
-            self.ctx = None
-            h.remove()
         self.stats["idle_passes"] += 1
 
     def _select_round(self, ready: list[UserRun]) -> None:

@@ -77,12 +77,9 @@ class LockstepEval:
 
         eng = self.engine
         eng.model.eval()
-        eng.ctx = BatchContext([], [c.ids.numel() for c in chunks], False, entries=[c.entries for c in chunks],
-                               always=True)
-        try:
+        with eng.batch(BatchContext([], [c.ids.numel() for c in chunks], False, entries=[c.entries for c in chunks],
+                                    always=True)):
             logits = eng.model(input_ids=torch.cat([c.ids for c in chunks])).logits
-        finally:
-            eng.ctx = None
         r0 = 0
         for c in chunks:
             n = c.ids.shape[0]
@@ -104,12 +101,6 @@ class LockstepEval:
 
     @torch.no_grad()
     def _idle(self) -> None:
-        from tkllm_ray.train.packed import BatchContext
-
-        eng = self.engine
-        ids = torch.zeros(1, 8, dtype=torch.int64, device=eng.device)
-        eng.ctx = BatchContext([], [ids.numel()], False, entries=[{}], always=True)
-        try:
-            eng.model(input_ids=ids)
-        finally:
-            eng.ctx = None
+        ids, ctx = self.engine.idle_batch()
+        with self.engine.batch(ctx):
+            self.engine.model(input_ids=ids)

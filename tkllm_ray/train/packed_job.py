@@ -114,7 +114,7 @@ def _worker(config: dict) -> None:
 
     from tkllm_ray.data.tokenizer import load_tokenizer
     from tkllm_ray.models import fingerprint
-    from tkllm_ray.models.load import load_base_model
+    from tkllm_ray.models.load import load_base_model, resolve_dtype
     from tkllm_ray.sparse.delta_store import discard_unpublished, published_by
     from tkllm_ray.sparse.sensitivity import target_linears
     from tkllm_ray.train.data import account_posts
@@ -128,8 +128,7 @@ def _worker(config: dict) -> None:
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = get_device() if cfg.gpus_per_worker > 0 else torch.device("cpu")
     tok = load_tokenizer(cfg.tokenizer, cfg.storage)
-    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}.get(
-        cfg.dtype, torch.bfloat16 if device.type == "cuda" else torch.float32)
+    dtype = resolve_dtype(cfg.dtype, device)
     if cfg.zero3:
         model = load_sharded_base(cfg.model, len(tok), cfg.seed, dtype, device, cfg.storage, cfg.tokenizer)
         base_fp = fingerprint_sharded(model)

@@ -49,6 +49,8 @@ import math
 import torch
 from torch import nn
 
+from tkllm_ray.train.baselines import Insertion
+
 EPS = 1e-12
 
 
@@ -190,39 +192,34 @@ def attach(model: nn.Module, method: str, linears: dict[str, nn.Linear], rank: i
     """Freeze `model` and wrap each of `linears` (name -> module) in a token-selective adapter."""
     if method not in KINDS:
         raise ValueError(f"unknown token-selective method {method!r}: choose one of {sorted(KINDS)}")
-    for p in model.parameters():
-        p.requires_grad_(False)
-    out = {}
-    for name, lin in linears.items():
-        parent, _, leaf = name.rpartition(".")
-        mod = KINDS[method](lin, rank, alpha if alpha is not None else 2.0 * rank, tau, bandwidth)
-        setattr(model.get_submodule(parent) if parent else model, leaf, mod)
-        out[name] = mod
-    return out
+    alpha = alpha if alpha is not None else 2.0 * rank
+    return Insertion(model, lambda lin: KINDS[method](lin, rank, alpha, tau, bandwidth), list(linears)).modules
+
+
+def _own(modules: dict[str, TSAdapterLinear]) -> dict[str, nn.Parameter]:
+    """The adapters' parameters (A, B, τ, DoRA's magnitude) by qualified name; not the bases'."""
+    return {f"{name}.{n}": p for name, m in modules.items() for n, p in m.named_parameters()
+            if not n.startswith("base.")}
 
 
 def adapter_params(modules: dict[str, TSAdapterLinear]) -> list[nn.Parameter]:
     """What the model's optimizer trains: everything but the thresholds (TauOptimizer's)."""
-    return [p for m in modules.values() for n, p in m.named_parameters() if not n.startswith("base.") and n != "tau"]
+    return [p for n, p in _own(modules).items() if not n.endswith(".tau")]
 
 
 def state_dict(modules: dict[str, TSAdapterLinear]) -> dict[str, torch.Tensor]:
-    return {f"{name}.{n}": p.detach().cpu().contiguous() for name, m in modules.items()
-            for n, p in m.named_parameters() if not n.startswith("base.")}
+    return {n: p.detach().cpu().contiguous() for n, p in _own(modules).items()}
 
 
 def load_state(modules: dict[str, TSAdapterLinear], tensors: dict[str, torch.Tensor]) -> None:
     """Load `state_dict` output into attached modules of the same method and shapes."""
-    expected = {f"{name}.{n}" for name, m in modules.items() for n, _ in m.named_parameters()
-                if not n.startswith("base.")}
-    if set(tensors) != expected:
-        missing, extra = sorted(expected - set(tensors))[:3], sorted(set(tensors) - expected)[:3]
+    own = _own(modules)
+    if set(tensors) != set(own):
+        missing, extra = sorted(set(own) - set(tensors))[:3], sorted(set(tensors) - set(own))[:3]
         raise ValueError(f"adapter tensors do not match the attached modules (missing {missing}, unexpected {extra})")
     with torch.no_grad():
-        for name, m in modules.items():
-            for n, p in m.named_parameters():
-                if not n.startswith("base."):
-                    p.copy_(tensors[f"{name}.{n}"])
+        for n, p in own.items():
+            p.copy_(tensors[n])
 
 
 def ranking(modules: dict[str, TSAdapterLinear]) -> list[tuple[str, float]]:
@@ -237,8 +234,7 @@ def keep_top(model: nn.Module, modules: dict[str, TSAdapterLinear], fraction: fl
     keep = {n for n, _ in ranking(modules)[: max(1, round(fraction * len(modules)))]}
     for name, m in modules.items():
         if name not in keep:
-            parent, _, leaf = name.rpartition(".")
-            setattr(model.get_submodule(parent) if parent else model, leaf, m.base)
+            model.set_submodule(name, m.base)
     return {n: m for n, m in modules.items() if n in keep}
 
 

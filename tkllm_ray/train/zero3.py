@@ -17,13 +17,12 @@ scores, held-out evaluation) happen in rounds every worker joins.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
-from tkllm_ray.models.presets import PRESETS, build_model, check_vocab, pretrained_dir
+from tkllm_ray.models.presets import PRESETS, build_model, check_vocab, fingerprint_of, pretrained_dir
 
 
 def ds_config(dtype: torch.dtype, hidden_size: int) -> dict:
@@ -90,20 +89,19 @@ def gathered(weights: list[torch.Tensor]):
     return deepspeed.zero.GatheredParameters(sharded, modifier_rank=None)
 
 
-@torch.no_grad()
 def fingerprint_sharded(model: nn.Module) -> str:
     """`models.fingerprint` of a sharded base: the same bytes hashed in the same order (so a
     delta trained here names the same base as one trained on an unsharded copy), one gathered
     parameter at a time. Every worker computes it (the gathers are collective)."""
     params = dict(model.named_parameters())
-    h = hashlib.sha256()
-    for name, t in sorted(model.state_dict().items()):
-        p = params.get(name, t)
-        with gathered([p]):
-            full = p.detach().contiguous().cpu()
-            h.update(f"{name}|{tuple(full.shape)}|{full.dtype}|".encode())
-            h.update(full.view(torch.uint8).numpy().tobytes() if full.numel() else b"")
-    return "sha256:" + h.hexdigest()
+
+    def whole():
+        for name, t in sorted(model.state_dict().items()):
+            p = params.get(name, t)
+            with gathered([p]):
+                yield name, p  # hashed before the next gather releases it
+
+    return fingerprint_of(whole())
 
 
 class Lockstep:

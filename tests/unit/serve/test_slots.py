@@ -27,19 +27,20 @@ def delta(k):  # k entries in m, k // 2 in n (none when that is 0)
             out[name] = (idx.to(dev), torch.randn(kk, generator=g).to(dev))
     return out
 
-def check(table, deltas):
+def check(ctx, deltas, width=1):  # group i (deltas[i]) owns rows [i·width, (i+1)·width)
     for name, lin in lins.items():
         dout, din = lin.weight.shape
-        x = torch.randn(slots, din, generator=g).to(dev)
-        y0 = torch.randn(slots, dout, generator=g).to(dev)
+        x = torch.randn(len(deltas) * width, din, generator=g).to(dev)
+        y0 = torch.randn(len(deltas) * width, dout, generator=g).to(dev)
         y = y0.clone()
-        seg, vals = table.module_inputs(name, lin)
+        seg, vals = ctx.module_inputs(name, lin)
         K.add_forward(y, x, vals, seg)
-        for s, d in enumerate(deltas):
+        for i, d in enumerate(deltas):
             w = torch.zeros(dout * din, device=dev)
             if d is not None and name in d:
                 w[d[name][0]] = d[name][1]
-            torch.testing.assert_close(y[s], y0[s] + x[s] @ w.view(dout, din).T, rtol=1e-4, atol=1e-4)
+            rows = slice(i * width, (i + 1) * width)
+            torch.testing.assert_close(y[rows], y0[rows] + x[rows] @ w.view(dout, din).T, rtol=1e-4, atol=1e-4)
 
 table = SlotDeltas(slots, lins, torch.float32, torch.device(dev))
 deltas = [delta(300), None, delta(1), delta(700), None]  # line blocks of more entries than BLOCK_E
@@ -60,19 +61,7 @@ view, grown = table.prefill(slots_, new)
 assert grown is False and table.held[3] is new[0] and table.held[0] is None
 for width in (1, 3, 20):
     view.tokens = width
-    for name, lin in lins.items():
-        dout, din = lin.weight.shape
-        x = torch.randn(2 * width, din, generator=g).to(dev)
-        y0 = torch.randn(2 * width, dout, generator=g).to(dev)
-        y = y0.clone()
-        seg, vals = view.module_inputs(name, lin)
-        K.add_forward(y, x, vals, seg)
-        for i, d in enumerate(new):
-            w = torch.zeros(dout * din, device=dev)
-            if d is not None and name in d:
-                w[d[name][0]] = d[name][1]
-            rows = slice(i * width, (i + 1) * width)
-            torch.testing.assert_close(y[rows], y0[rows] + x[rows] @ w.view(dout, din).T, rtol=1e-4, atol=1e-4)
+    check(view, new, width)
 assert table.assign([None] * slots) is False and not table.active
 check(table, [None] * slots)
 print("ok")
