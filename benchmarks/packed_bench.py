@@ -25,6 +25,9 @@ import os
 import tempfile
 import time
 
+# Set before CUDA starts: the dense route's per-module buffers vary in size from layer to layer, and
+# a fixed-segment cache fragments around them next to a large resident state budget.
+os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
 import torch
 
 from tkllm_ray.config.finetune import FinetuneConfig

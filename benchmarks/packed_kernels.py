@@ -1,7 +1,9 @@
 """Where a packed step's sparse work goes, at tkllm-s shapes: the segmented kernels (forward,
 input gradient, sampled weight gradient) over a sweep of tile sizes, next to the dense GEMM of
 the same layer, and GSPF selection (scoring, k-th largest score by sampling and by radix select,
-the final gather) over a tkllm-s-sized set of sensitivities.
+the final gather) over a tkllm-s-sized set of sensitivities; then the op's sparse route vs its dense-GEMM
+route (segmented_dense) per layer shape and density, which sets the density from which training
+takes the dense route.
 
     python benchmarks/packed_kernels.py            # GPU; writes packed-kernels-<device>.json
 
@@ -20,6 +22,8 @@ import torch
 from results_io import sync, write_result  # sibling module: this script's folder is on sys.path
 
 SHAPES = {"up_proj": (2048, 5632), "down_proj": (5632, 2048)}  # (in, out) of tkllm-s's MLP
+ROUTE_SHAPES = {**SHAPES, "q_proj": (2048, 2048), "lm_head": (2048, 32000)}
+DENSITIES = (0.001, 0.002, 0.003, 0.005, 0.01, 0.04)  # GSPF puts percents on the head, fractions elsewhere
 CSR_GRID = [{"LINES": ln, "BLOCK_E": be, "BLOCK_T": bt, "num_warps": w}
             for ln, be, bt, w in itertools.product((16, 32), (32, 64), (64, 128), (4, 8))]
 SDDMM_GRID = [{"LINES": ln, "BLOCK_E": be, "BLOCK_T": bt, "SPLIT": sp, "num_warps": 4}
@@ -91,6 +95,45 @@ def sweep(users: int = 16, tokens: int = 1024, density: float = 0.003, shapes: d
     return out
 
 
+def route_sweep(users: int = 16, tokens: int = 1024, densities=DENSITIES, shapes: dict = ROUTE_SHAPES) -> dict:
+    """The segmented op's two routes (sparse kernels with the current tiles, dense GEMMs) per layer
+    shape and density: forward, input gradient and sampled weight gradient. Sets
+    CONFIG["dense"]["min_density"] to the lowest density from which the dense route is faster on
+    every shape (all three ops summed), or CONFIG["dense"] = None if it never is."""
+    from tkllm_ray.sparse import segmented_dense as D
+    from tkllm_ray.sparse import segmented_triton as K
+    from tkllm_ray.sparse.sddmm_triton import transpose
+
+    out = {"users": users, "tokens_per_user": tokens, "shapes": {}}
+    dense_wins = {d: True for d in densities}
+    for name, (din, dout) in shapes.items():
+        x = torch.randn(users * tokens, din, device=DEV, dtype=torch.bfloat16)
+        dy = torch.randn(users * tokens, dout, device=DEV, dtype=torch.bfloat16)
+        y, dx = torch.zeros_like(dy), torch.zeros_like(x)
+        rows = {}
+        for d in densities:
+            seg, k = _segments(users, tokens, din, dout, d)
+            v = torch.randn(k, device=DEV)
+            xT, dyT = transpose(x), transpose(dy)
+            sparse = {"forward_ms": _ms(lambda: K._csr_into(y, xT, v, K._plan_rows(seg, dout), seg)),
+                      "input_grad_ms": _ms(lambda: K._csr_into(dx, dyT, v, K._plan_cols(seg, din), seg)),
+                      "sampled_grad_ms": _ms(lambda: K.sampled_grad_T(dyT, xT, seg, dout)),
+                      "transposes_ms": 2 * _ms(lambda: transpose(x))}
+            dense = {"forward_ms": _ms(lambda: D.add_forward(y, x, v, seg, False)),
+                     "input_grad_ms": _ms(lambda: D.backward(dy, None, v, seg, dx, False)),
+                     "sampled_grad_ms": _ms(lambda: D.backward(dy, x, v, seg, None, True))}
+            sparse["total_ms"], dense["total_ms"] = sum(sparse.values()), sum(dense.values())
+            rows[str(d)] = {"entries": k, "sparse": sparse, "dense": dense}
+            dense_wins[d] &= dense["total_ms"] < sparse["total_ms"]
+        out["shapes"][name] = {"dense_gemm_ms": _ms(lambda: x @ torch.empty(dout, din, device=DEV,
+                                                                            dtype=x.dtype).t()), "densities": rows}
+        torch.cuda.empty_cache()
+    wins = [d for d in densities if all(dense_wins[e] for e in densities if e >= d)]
+    K.CONFIG["dense"] = {"min_tokens": 128, "min_density": min(wins)} if wins else None
+    out["chosen"] = K.CONFIG["dense"]
+    return out
+
+
 def selection_times(model: str = "tkllm-s", density: float = 0.003) -> dict:
     """One GSPF selection over a tkllm-s-sized set of random sensitivities, phase by phase."""
     from tkllm_ray.models import build_model
@@ -130,10 +173,12 @@ def main(argv=None) -> dict:
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         raise SystemExit("packed_kernels.py times CUDA kernels: it needs a GPU")
-    result = {"device": torch.cuda.get_device_name(0), "kernels": sweep(args.users, args.tokens),
-              "selection": selection_times()}
+    result = {"device": torch.cuda.get_device_name(0), "kernels": sweep(args.users, args.tokens)}
+    result["routes"] = route_sweep(args.users, args.tokens)  # with the tiles just chosen
+    result["selection"] = selection_times()
     write_result(args.out, "packed-kernels", result["device"], result)
     print(json.dumps({"best": result["kernels"]["best"], "best_ms": result["kernels"]["best_ms"],
+                      "dense_route": result["routes"]["chosen"],
                       "selection": result["selection"]}, indent=1))
     return result
 

@@ -52,12 +52,13 @@ class SlotDeltas:
 
     def _segments(self, name: str, users: int, tokens: int, tok_off: torch.Tensor, umap: torch.Tensor | None):
         """What the segmented op's GPU path reads for module `name` (a Segments' fields and its
-        cached rows plan) over `users` rows groups of `tokens` tokens, group u in slot umap[u]."""
+        cached rows plan) over `users` rows groups of `tokens` tokens, group u in slot umap[u]. The
+        pool's entries are laid out per slot, not per user: always the sparse kernels' route."""
         m = self.module_index[name]
         plan = {"src": self.cols, "dst": self.rows, "perm": None, "ptr": self.ptr[self.offsets[m]:], "stride": self.P,
                 "map": umap}
         return SimpleNamespace(users=users, token_counts=(tokens,) * users, token_offsets=tok_off, rows=self.rows,
-                               cols=self.cols, _plans={f"rows{self.shapes[name][0]}": plan})
+                               cols=self.cols, _plans={f"rows{self.shapes[name][0]}": plan, "dense": False})
 
     @property
     def active(self) -> bool:

@@ -28,6 +28,7 @@ import torch
 import triton
 import triton.language as tl
 
+from tkllm_ray.sparse import segmented_dense
 from tkllm_ray.sparse.sddmm_triton import transpose
 
 # Tile sizes: `benchmarks/packed_kernels.py` sweeps them at tkllm-s shapes (16 accounts x 1,024
@@ -37,7 +38,10 @@ from tkllm_ray.sparse.sddmm_triton import transpose
 CONFIG = {"csr": {"LINES": 16, "BLOCK_E": 32, "BLOCK_T": 128, "num_warps": 8},
           "sddmm": {"LINES": 16, "BLOCK_E": 64, "BLOCK_T": 32, "SPLIT": 1, "num_warps": 4},
           "decode": {"LINES": 128, "BLOCK_E": 1024, "num_warps": 4},
-          "decode_by_shape": {}}  # "<out>x<in>" -> tiles for that layer shape (the sweep's per-shape best)
+          "decode_by_shape": {},  # "<out>x<in>" -> tiles for that layer shape (the sweep's per-shape best)
+          # The dense-GEMM route (segmented_dense) for a module's batch whose users have at least
+          # min_tokens tokens and min_density of the module's weights on average; None: never.
+          "dense": {"min_tokens": 128, "min_density": 0.002}}
 DECODE_TOKENS = 4  # at most this many tokens per user: the streaming forward kernel
 
 
@@ -172,11 +176,7 @@ def _sddmm_lines(dyT, xT, cols, rows, dv, ptr, tok_off, lines, blocks_per_user, 
 # launches device work but never waits for it (no .item(), nonzero or unsized repeat_interleave):
 # a step issues all its layers' kernels back to back.
 
-def _entry_users(seg) -> torch.Tensor:
-    """Each entry's user: the number of user ends at or before its position (one bucketize;
-    repeat_interleave's kernel took ~150 us per module on an H100)."""
-    k = sum(seg.entry_counts)
-    return torch.bucketize(torch.arange(k, device=seg.entry_offsets.device), seg.entry_offsets[1:], right=True)
+_entry_users = segmented_dense.entry_users  # (one bucketize; repeat_interleave's kernel took ~150 us per module on an H100)
 
 
 def _line_ptr(key: torch.Tensor, users: int, lines: int) -> torch.Tensor:
@@ -281,9 +281,24 @@ def _(out, x, src, vals, ptr, tok_off, umap, users, stride_ptr, lines_per_block,
     return None
 
 
+def dense_route(seg, out_features: int, in_features: int) -> bool:
+    """Whether this module's batch takes the dense-GEMM route (CONFIG["dense"]); decided at the
+    forward and kept on the Segments (one per module and batch), so the backward agrees."""
+    if "dense" not in seg._plans:
+        c, tokens = CONFIG["dense"], seg.token_counts
+        active = [e for t, e in zip(tokens, seg.entry_counts) if t]
+        seg._plans["dense"] = bool(
+            c is not None and active and max(tokens) >= c["min_tokens"]
+            and sum(active) >= c["min_density"] * len(active) * out_features * in_features)
+    return seg._plans["dense"]
+
+
 def add_forward(out2: torch.Tensor, x2: torch.Tensor, values: torch.Tensor, seg, keep: bool = True):
-    """out2 (tokens, out) += each row's delta term, in place. Returns x2's transpose, which the
-    backward's dv reads (saved instead of x2: the same memory, one transpose fewer), when `keep`."""
+    """out2 (tokens, out) += each row's delta term, in place. Returns what the backward reads when
+    `keep`: x2's transpose (saved instead of x2: the same memory, one transpose fewer), or x2 on
+    the dense route."""
+    if dense_route(seg, out2.shape[1], x2.shape[1]):
+        return segmented_dense.add_forward(out2, x2, values, seg, keep)
     if max(seg.token_counts, default=0) <= DECODE_TOKENS:
         _decode_into(out2, x2.contiguous(), values, _plan_rows(seg, out2.shape[1]), seg)
         return transpose(x2) if keep else None
@@ -295,7 +310,9 @@ def add_forward(out2: torch.Tensor, x2: torch.Tensor, values: torch.Tensor, seg,
 def backward(dy2: torch.Tensor, xT: torch.Tensor | None, values: torch.Tensor, seg, dx2: torch.Tensor | None,
              need_dv: bool) -> torch.Tensor | None:
     """dx2 (tokens, in) += the delta term of the input gradient, in place (when given); returns
-    dv (K,) fp32 when `need_dv`. Both read one transpose of dy."""
+    dv (K,) fp32 when `need_dv`. Both read one transpose of dy (sparse route)."""
+    if seg._plans.get("dense"):
+        return segmented_dense.backward(dy2, xT, values, seg, dx2, need_dv)
     dyT = transpose(dy2)
     if dx2 is not None:
         _csr_into(dx2, dyT, values, _plan_cols(seg, dx2.shape[1]), seg)

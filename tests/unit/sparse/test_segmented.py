@@ -47,8 +47,10 @@ def test_segments_reject_mismatched_inputs():
 
 
 CHECK = r"""
+import itertools
 import torch
 from tkllm_ray.sparse import segmented as S, segmented_triton as K
+import tkllm_ray.sparse.segmented_dense
 dev = "{device}"
 g = torch.Generator().manual_seed(1)
 din, dout = 40, 24
@@ -56,15 +58,21 @@ din, dout = 40, 24
 # than one BLOCK_E run (200 entries), and decode-shaped batches (at most DECODE_TOKENS per user:
 # the streaming forward kernel), one with line blocks of more entries than its BLOCK_E.
 cases = [([70, 0, 130, 3, 64], [50, 9, 0, 200, 65]), ([1, 1, 0, 1], [30, 0, 12, 7]),
-         ([2, 4, 1, 3], [600, 30, 0, 900])]
+         ([2, 4, 1, 3], [600, 30, 0, 900]), ([32, 32, 32, 0, 32, 32], [10, 20, 15, 9, 0, 40])]
+tkllm_ray.sparse.segmented_dense.MAX_BYTES = 2 * din * dout * 4  # dense route: groups of at most 2 users (fp32 grads)
 small = {{"LINES": 16, "BLOCK_E": 64, "num_warps": 4}}  # line blocks of more entries than one run
 assert max(cases[2][0]) <= K.DECODE_TOKENS and 900 * small["LINES"] // dout > small["BLOCK_E"]
-for dtype, decode_tiles in ((torch.float32, small), (torch.bfloat16, small), (torch.float32, K.CONFIG["decode"])):
-    K.CONFIG["decode"] = decode_tiles
-    tol = dict(rtol=1e-4, atol=1e-3) if dtype == torch.float32 or dev == "cpu" else dict(rtol=1e-2, atol=1e-2)
+# Both routes of the GPU path: the sparse kernels, and dense GEMMs forced for every batch.
+for dense, (dtype, decode_tiles) in itertools.product(
+        (None, {{"min_tokens": 1, "min_density": 0.0}}),
+        ((torch.float32, small), (torch.bfloat16, small), (torch.float32, K.CONFIG["decode"]))):
+    K.CONFIG["decode"], K.CONFIG["dense"] = decode_tiles, dense
+    tol = dict(rtol=1e-4, atol=1e-3) if dtype == torch.float32 or (dev == "cpu" and not dense) else \
+        dict(rtol=1e-2, atol=2e-2)
     for counts, ks in cases:
         idx = [torch.sort(torch.randperm(din * dout, generator=g)[:k]).values for k in ks]
         seg = S.Segments.build(counts, idx, din, device=dev)
+        assert K.dense_route(seg, dout, din) == (dense is not None)
         x = torch.randn(sum(counts), din, generator=g).to(dev, dtype)
         dy = torch.randn(sum(counts), dout, generator=g).to(dev, dtype)
         v = torch.randn(sum(ks), generator=g).to(dev)
