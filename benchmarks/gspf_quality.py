@@ -54,18 +54,21 @@ T95 = {1: 12.71, 2: 4.30, 3: 3.18, 4: 2.78, 5: 2.57, 6: 2.45, 7: 2.36, 8: 2.31, 
 
 def load_accounts(data_dir: Path, limit: int | None = None) -> dict[str, dict[str, tuple[list[str], list[str]]]]:
     """{dataset: {account: (train texts, held-out texts)}}, oldest first, split as ingest splits."""
-    out = {}
-    for name, (file, fmt, rules, min_posts) in DATASETS.items():
-        table = parse_file((data_dir / file).read_bytes(), file, fmt, rules)
-        table = table.filter(pc.is_null(table["quarantine_reason"]))
-        accounts = {}
-        for acct in sorted(set(table["account_id"].to_pylist())):
-            rows = split_account(table.filter(pc.equal(table["account_id"], acct)), SplitRules(0.2, min_posts))
-            texts = {s: [r["text"] for r in rows.to_pylist() if r["split"] == s] for s in ("train", "eval")}
-            if texts["train"]:
-                accounts[acct] = (texts["train"], texts["eval"])
-        out[name] = dict(list(accounts.items())[:limit]) if limit else accounts
-    return out
+    return {name: split_accounts(parse_file((data_dir / file).read_bytes(), file, fmt, rules), min_posts, limit)
+            for name, (file, fmt, rules, min_posts) in DATASETS.items()}
+
+
+def split_accounts(table, min_posts: int, limit: int | None = None) -> dict[str, tuple[list[str], list[str]]]:
+    """A parsed table's accounts with >= min_posts posts: {account: (train texts, held-out texts)},
+    the newest 20% held out, as `tkllm ingest` splits; the first `limit` accounts by id."""
+    table = table.filter(pc.is_null(table["quarantine_reason"]))
+    accounts = {}
+    for acct in sorted(set(table["account_id"].to_pylist())):
+        rows = split_account(table.filter(pc.equal(table["account_id"], acct)), SplitRules(0.2, min_posts))
+        texts = {s: [r["text"] for r in rows.to_pylist() if r["split"] == s] for s in ("train", "eval")}
+        if texts["train"]:
+            accounts[acct] = (texts["train"], texts["eval"])
+    return dict(list(accounts.items())[:limit]) if limit else accounts
 
 
 def lora_rank_matching(model, k: int) -> int:
@@ -114,9 +117,9 @@ class Runner:
 _WORKER: Runner | None = None  # one Runner per pool process
 
 
-def _init_worker(base_spec: str, args) -> None:
+def _init_worker(cls: type, base_spec: str, args) -> None:
     global _WORKER
-    _WORKER = Runner(base_spec, base_spec, args)
+    _WORKER = cls(base_spec, base_spec, args)
 
 
 def _run_task(task: tuple) -> dict:
@@ -126,7 +129,8 @@ def _run_task(task: tuple) -> dict:
 class Fleet:
     """Runs fine-tunes in this process or, with --procs N, in N processes sharing the GPU: a 34M
     base leaves an H100 launch-bound, so independent fine-tunes overlap almost perfectly. Every
-    task is the same deterministic function of its inputs either way."""
+    task is the same deterministic function of its inputs either way. The pool's processes build
+    a runner of the same class (a subclass of Runner: another benchmark's tasks)."""
 
     def __init__(self, runner: Runner, procs: int):
         self.runner, self.pool = runner, None
@@ -135,7 +139,7 @@ class Fleet:
             from concurrent.futures import ProcessPoolExecutor
 
             self.pool = ProcessPoolExecutor(procs, mp_context=mp.get_context("spawn"), initializer=_init_worker,
-                                            initargs=(runner.base_spec, runner.args))
+                                            initargs=(type(runner), runner.base_spec, runner.args))
 
     def run_many(self, tasks: list[tuple]) -> list[dict]:
         if self.pool is None:
@@ -143,15 +147,15 @@ class Fleet:
         return list(self.pool.map(_run_task, tasks))
 
 
-def pick_lrs(fleet: Fleet, accounts: dict, n: int) -> dict[str, dict]:
+def pick_lrs(fleet: Fleet, accounts: dict, n: int, grids: dict[str, list[float]] = LR_GRID) -> dict[str, dict]:
     """Per method, the grid lr with the lowest mean validation ppl on the first n accounts of each
     dataset, the validation posts being the newest 20% of their train posts."""
     chosen = {}
     picks = [tr for ds in accounts.values() for tr, _ in list(ds.values())[:n]]
     splits = [(tr[:max(1, round(len(tr) * 0.8))], tr[max(1, round(len(tr) * 0.8)):]) for tr in picks]
-    tasks = [(m, lr, tr, va) for m, grid in LR_GRID.items() for lr in grid for tr, va in splits]
+    tasks = [(m, lr, tr, va) for m, grid in grids.items() for lr in grid for tr, va in splits]
     ppls = iter(r["eval_ppl_after"] for r in fleet.run_many(tasks))
-    for method, grid in LR_GRID.items():
+    for method, grid in grids.items():
         scores = {lr: statistics.fmean(math.log(next(ppls)) for _ in splits) for lr in grid}
         best = min(scores, key=scores.get)
         chosen[method] = {"lr": best, "val_mean_log_ppl": scores}

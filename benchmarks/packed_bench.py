@@ -82,7 +82,7 @@ def run_engine(args, base, jobs, seconds: float, max_resident: int, budget: int 
         _timed(engine.pager, "prepare", phases)
     done, tokens = [], [0]
     t0 = time.perf_counter()
-    prof = _Profile(args.profile, args.out) if args.profile and max_resident > 1 else None
+    prof = _Profile(args.profile, args.out, args.profile_from) if args.profile and max_resident > 1 else None
 
     def stop(eng, picked=()):
         tokens[0] += sum(int((b[1] != -100).sum()) for _, b in picked)
@@ -125,19 +125,19 @@ def run_engine(args, base, jobs, seconds: float, max_resident: int, budget: int 
 
 
 class _Profile:
-    """--profile N: torch.profiler over train steps 3..3+N of the packed mode; the op table goes to
-    <out>/packed-profile.txt (where the device time goes, by kernel)."""
+    """--profile N: torch.profiler over train steps F..F+N of the packed mode (F: --profile-from); the
+    op table goes to <out>/packed-profile.txt (where the device time goes, by kernel)."""
 
-    def __init__(self, steps: int, out: str):
-        self.steps, self.out, self.n, self.prof = steps, out, 0, None
+    def __init__(self, steps: int, out: str, start: int = 3):
+        self.steps, self.out, self.n, self.prof, self.start = steps, out, 0, None, start
 
     def step(self) -> None:
         self.n += 1
-        if self.n == 3:
+        if self.n == self.start:
             self.prof = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
                                                            torch.profiler.ProfilerActivity.CUDA])
             self.prof.__enter__()
-        elif self.n == 3 + self.steps:
+        elif self.n == self.start + self.steps:
             self.finish()
 
     def finish(self) -> None:
@@ -209,6 +209,8 @@ def main(argv=None) -> dict:
                     choices=["packed", "resident", "unpacked", "hf_peft"])
     ap.add_argument("--phase-times", action="store_true", help="diagnostics: time each engine phase (syncs)")
     ap.add_argument("--profile", type=int, default=0, help="diagnostics: profile N packed train steps")
+    ap.add_argument("--profile-from", type=int, default=3, help="diagnostics: the train step the profile starts at "
+                    "(later: the steady mix of warm-ups and training)")
     ap.add_argument("--tune", action="store_true", help="first sweep the segmented kernels' tiles and time a "
                     "selection (packed_kernels.py, its own JSON), then train with the fastest tiles")
     ap.add_argument("--out", default=os.environ.get("OUT", "benchmarks/results"))

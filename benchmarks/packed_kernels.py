@@ -109,6 +109,7 @@ def route_sweep(users: int = 16, tokens: int = 1024, densities=DENSITIES, shapes
     for name, (din, dout) in shapes.items():
         x = torch.randn(users * tokens, din, device=DEV, dtype=torch.bfloat16)
         dy = torch.randn(users * tokens, dout, device=DEV, dtype=torch.bfloat16)
+        w = torch.randn(dout, din, device=DEV, dtype=torch.bfloat16)
         y, dx = torch.zeros_like(dy), torch.zeros_like(x)
         rows = {}
         for d in densities:
@@ -123,13 +124,16 @@ def route_sweep(users: int = 16, tokens: int = 1024, densities=DENSITIES, shapes
                      "input_grad_ms": _ms(lambda: D.backward(dy, None, v, seg, dx, False)),
                      "sampled_grad_ms": _ms(lambda: D.backward(dy, x, v, seg, None, True))}
             sparse["total_ms"], dense["total_ms"] = sum(sparse.values()), sum(dense.values())
-            rows[str(d)] = {"entries": k, "sparse": sparse, "dense": dense}
+            # The fused op's merged-weight route replaces the base GEMM and the delta term together.
+            merged = {"linear_ms": _ms(lambda: D.merged_linear(x, w, None, v, seg)),
+                      "input_grad_ms": _ms(lambda: D.merged_backward(dy, x, w, v, seg, True, False))}
+            rows[str(d)] = {"entries": k, "sparse": sparse, "dense": dense, "merged": merged}
             dense_wins[d] &= dense["total_ms"] < sparse["total_ms"]
-        out["shapes"][name] = {"dense_gemm_ms": _ms(lambda: x @ torch.empty(dout, din, device=DEV,
-                                                                            dtype=x.dtype).t()), "densities": rows}
+        out["shapes"][name] = {"dense_gemm_ms": _ms(lambda: x @ w.t()), "densities": rows}
         torch.cuda.empty_cache()
     wins = [d for d in densities if all(dense_wins[e] for e in densities if e >= d)]
-    K.CONFIG["dense"] = {"min_tokens": 128, "min_density": min(wins)} if wins else None
+    keep = K.CONFIG["dense"] or {"min_tokens": 128, "merge": False}
+    K.CONFIG["dense"] = {**keep, "min_density": min(wins)} if wins else None
     out["chosen"] = K.CONFIG["dense"]
     return out
 

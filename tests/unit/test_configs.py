@@ -7,17 +7,19 @@ import pytest
 from tkllm_ray.config import load_config
 from tkllm_ray.config.finetune import FinetuneConfig
 from tkllm_ray.config.ingest import IngestConfig
+from tkllm_ray.config.retrain import RetrainConfig
 from tkllm_ray.config.serve import ServeConfig
 from tkllm_ray.errors import TkllmError
 
 ROOT = Path(__file__).resolve().parents[2]
-MODELS = {"ingest": IngestConfig, "finetune": FinetuneConfig, "serve": ServeConfig}
+MODELS = {"ingest": IngestConfig, "finetune": FinetuneConfig, "serve": ServeConfig, "retrain": RetrainConfig}
 
 
 @pytest.mark.parametrize("path", sorted((ROOT / "configs").glob("*/*.yaml")), ids=lambda p: p.name)
 def test_repo_configs_validate(path):
     cfg = load_config(MODELS[path.parent.name], path)
-    assert {"ingest": lambda: cfg.inputs, "finetune": lambda: cfg.data, "serve": lambda: cfg.deltas}[path.parent.name]()
+    assert {"ingest": lambda: cfg.inputs, "finetune": lambda: cfg.data, "serve": lambda: cfg.deltas,
+            "retrain": lambda: cfg.finetune_config(accounts="all", data="-").model}[path.parent.name]()
 
 
 def test_cluster_serve_config_is_one_serve_deploy_accepts():
@@ -52,10 +54,16 @@ def test_unknown_key_and_bad_value_are_named(tmp_path):
 @pytest.mark.parametrize("model, text, error", [
     (FinetuneConfig, "account: a\ndata: d\nadapter_bottleneck: 0\n", r"adapter_bottleneck: Input should be greater than or equal to 1"),
     (FinetuneConfig, "account: a\ndata: d\ndiffpruning_l0: -1\n", r"diffpruning_l0: Input should be greater than or equal to 0"),
-    (FinetuneConfig, "account: a\ndata: d\nmethod: adapters\n", r"method: Input should be 'gspf', 'full', 'lora', 'adapter', 'diffpruning', 'ts-lora' or 'ts-dora'"),
+    (FinetuneConfig, "account: a\ndata: d\nmethod: adapters\n", r"method: Input should be 'gspf', 'full', 'lora', 'dora', 'adapter', 'diffpruning', 'ts-lora' or 'ts-dora'"),
     (FinetuneConfig, "account: a\ndata: d\nts_target_rate: 1.5\n", r"ts_target_rate: Input should be less than or equal to 1"),
     (FinetuneConfig, "account: a\ndata: d\nzero3: true\n", r"zero3 shards the base over packed workers: name the accounts"),
     (FinetuneConfig, "data: d\n", r"give either account \(one\) or accounts"),
+    (FinetuneConfig, "accounts: all\ndata: d\nrun_id: a/b\n", r"run_id 'a/b': letters, digits"),
+    (IngestConfig, "inputs: [a.csv]\noutput: o\naccounts: [../x]\n", r"invalid account id '../x'"),
+    (RetrainConfig, "inputs: [a]\ndeltas: d\nwork: w\nevery: 1w\n", r"invalid interval '1w'"),
+    (RetrainConfig, "inputs: [a]\ndeltas: d\nwork: w\ntick: today\n", r"tick 'today': YYYYMMDDTHHMMSSZ"),
+    (RetrainConfig, "inputs: [a]\ndeltas: d\nwork: w\nfinetune: {data: x}\n", r"finetune: \['data'\] are set by the retrain job"),
+    (RetrainConfig, "inputs: [a]\ndeltas: d\nwork: w\nfinetune: {epochs: 0}\n", r"epochs: Input should be greater"),
     (FinetuneConfig, "account: a\naccounts: all\ndata: d\n", r"give either account \(one\) or accounts"),
     (FinetuneConfig, "accounts: all\ndata: d\nmethod: lora\n", r"packed training \(accounts\) runs GSPF"),
     (FinetuneConfig, "accounts: all\ndata: d\nhost_state_memory_gb: 64\n", r"set state_memory_gb too"),

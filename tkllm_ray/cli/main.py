@@ -6,6 +6,7 @@ import argparse
 import json
 import sys
 
+from tkllm_ray.cli import jobs_cmd, orchestrate_cmd
 from tkllm_ray.cli.options import Parser, add_model_options, overrides_from_args
 from tkllm_ray.config.base import load_config
 from tkllm_ray.config.finetune import FinetuneConfig
@@ -32,9 +33,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("finetune", help="fine-tune one account (any method) or many (GSPF, packed on Ray Train)",
                        description="Fine-tune from an ingested dataset: --account ID trains one account with "
-                                   "gspf/full/lora/adapter/diffpruning; --accounts all|FILE packs many accounts' GSPF "
-                                   "fine-tunes onto Ray Train workers. Held-out perplexity before and after; the "
-                                   "delta (sparse methods) or model/adapter directory is published.")
+                                   "gspf/full/lora/dora/adapter/diffpruning/ts-lora/ts-dora; --accounts all|FILE packs "
+                                   "many accounts' GSPF fine-tunes onto Ray Train workers. Held-out perplexity before "
+                                   "and after; the delta (sparse methods) or model/adapter directory is published.")
     p.add_argument("--config", metavar="FILE", help="YAML file with FinetuneConfig fields; options below override it")
     add_model_options(p, FinetuneConfig)
     p.add_argument("--json", action="store_true", help="print the result as JSON")
@@ -71,11 +72,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--posts", type=int, default=120, help="posts per account (default: 120)")
     p.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
 
-    p = sub.add_parser("quickstart", help="run the main job end to end on the bundled sample (local Ray, CPU)")
+    p = sub.add_parser("quickstart", help="the whole product on the bundled sample (local Ray, CPU): ingest, "
+                       "packed fine-tunes, the endpoint asked by each account's model")
     p.add_argument("--workdir", default="runs/quickstart", help="where to write everything (default: runs/quickstart)")
     p.add_argument("--modes", nargs="+", default=["tiny", "base", "hifi"], choices=["tiny", "base", "hifi"],
                    help="OCC rendering modes (default: all three)")
-    p.add_argument("--skip-finetune", action="store_true", help="stop after ingest (no packed GSPF fine-tunes)")
+    p.add_argument("--skip-finetune", action="store_true", help="stop after ingest (no fine-tunes, no endpoint)")
+    p.add_argument("--keep-serving", action="store_true", help="leave the endpoint up at the end (Ctrl-C stops)")
 
     p = sub.add_parser("tokenizer-train", help="train the byte-level BPE tokenizer on a text corpus")
     p.add_argument("--corpus", nargs="+", required=True, help="text files, one document per line")
@@ -84,6 +87,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--synth-accounts", type=int, default=16,
                    help="synthetic creators whose posts join the corpus (default: 16, as the builtin tokenizer)")
     p.add_argument("--synth-posts", type=int, default=300, help="posts per synthetic creator (default: 300)")
+
+    jobs_cmd.add_parsers(sub)  # submit, jobs
+    orchestrate_cmd.add_parsers(sub)  # retrain, deltas
     return parser
 
 
@@ -185,7 +191,8 @@ def cmd_synth(args) -> int:
 def cmd_quickstart(args) -> int:
     from tkllm_ray.quickstart import run_quickstart
 
-    return run_quickstart(args.workdir, modes=args.modes, finetune=not args.skip_finetune)
+    return run_quickstart(args.workdir, modes=args.modes, finetune=not args.skip_finetune,
+                          keep_serving=args.keep_serving)
 
 
 def cmd_tokenizer_train(args) -> int:
@@ -233,7 +240,7 @@ def cmd_serve(args) -> int:
 
 COMMANDS = {"ingest": cmd_ingest, "finetune": cmd_finetune, "merge": cmd_merge, "synth": cmd_synth,
             "quickstart": cmd_quickstart, "tokenizer-train": cmd_tokenizer_train, "serve": cmd_serve,
-            "experts": cmd_experts}
+            "experts": cmd_experts, **jobs_cmd.COMMANDS, **orchestrate_cmd.COMMANDS}
 
 
 def main(argv: list[str] | None = None) -> int:

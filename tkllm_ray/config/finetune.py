@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import re
 from typing import Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from tkllm_ray.config.base import ConfigModel
 from tkllm_ray.config.storage import StorageOptions
@@ -15,8 +16,9 @@ class FinetuneConfig(ConfigModel):
     accounts: str | None = Field(None, description="many accounts, packed on Ray Train workers: 'all' (every "
                                  "account of the dataset) or a file/URI with one account id per line")
     data: str = Field(description="ingested dataset root (path or s3://), as written by `tkllm ingest`")
-    method: Literal["gspf", "full", "lora", "adapter", "diffpruning", "ts-lora", "ts-dora"] = Field(
-        "gspf", description="fine-tuning method (ts-lora, ts-dora: token-selective, train/ts_peft.py)")
+    method: Literal["gspf", "full", "lora", "dora", "adapter", "diffpruning", "ts-lora", "ts-dora"] = Field(
+        "gspf", description="fine-tuning method (ts-lora, ts-dora: token-selective, train/ts_peft.py; dora: "
+        "ts-dora's adapters with the gate held open)")
     model: str = Field("tkllm-tiny", description="model preset (tkllm-tiny/s/m/l) or a Hugging Face model directory")
     tokenizer: str = Field("builtin", description="tokenizer: 'builtin' or a Hugging Face tokenizer directory")
     output: str = Field("runs/deltas", description="delta store root (path or s3://)")
@@ -34,9 +36,9 @@ class FinetuneConfig(ConfigModel):
                                       "memory instead of on the GPU")
     top_layers: int | None = Field(None, ge=1, description="GSPF: confine the budget to the N decoder layers the "
                                    "selection favours (backprop stops below them; default: no limit)")
-    target_modules: list[str] | None = Field(None, description="GSPF, DiffPruning, LoRA: name fragments of linear "
-                                                               "layers to train (default: all)")
-    lora_rank: int = Field(16, ge=1, description="LoRA, TS-LoRA, TS-DoRA: rank")
+    target_modules: list[str] | None = Field(None, description="GSPF, DiffPruning, LoRA, DoRA, TS-*: name fragments "
+                                             "of linear layers to train (default: all)")
+    lora_rank: int = Field(16, ge=1, description="LoRA, DoRA, TS-LoRA, TS-DoRA: rank")
     ts_target_rate: float = Field(0.5, gt=0, le=1, description="TS-LoRA/DoRA: target share of tokens a layer updates")
     ts_penalty: float = Field(1.0, ge=0, description="TS-LoRA/DoRA: weight of the penalty (rate - target)^2 per layer")
     ts_tau_lr: float = Field(0.05, gt=0, description="TS-LoRA/DoRA: threshold step, as a share of the layer's "
@@ -68,6 +70,10 @@ class FinetuneConfig(ConfigModel):
     max_failures: int = Field(2, ge=0, description="packed: worker-group restarts Ray Train allows")
     run_dir: str | None = Field(None, description="packed: where the run keeps checkpoints and results "
                                 "(default: {output}/_runs/{run id})")
+    run_id: str | None = Field(None, description="packed: the run's id (default: a fresh one). A rerun with the "
+                               "same id and run_dir resumes it: accounts it published are skipped")
+    watermarks: str | None = Field(None, description="packed: JSON file {account: data watermark} recorded in each "
+                                   "published manifest (scheduled retraining compares them with the posts)")
     seed: int = Field(0, description="random seed")
     device: str = Field("auto", description="cpu, cuda, or auto")
     storage: StorageOptions = Field(default_factory=StorageOptions)
@@ -81,6 +87,13 @@ class FinetuneConfig(ConfigModel):
         if self.zero3 and self.accounts is None:
             raise ValueError("zero3 shards the base over packed workers: name the accounts (accounts=...), not one account")
         return self
+
+    @field_validator("run_id")
+    @classmethod
+    def _run_id_is_a_name(cls, v):
+        if v is not None and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}", v):
+            raise ValueError(f"run_id {v!r}: letters, digits, '_', '.', '-', at most 64 characters")
+        return v
 
     @model_validator(mode="after")
     def _paging_pages_against_a_budget(self):

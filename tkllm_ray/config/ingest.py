@@ -42,6 +42,13 @@ class RenderConfig(ConfigModel):
     fonts: list[str] | None = Field(None, description="font files in fallback order (default: DejaVu, WenQuanYi, Noto Color Emoji)")
 
 
+def inputs_as_strings(data):
+    """`inputs: [a.csv, s3://b/]` is shorthand for [{uri: a.csv}, {uri: s3://b/}]."""
+    if isinstance(data, dict) and isinstance(data.get("inputs"), list):
+        data = dict(data, inputs=[{"uri": i} if isinstance(i, str) else i for i in data["inputs"]])
+    return data
+
+
 class IngestConfig(ConfigModel):
     inputs: list[InputSpec] = Field(description="where the raw posts are")
     output: str = Field(description="dataset root (path or s3://); versions are published under it")
@@ -54,15 +61,24 @@ class IngestConfig(ConfigModel):
     shuffle_partitions: int = Field(4, ge=1, description="partitions of the per-account shuffle (raise for many accounts)")
     tokenize_actors: int = Field(1, ge=1, description="size of the tokenizer actor pool")
     ray_address: str | None = Field(None, description="Ray cluster address; default: start or join a local one")
+    accounts: list[str] | None = Field(None, description="ingest only these accounts' posts (scheduled retraining "
+                                       "re-ingests the accounts whose posts changed); default: every account")
     storage: StorageOptions = Field(default_factory=StorageOptions)
+
+    @field_validator("accounts")
+    @classmethod
+    def _valid_account_ids(cls, v):
+        if v is not None:
+            from tkllm_ray.data.schema import validate_account_id
+
+            for a in v:
+                validate_account_id(a)
+        return v
 
     @model_validator(mode="before")
     @classmethod
     def _inputs_as_strings(cls, data):
-        # `inputs: [a.csv, s3://b/]` is shorthand for [{uri: a.csv}, {uri: s3://b/}].
-        if isinstance(data, dict) and isinstance(data.get("inputs"), list):
-            data = dict(data, inputs=[{"uri": i} if isinstance(i, str) else i for i in data["inputs"]])
-        return data
+        return inputs_as_strings(data)
 
     @field_validator("inputs")
     @classmethod

@@ -38,8 +38,9 @@ def ensure_ray(address: str | None = None) -> None:
                  logging_config=quiet, ignore_reinit_error=True)
 
 
-def run_ingest(cfg: IngestConfig, version: str | None = None, progress: bool | None = None) -> dict:
-    t0 = time.time()
+def read_rows(cfg: IngestConfig):
+    """Every input file read and parsed on Ray Data (ROW_SCHEMA rows, quarantined ones marked),
+    narrowed to `cfg.accounts` when given; also the files skipped as unreadable formats."""
     sources: dict[str, tuple[str, str]] = {}
     rules: dict[str, RowRules] = {}
     skipped_files: list[str] = []
@@ -59,14 +60,33 @@ def run_ingest(cfg: IngestConfig, version: str | None = None, progress: bool | N
             groups.setdefault(type(fs).__name__, (fs, []))[1].append(path)
 
     ensure_ray(cfg.ray_address)
-    ctx = DataContext.get_current()
-    if progress is not None:
-        ctx.enable_progress_bars = progress
-
     reads = [ray.data.read_binary_files(paths, filesystem=fs, include_paths=True) for fs, paths in groups.values()]
     raw = reads[0].union(*reads[1:]) if len(reads) > 1 else reads[0]
     rows = raw.map_batches(stages.parse_files, batch_size=1, batch_format="pyarrow",
-                           fn_kwargs={"sources": sources, "rules": rules}).materialize()
+                           fn_kwargs={"sources": sources, "rules": rules})
+    if cfg.accounts is not None:
+        rows = rows.map_batches(stages.only_accounts, batch_format="pyarrow", fn_kwargs={"accounts": cfg.accounts})
+    return rows.materialize(), skipped_files
+
+
+def account_watermarks(rows) -> dict[str, str]:
+    """{account: "<newest valid post's time>/<valid posts>"}: what a delta was trained on, recorded
+    in its manifest; a new, edited-in or deleted post changes it (retraining compares the two)."""
+    out: dict[str, str] = {}
+    clean = rows.map_batches(stages.only_clean, batch_format="pyarrow")
+    for batch in clean.groupby("account_id").map_groups(stages.newest_and_count, batch_format="pyarrow") \
+            .iter_batches(batch_format="pyarrow"):
+        for acc, newest, n in zip(*(batch.column(c).to_pylist() for c in ("account_id", "newest", "posts"))):
+            out[acc] = f"{newest.strftime('%Y-%m-%dT%H:%M:%S.%fZ')}/{n}"
+    return out
+
+
+def run_ingest(cfg: IngestConfig, version: str | None = None, progress: bool | None = None) -> dict:
+    t0 = time.time()
+    ctx = DataContext.get_current()
+    if progress is not None:
+        ctx.enable_progress_bars = progress
+    rows, skipped_files = read_rows(cfg)
 
     labelled = (
         rows.map_batches(stages.only_clean, batch_format="pyarrow")

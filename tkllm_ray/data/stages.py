@@ -36,6 +36,16 @@ def only_clean(batch: pa.Table) -> pa.Table:
     return batch.filter(pc.is_null(batch["quarantine_reason"])).select(POST_COLUMNS)
 
 
+def only_accounts(batch: pa.Table, accounts: list[str]) -> pa.Table:
+    return batch.filter(pc.is_in(batch["account_id"], pa.array(accounts, type=pa.string())))
+
+
+def newest_and_count(group: pa.Table) -> pa.Table:
+    """One account's rows -> (account_id, newest created_at, posts)."""
+    return pa.table({"account_id": [group["account_id"][0].as_py()], "newest": [pc.max(group["created_at"]).as_py()],
+                     "posts": [group.num_rows]})
+
+
 def only_split(batch: pa.Table, splits: tuple[str, ...], drop_split: bool = False) -> pa.Table:
     out = batch.filter(pc.is_in(batch["split"], pa.array(list(splits))))
     return out.drop_columns(["split"]) if drop_split else out

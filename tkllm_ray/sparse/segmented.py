@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from tkllm_ray.sparse import segmented_dense
 from tkllm_ray.sparse.delta_op import (
     check_sorted,
     sampled_grad_reference,
@@ -129,6 +130,17 @@ def _kernels(t: torch.Tensor):
     return add_forward_reference, backward_reference
 
 
+def _merged_route(x: torch.Tensor, weight: torch.Tensor, seg: Segments) -> bool:
+    """The fused op on a GPU takes merged weights (segmented_dense.merged_linear) where the
+    dense route applies and CONFIG["dense"]["merge"] allows; the CPU keeps the reference."""
+    if not x.is_cuda:
+        return False
+    from tkllm_ray.sparse import segmented_triton
+
+    dense = segmented_triton.CONFIG["dense"]
+    return bool(dense and dense.get("merge") and segmented_triton.dense_route(seg, *weight.shape))
+
+
 def _add_delta(out: torch.Tensor, x: torch.Tensor, values: torch.Tensor, seg: Segments, keep: bool):
     """out (..., out) += the delta term of x (..., in), in place, on x's device's kernels; returns
     what the backward reads when `keep`."""
@@ -168,8 +180,14 @@ class SegmentedDeltaLinearFn(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, values, seg: Segments):
-        y = torch.nn.functional.linear(x, weight, bias)
-        saved = _add_delta(y, x, values, seg, ctx.needs_input_grad[3])
+        ctx.merged = _merged_route(x, weight, seg)
+        if ctx.merged:
+            x2 = x.reshape(-1, x.shape[-1])
+            y = segmented_dense.merged_linear(x2, weight, bias, values, seg).view(*x.shape[:-1], weight.shape[0])
+            saved = x2
+        else:
+            y = torch.nn.functional.linear(x, weight, bias)
+            saved = _add_delta(y, x, values, seg, ctx.needs_input_grad[3])
         ctx.save_for_backward(saved, values, weight)
         ctx.seg, ctx.x_shape = seg, x.shape
         return y
@@ -178,9 +196,13 @@ class SegmentedDeltaLinearFn(torch.autograd.Function):
     def backward(ctx, dy):
         saved, values, weight = ctx.saved_tensors
         dy2 = dy.reshape(-1, dy.shape[-1])
-        dx2 = dy2 @ weight.to(dy2.dtype) if ctx.needs_input_grad[0] else None
-        _, backward = _kernels(dy2)
-        dv = backward(dy2, saved, values, ctx.seg, dx2, ctx.needs_input_grad[3])
+        if ctx.merged:
+            dx2, dv = segmented_dense.merged_backward(dy2, saved, weight, values, ctx.seg, ctx.needs_input_grad[0],
+                                                      ctx.needs_input_grad[3])
+        else:
+            dx2 = dy2 @ weight.to(dy2.dtype) if ctx.needs_input_grad[0] else None
+            _, backward = _kernels(dy2)
+            dv = backward(dy2, saved, values, ctx.seg, dx2, ctx.needs_input_grad[3])
         return (None if dx2 is None else dx2.reshape(ctx.x_shape), None, None,
                 None if dv is None else dv.to(values.dtype), None)
 

@@ -41,7 +41,10 @@ CONFIG = {"csr": {"LINES": 16, "BLOCK_E": 32, "BLOCK_T": 128, "num_warps": 8},
           "decode_by_shape": {},  # "<out>x<in>" -> tiles for that layer shape (the sweep's per-shape best)
           # The dense-GEMM route (segmented_dense) for a module's batch whose users have at least
           # min_tokens tokens and min_density of the module's weights on average; None: never.
-          "dense": {"min_tokens": 128, "min_density": 0.002}}
+          # merge: a frozen plain weight's whole op as one GEMM a user on W + Δ_u (merged_linear).
+          # Off: on an H100 packed tkllm-s ran no faster with it (3,272/h vs 3,344/h; the steps are
+          # bound by launches and elementwise ops there), and bf16(W + Δ) rounds small deltas.
+          "dense": {"min_tokens": 128, "min_density": 0.002, "merge": False}}
 DECODE_TOKENS = 4  # at most this many tokens per user: the streaming forward kernel
 
 

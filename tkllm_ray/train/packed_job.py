@@ -54,7 +54,7 @@ def run_packed_finetune(cfg: FinetuneConfig, progress: bool = True) -> dict:
     from tkllm_ray.data.ingest import ensure_ray
 
     accounts = resolve_accounts(cfg)
-    run_id = new_version_id()
+    run_id = cfg.run_id or new_version_id()
     run_dir = cfg.run_dir or join(cfg.output, "_runs", run_id)
     ensure_ray()
     fs, ray_path = filesystem_for(join(run_dir, "ray"), cfg.storage)
@@ -137,6 +137,7 @@ def _worker(config: dict) -> None:
         base_fp = fingerprint(model)
     shapes = {n: weight_shape(m.weight) for n, m in target_linears(model, cfg.target_modules).items()}
     checkpoints = UserCheckpoints(join(run_dir, "users"), cfg.checkpoint_every, cfg.storage, run_id)
+    marks = json.loads(read_text(cfg.watermarks, cfg.storage)) if cfg.watermarks else {}
     mine = []
     for account in config["accounts"][rank::world]:
         if published_by(cfg.output, account, run_id, cfg.storage):
@@ -163,7 +164,8 @@ def _worker(config: dict) -> None:
                   "train_loss_last": user.losses[-1], "steps": len(user.losses), "trainable_params": user.state.k,
                   "loss_curve": [round(x, 4) for x in user.losses],
                   "train_tokens": int((user.labels != -100).sum()) * acfg.epochs, "reselection": user.state.history}
-        out = publish_run(acfg, AccountRun(result, None, base_fp, shapes, delta), run_id=run_id)
+        out = publish_run(acfg, AccountRun(result, None, base_fp, shapes, delta), run_id=run_id,
+                          data_watermark=marks.get(user.account))
         out["publish_s"] = time.time() - t
         write_text(join(run_dir, "results", f"{user.account}.json"), json.dumps(out, default=str), cfg.storage)
 

@@ -1,5 +1,5 @@
-"""Fine-tune one account's model (GSPF, full, LoRA, Adapter, DiffPruning, TS-LoRA or TS-DoRA) from an
-ingested dataset.
+"""Fine-tune one account's model (GSPF, full, LoRA, DoRA, Adapter, DiffPruning, TS-LoRA or TS-DoRA)
+from an ingested dataset.
 
 The step is the reusable piece (`GSPF.step`, `DiffPruning.step`, `DenseTrainer.step`, all one
 `optimizer_step`); this module wires data, eval, cost reporting and publishing around it for one
@@ -102,9 +102,13 @@ def train_account(cfg: FinetuneConfig, model, eos_id: int, train_posts: list[lis
         torch.cuda.reset_peak_memory_stats(device)  # the peak reported covers the method's setup and training
     adapter = Adapter(model, cfg.adapter_bottleneck) if cfg.method == "adapter" else None
     model, trainer = _trainer(cfg, model)
-    bar = tqdm(total=total_steps(cfg, train_ids.shape[0]), desc=f"{cfg.account} [{cfg.method}]", disable=not progress)
+    steps = total_steps(cfg, train_ids.shape[0])
+    last_epoch = steps - -(-train_ids.shape[0] // cfg.batch_size)  # the last epoch's first step
+    bar = tqdm(total=steps, desc=f"{cfg.account} [{cfg.method}]", disable=not progress)
     losses, times, t0 = [], [], time.perf_counter()
     for kind, payload in events(cfg, train_ids, train_labels, gen):
+        if kind == "step" and isinstance(trainer, TSTrainer) and len(losses) == last_epoch:
+            trainer.report()  # reset: the training rates reported cover the last epoch
         if kind == "select":
             trainer.sensitivity_select(payload)
         elif kind == "fixed_mask":
@@ -121,7 +125,7 @@ def train_account(cfg: FinetuneConfig, model, eos_id: int, train_posts: list[lis
     if cfg.method == "diffpruning" and cfg.diffpruning_mask_epochs:
         costs.update({k: gated[k] for k in ("trainable_params", "train_state_bytes")})
     delta = _ship(model, trainer) if cfg.method in SPARSE_METHODS else None
-    selective = {"train": trainer.report()} if isinstance(trainer, TSTrainer) else None
+    selective = {"train": trainer.report()} if isinstance(trainer, TSTrainer) else None  # the last epoch
     ppl_after = perplexity(model, eval_ids, eval_labels, cfg.batch_size)  # token-selective: gated inference
     metrics = {"eval_ppl_before": ppl_before, "eval_ppl_after": ppl_after, "train_loss_last": losses[-1],
                "steps": len(losses), **costs, "train_tokens": int((train_labels != -100).sum()) * cfg.epochs}
@@ -134,9 +138,11 @@ def train_account(cfg: FinetuneConfig, model, eos_id: int, train_posts: list[lis
     return AccountRun(result, model, base_fp, shapes, delta, adapter, trainer)
 
 
-def publish_run(cfg: FinetuneConfig, run: AccountRun, run_id: str | None = None) -> dict:
+def publish_run(cfg: FinetuneConfig, run: AccountRun, run_id: str | None = None,
+                data_watermark: str | None = None) -> dict:
     """Sparse methods: a delta version (+ placement table and heatmap); Adapter: its directory;
-    full FT: a standalone HF directory; LoRA: the peft adapter directory."""
+    full FT: a standalone HF directory; LoRA: the peft adapter directory; DoRA and the token-selective
+    methods: `save_ts`'s directory."""
     result = dict(run.result)
     metrics = {k: v for k, v in result.items() if k not in ("account", "method", "device", "reselection",
                                                             "token_selective")}
@@ -147,7 +153,7 @@ def publish_run(cfg: FinetuneConfig, run: AccountRun, run_id: str | None = None)
         result["version"] = save_delta(
             cfg.output, cfg.account, run.delta, cfg.model, run.base_fingerprint, cfg.method, cfg.density,
             metrics=metrics, extra_files={"placement.json": json.dumps(table).encode(), "placement.png": plot},
-            run_id=run_id, options=cfg.storage)
+            run_id=run_id, options=cfg.storage, data_watermark=data_watermark)
         result["delta_uri"] = join(cfg.output, cfg.account, result["version"])
     elif isinstance(run.trainer, TSTrainer):
         result["model_uri"] = save_ts(join(cfg.output, cfg.account, cfg.method, new_version_id()), run.trainer.modules,
@@ -173,11 +179,13 @@ def _trainer(cfg: FinetuneConfig, model):
         return model, DiffPruning(model, lm_loss, DiffPruningSettings(
             density=cfg.density, target_modules=cfg.target_modules, lr=cfg.lr, weight_decay=cfg.weight_decay,
             l0=cfg.diffpruning_l0, alpha_init=cfg.diffpruning_alpha_init))
-    if cfg.method in ts_peft.KINDS:
-        mods = ts_peft.attach(model, cfg.method, target_linears(model, cfg.target_modules), cfg.lora_rank,
+    if cfg.method in ts_peft.KINDS or cfg.method == "dora":
+        # DoRA: TS-DoRA with its gate held open (τ = 0, never updated, no penalty), which is exactly DoRA
+        kind = "ts-dora" if cfg.method == "dora" else cfg.method
+        mods = ts_peft.attach(model, kind, target_linears(model, cfg.target_modules), cfg.lora_rank,
                               bandwidth=cfg.ts_bandwidth)
         return model, TSTrainer(model, mods, lm_loss, cfg.lr, cfg.weight_decay, cfg.ts_target_rate, cfg.ts_penalty,
-                                cfg.ts_tau_lr)
+                                cfg.ts_tau_lr, learn_tau=cfg.method != "dora")
     if cfg.method == "lora":
         model = _wrap_lora(model, cfg)
     return model, DenseTrainer(model, lm_loss, cfg.lr, cfg.weight_decay)

@@ -36,6 +36,11 @@ with ρ the target activation rate and λ the sparsity penalty (config `ts_targe
 r is detached: the adapter learns from the tokens it serves (S_i multiplies its output), never
 through the gate.
 
+Rates count real tokens only. `attach` puts a hook on the model that reads each forward's
+`attention_mask` (else its `labels`, -100 marking padding as `train.data.pack` writes it) and
+hands the modules that token mask: the counts, the skipped FLOPs and the penalty's rate leave
+padding out. A forward with neither counts every position.
+
 At inference the gate skips work, not just output. For TS-LoRA, ‖M(x)‖ = s·√(uᵀ(BᵀB)u) with
 u = A x (r numbers per token), so the B projection (2·out·rank FLOPs a token, half the adapter)
 runs only for tokens that pass (`skipped_flops`). For TS-DoRA the update's norm needs B u, so
@@ -58,18 +63,18 @@ class ThresholdGate(torch.autograd.Function):
     """S = 1(r ≥ τ) forward; backward: ∂/∂τ ≈ −Σ grad_S · K_ε(r − τ), nothing into r."""
 
     @staticmethod
-    def forward(ctx, r: torch.Tensor, tau: torch.Tensor, width: float):
-        ctx.save_for_backward(r, tau)
-        ctx.width = width
+    def forward(ctx, r: torch.Tensor, tau: torch.Tensor, width: torch.Tensor):
+        ctx.save_for_backward(r, tau, width)
         return (r >= tau).to(r.dtype)
 
     @staticmethod
     def backward(ctx, grad_s):
-        r, tau = ctx.saved_tensors
-        if ctx.width <= 0:  # every r alike (e.g. a zero adapter at the start): nothing to learn about τ
-            return None, torch.zeros_like(tau), None
-        kernel = torch.clamp(1 - (r - tau).abs() / ctx.width, min=0) / ctx.width
-        return None, -(grad_s * kernel).sum().reshape(tau.shape), None
+        r, tau, width = ctx.saved_tensors  # width a device scalar: no host sync in the step
+        w = width.clamp_min(EPS)
+        kernel = torch.clamp(1 - (r - tau).abs() / w, min=0) / w
+        grad = -(grad_s * kernel).sum().reshape(tau.shape)
+        # width 0: every r alike (e.g. a zero adapter at the start): nothing to learn about τ
+        return None, torch.where(width > 0, grad, torch.zeros_like(grad)), None
 
 
 class TSAdapterLinear(nn.Module):
@@ -87,9 +92,24 @@ class TSAdapterLinear(nn.Module):
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))  # as LoRA: A random, B zero
         self.lora_B = nn.Parameter(torch.zeros(out_f, rank, device=dev, dtype=dtype))
         self.tau = nn.Parameter(torch.tensor(float(tau), device=dev))
+        self.token_mask: torch.Tensor | None = None  # real tokens of this forward (set by attach's hook)
+        self.skip_flops = 0  # FLOPs a token skips at inference when its gate is shut (TS-LoRA: the B projection)
         self.last_rate: torch.Tensor | None = None  # this forward's activation rate (a tensor: the penalty's input)
-        self.r_scale = 0.0  # the last training batch's median r: the scale of τ's steps
-        self.counts = {"tokens": 0, "active": 0, "skipped_flops": 0}
+        self.r_scale = torch.zeros((), device=dev)  # the last training batch's median r: the scale of τ's steps
+        self._counts = {"tokens": 0, "active": 0, "skipped_flops": 0}
+        self._pending: torch.Tensor | None = None  # device sums [tokens, active, skipped] not yet in _counts
+
+    @property
+    def counts(self) -> dict[str, int]:
+        """Real tokens seen, those whose gate was open, FLOPs skipped: summed on the device and read
+        here (one sync), so a training step never waits on them. Reset with `counts.update(...)`."""
+        if self._pending is not None:
+            tokens, active, skipped = self._pending.tolist()
+            self._pending = None
+            self._counts["tokens"] += tokens
+            self._counts["active"] += active
+            self._counts["skipped_flops"] += skipped * self.skip_flops
+        return self._counts
 
     def update(self, x: torch.Tensor, y0: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
@@ -100,16 +120,26 @@ class TSAdapterLinear(nn.Module):
             return self._infer(x, y0)
         m = self.update(x, y0)
         r = (m.float().norm(dim=-1) / y0.float().norm(dim=-1).clamp_min(EPS)).detach()
-        self.r_scale = float(r.median())
+        self.r_scale = r.median()
         width = self.bandwidth * self.r_scale
         s = ThresholdGate.apply(r, self.tau, width)
-        self.last_rate = s.mean()
+        real = self._real(s)
+        self.last_rate = (s * real).sum() / real.sum().clamp_min(1)  # over the real tokens
         self._count(s)
         return y0 + (s.unsqueeze(-1) * m).to(y0.dtype)
 
-    def _count(self, s: torch.Tensor) -> None:
-        self.counts["tokens"] += s.numel()
-        self.counts["active"] += int(s.sum())
+    def _real(self, s: torch.Tensor) -> torch.Tensor:
+        """Which of the gate's positions are real tokens (bool; all of them without a mask of its shape)."""
+        mask = self.token_mask
+        return torch.ones_like(s, dtype=torch.bool) if mask is None or mask.shape != s.shape else mask
+
+    def _count(self, s: torch.Tensor, skipping: bool = False) -> None:
+        """Add a forward's real tokens and those whose gate was open; `skipping`: the shut ones
+        skipped `skip_flops` each (inference; training computes every update)."""
+        real = self._real(s)
+        tokens, active = real.sum(), ((s.detach() > 0) & real).sum()
+        new = torch.stack([tokens, active, tokens - active if skipping else torch.zeros_like(tokens)])
+        self._pending = new if self._pending is None else self._pending + new
 
     def _infer(self, x: torch.Tensor, y0: torch.Tensor) -> torch.Tensor:
         m = self.update(x, y0)
@@ -123,6 +153,10 @@ class TSAdapterLinear(nn.Module):
 
 
 class TSLoRALinear(TSAdapterLinear):
+    def __init__(self, base: nn.Linear, rank: int, alpha: float, tau: float = 0.0, bandwidth: float = 0.5):
+        super().__init__(base, rank, alpha, tau, bandwidth)
+        self.skip_flops = 2 * self.lora_B.shape[0] * rank  # the B projection a shut gate saves
+
     def update(self, x, y0):
         return (x.to(self.lora_A.dtype) @ self.lora_A.T @ self.lora_B.T) * self.scale
 
@@ -136,8 +170,7 @@ class TSLoRALinear(TSAdapterLinear):
         out = y0.clone()
         rows = keep.nonzero(as_tuple=True)
         out[rows] += ((u[rows] @ self.lora_B.T) * self.scale).to(y0.dtype)
-        self._count(keep.float())
-        self.counts["skipped_flops"] += int((~keep).sum()) * 2 * self.lora_B.shape[0] * self.rank
+        self._count(keep.float(), skipping=True)
         return out
 
 
@@ -165,20 +198,22 @@ def penalty(modules: dict[str, TSAdapterLinear], target_rate: float, weight: flo
 
 class TauOptimizer:
     """Adam on the thresholds' approximate gradients, each step `lr` times its layer's median r,
-    then τ ← max(τ, 0)."""
+    then τ ← max(τ, 0). Adam runs at lr 1 and its step is scaled after, on the device: the same
+    step as lr·r, without reading r to the host."""
 
     def __init__(self, modules: dict[str, TSAdapterLinear], lr: float):
         self.modules, self.lr = list(modules.values()), lr
         self.taus = [m.tau for m in self.modules]
-        self.opt = torch.optim.Adam([{"params": [t]} for t in self.taus], lr=lr)
+        self.opt = torch.optim.Adam([{"params": [t]} for t in self.taus], lr=1.0)
 
     def step(self) -> None:
-        for group, m in zip(self.opt.param_groups, self.modules):
-            group["lr"] = self.lr * max(m.r_scale, EPS)
+        with torch.no_grad():
+            before = [t.detach().clone() for t in self.taus]
         self.opt.step()
         with torch.no_grad():
-            for t in self.taus:
-                t.clamp_(min=0)
+            for t, b, m in zip(self.taus, before, self.modules):
+                scale = self.lr * torch.as_tensor(m.r_scale, device=t.device).clamp_min(EPS)
+                t.copy_((b + (t - b) * scale).clamp_(min=0))
 
     def zero_grad(self) -> None:
         self.opt.zero_grad(set_to_none=True)
@@ -187,12 +222,28 @@ class TauOptimizer:
 KINDS = {"ts-lora": TSLoRALinear, "ts-dora": TSDoRALinear}
 
 
+def _token_mask(model: nn.Module, args, kwargs) -> None:
+    """Forward pre-hook (`attach` puts it on the model): which positions are real tokens, for the
+    adapters' counts. `attention_mask` if given, else `labels` != -100 (this repo labels only
+    padding -100: `train.data.pack`), else none (every position counts)."""
+    mask = kwargs.get("attention_mask")
+    if mask is None and kwargs.get("labels") is not None:
+        mask = kwargs["labels"] != -100
+    mask = None if mask is None else mask.bool()
+    for m in model.modules():
+        if isinstance(m, TSAdapterLinear):
+            m.token_mask = mask
+
+
 def attach(model: nn.Module, method: str, linears: dict[str, nn.Linear], rank: int, alpha: float | None = None,
            tau: float = 0.0, bandwidth: float = 0.5) -> dict[str, TSAdapterLinear]:
     """Freeze `model` and wrap each of `linears` (name -> module) in a token-selective adapter."""
     if method not in KINDS:
         raise ValueError(f"unknown token-selective method {method!r}: choose one of {sorted(KINDS)}")
     alpha = alpha if alpha is not None else 2.0 * rank
+    if not getattr(model, "_ts_token_mask_hook", False):  # once per model (a deep copy keeps it)
+        model.register_forward_pre_hook(_token_mask, with_kwargs=True)
+        model._ts_token_mask_hook = True
     return Insertion(model, lambda lin: KINDS[method](lin, rank, alpha, tau, bandwidth), list(linears)).modules
 
 
@@ -227,11 +278,18 @@ def ranking(modules: dict[str, TSAdapterLinear]) -> list[tuple[str, float]]:
     return sorted(((n, m.activation_rate()) for n, m in modules.items()), key=lambda kv: -kv[1])
 
 
-def keep_top(model: nn.Module, modules: dict[str, TSAdapterLinear], fraction: float) -> dict[str, TSAdapterLinear]:
-    """Keep the `fraction` least sparse modules; put the others' plain base linears back."""
+def top_names(rates: dict[str, float], fraction: float) -> list[str]:
+    """The `fraction` of module names with the highest activation rate (the least sparse), in
+    `ranking`'s order: what `keep_top` keeps, from rates measured elsewhere (e.g. a training report)."""
     if not 0 < fraction <= 1:
         raise ValueError(f"fraction must be in (0, 1], got {fraction}")
-    keep = {n for n, _ in ranking(modules)[: max(1, round(fraction * len(modules)))]}
+    ranked = sorted(rates.items(), key=lambda kv: -kv[1])
+    return [n for n, _ in ranked[: max(1, round(fraction * len(ranked)))]]
+
+
+def keep_top(model: nn.Module, modules: dict[str, TSAdapterLinear], fraction: float) -> dict[str, TSAdapterLinear]:
+    """Keep the `fraction` least sparse modules; put the others' plain base linears back."""
+    keep = set(top_names({n: m.activation_rate() for n, m in modules.items()}, fraction))
     for name, m in modules.items():
         if name not in keep:
             model.set_submodule(name, m.base)
@@ -260,34 +318,45 @@ def plot_rates(modules: dict[str, TSAdapterLinear], path: str, title: str = "tok
 
 class TSTrainer:
     """One account's token-selective fine-tune: AdamW on the adapters, TauOptimizer on the
-    thresholds, the loss plus the activation-rate penalty."""
+    thresholds, the loss plus the activation-rate penalty. `learn_tau=False` holds every τ where it
+    is, with no penalty: at τ = 0 the gate stays open and the adapters are plain LoRA / DoRA."""
 
     def __init__(self, model: nn.Module, modules: dict[str, TSAdapterLinear], loss_fn, lr: float,
-                 weight_decay: float, target_rate: float, penalty_weight: float, tau_lr: float):
+                 weight_decay: float, target_rate: float, penalty_weight: float, tau_lr: float,
+                 learn_tau: bool = True):
         self.model, self.modules, self.loss_fn = model, modules, loss_fn
-        self.target_rate, self.penalty_weight = target_rate, penalty_weight
+        self.target_rate, self.penalty_weight = target_rate, penalty_weight if learn_tau else 0.0
         self.opt = torch.optim.AdamW(adapter_params(modules), lr=lr, weight_decay=weight_decay)
-        self.taus = TauOptimizer(modules, tau_lr)
+        self.taus = TauOptimizer(modules, tau_lr) if learn_tau else None
+        if not learn_tau:
+            for m in modules.values():
+                m.tau.requires_grad_(False)
 
     def step(self, batch) -> float:
         self.model.train()
         self.opt.zero_grad(set_to_none=True)
-        self.taus.zero_grad()
+        if self.taus is not None:
+            self.taus.zero_grad()
         loss = self.loss_fn(self.model, batch)
         (loss + penalty(self.modules, self.target_rate, self.penalty_weight).to(loss.device)).backward()
         self.opt.step()
-        self.taus.step()
+        if self.taus is not None:
+            self.taus.step()
         return float(loss.detach())
 
     def report(self, reset: bool = True) -> dict:
-        """Token activation rates (overall and per module) and skipped FLOPs since the last reset."""
-        tokens = sum(m.counts["tokens"] for m in self.modules.values())
-        out = {"activation_rate": sum(m.counts["active"] for m in self.modules.values()) / max(tokens, 1),
-               "skipped_flops": sum(m.counts["skipped_flops"] for m in self.modules.values()),
+        """Token activation rates (overall and per module) and skipped FLOPs since the last reset;
+        `skipped_flops_share`: of the adapters' per-token FLOPs (A and B projections, 2·rank·(in+out))."""
+        mods = self.modules.values()
+        tokens = sum(m.counts["tokens"] for m in mods)
+        skipped = sum(m.counts["skipped_flops"] for m in mods)
+        adapter_flops = sum(m.counts["tokens"] * 2 * m.rank * sum(m.base.weight.shape) for m in mods)
+        out = {"activation_rate": sum(m.counts["active"] for m in mods) / max(tokens, 1),
+               "tokens": tokens, "skipped_flops": skipped, "skipped_flops_share": skipped / max(adapter_flops, 1),
                "per_module": {n: round(m.activation_rate(), 4) for n, m in self.modules.items()},
-               "tau": {n: round(float(m.tau), 6) for n, m in self.modules.items()}}
+               "tau": {n: round(float(m.tau.detach()), 6) for n, m in self.modules.items()}}
         if reset:
-            for m in self.modules.values():
+            for m in mods:
                 m.counts.update(tokens=0, active=0, skipped_flops=0)
         return out
 
@@ -305,9 +374,10 @@ def save_ts(uri: str, modules: dict[str, TSAdapterLinear], cfg, base_fingerprint
     from tkllm_ray.storage import write_dir
 
     first = next(iter(modules.values()))
-    meta = {"method": next(k for k, v in KINDS.items() if type(first) is v), "base_model": cfg.model,
-            "base_fingerprint": base_fingerprint, "rank": first.rank, "alpha": first.scale * first.rank,
-            "bandwidth": first.bandwidth, "modules": list(modules), "account": cfg.account,
+    meta = {"method": next(k for k, v in KINDS.items() if type(first) is v), "trained_as": cfg.method,
+            "base_model": cfg.model, "base_fingerprint": base_fingerprint, "rank": first.rank,
+            "alpha": first.scale * first.rank, "bandwidth": first.bandwidth, "modules": list(modules),
+            "account": cfg.account,
             "activation_rate": {n: round(m.activation_rate(), 4) for n, m in modules.items()}}
     with tempfile.TemporaryDirectory() as d:
         save_file(state_dict(modules), os.path.join(d, "adapter.safetensors"))

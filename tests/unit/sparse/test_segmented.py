@@ -41,6 +41,32 @@ def test_each_row_uses_its_own_users_delta_forward_and_backward():
         t0 += n
 
 
+def test_merged_weights_route_matches_the_reference(monkeypatch):
+    """The fused op's merged-weight route (one GEMM a user on W + Δ_u): output, input gradient and
+    sampled gradient equal base + reference delta term. Users without rows, without entries, of
+    unequal and equal counts; buffers capped so groups split."""
+    from tkllm_ray.sparse import segmented_dense as D
+    from tkllm_ray.sparse.segmented import backward_reference, segmented_forward_reference
+
+    counts, ks = (5, 0, 4, 4, 4, 3, 6), (7, 4, 9, 0, 11, 15, 8)
+    w, b, idx, vals, x = _users(counts=counts, ks=ks)
+    monkeypatch.setattr(D, "MAX_BYTES", 2 * w.numel() * 8)  # at most 2 users a group (float64)
+    seg = Segments.build(list(counts), idx, w.shape[1])
+    v = torch.cat(vals)
+    groups = D._groups(seg, w.numel() * 8, D.MAX_BYTES)
+    assert [(g[0], g[1]) for g in groups] == [(0, 1), (2, 3), (4, 5), (5, 6), (6, 7)]
+    assert D._base_rows(seg, groups) == [(9, 13)]  # user 3: rows, no entries
+    y = D.merged_linear(x, w, b, v, seg)
+    torch.testing.assert_close(y, x @ w.t() + b + segmented_forward_reference(x, v, seg, w.shape[0]))
+    dy = torch.randn_like(y)
+    dx, dv = D.merged_backward(dy, x, w, v, seg, True, True)
+    ref_dx = dy @ w
+    ref_dv = backward_reference(dy, x, v, seg, ref_dx, True)
+    torch.testing.assert_close(dx, ref_dx)
+    torch.testing.assert_close(dv, ref_dv.float())
+    assert D.merged_backward(dy, x, w, v, seg, False, False) == (None, None)
+
+
 def test_segments_reject_mismatched_inputs():
     with pytest.raises(ValueError, match="one token count per user"):
         Segments.build([3, 4], [torch.tensor([1])], 8)

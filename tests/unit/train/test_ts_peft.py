@@ -147,3 +147,73 @@ def test_inference_skips_work_and_equals_the_training_forward_and_adapters_round
     kept = T.keep_top(model, mods, 0.5)
     assert len(kept) == round(0.5 * len(mods)) and set(kept) == {n for n, _ in ranked[: len(kept)]}
     assert (tmp_path / "rates.png").name == T.plot_rates(mods, str(tmp_path / "rates.png")).rsplit("/", 1)[1]
+
+
+def _shut_about_half(model, mods, ids):
+    """Random B, then each layer's median r on `ids` as its threshold: some gates shut, some open."""
+    model.train()
+    with torch.no_grad():
+        for m in mods.values():
+            m.lora_B.normal_(0, 0.05)
+        model(input_ids=ids)
+        for m in mods.values():
+            m.tau.fill_(m.r_scale)
+            m.counts.update(tokens=0, active=0, skipped_flops=0)
+
+
+@pytest.mark.parametrize("mask_by", ["labels", "attention_mask"])
+def test_padding_is_left_out_of_the_rates(mask_by):
+    torch.manual_seed(0)
+    model = build_model("tkllm-tiny", vocab_size=128, seed=0)
+    mods = T.attach(model, "ts-lora", target_linears(model), rank=4)
+    ids = torch.randint(2, 128, (1, 16), generator=torch.Generator().manual_seed(3))
+    real = 10  # the rest is padding, as pack leaves after the last post
+    _shut_about_half(model, mods, ids[:, :real])
+    mask = torch.arange(16).unsqueeze(0) < real
+    padded = {"labels": ids.masked_fill(~mask, -100)} if mask_by == "labels" else {"attention_mask": mask.long()}
+
+    def counts(grad: bool, **kw):
+        model.train(grad)
+        with torch.set_grad_enabled(grad):
+            model(**kw)
+        out = {n: dict(m.counts) for n, m in mods.items()}
+        rates = {n: float(m.last_rate) for n, m in mods.items()} if grad else None
+        for m in mods.values():
+            m.counts.update(tokens=0, active=0, skipped_flops=0)
+        return out, rates
+
+    for grad in (True, False):  # the training forward and the gated inference path
+        got, got_rates = counts(grad, input_ids=ids, **padded)
+        want, want_rates = counts(grad, input_ids=ids[:, :real])  # causal: the real tokens' gates are the same
+        assert all(c["tokens"] == real for c in got.values())
+        assert got == want
+        assert got_rates == pytest.approx(want_rates)
+        assert 0 < sum(c["active"] for c in got.values()) < real * len(got)
+    assert all(c["tokens"] == 16 for c in counts(False, input_ids=ids)[0].values())  # no mask: every position
+
+
+def test_dora_is_ts_dora_with_the_gate_held_open_and_publishes(tmp_path):
+    from tkllm_ray.config.finetune import FinetuneConfig
+    from tkllm_ray.train.data import pack
+    from tkllm_ray.train.single import perplexity, publish_run, train_account
+
+    torch.manual_seed(0)
+    model = build_model("tkllm-tiny", vocab_size=128, seed=0)
+    fresh = copy.deepcopy(model)
+    gen = torch.Generator().manual_seed(4)
+    lengths = torch.randint(5, 20, (40,), generator=gen)
+    posts = [torch.randint(2, 40, (int(n),), generator=gen).tolist() for n in lengths]
+    cfg = FinetuneConfig(account="a", data="-", method="dora", epochs=3, lr=1e-2, seq_len=32, lora_rank=4,
+                         ts_target_rate=0.3, ts_penalty=10.0, device="cpu", output=str(tmp_path / "out"))
+    run = train_account(cfg, model, 1, posts[:32], posts[32:], progress=False)
+    r = run.result
+    assert r["eval_ppl_after"] < r["eval_ppl_before"]
+    assert all(type(m) is T.TSDoRALinear and float(m.tau) == 0 and not m.tau.requires_grad
+               for m in run.trainer.modules.values())
+    for phase in ("train", "eval"):  # every real token takes its update, in training and at inference
+        assert r["token_selective"][phase]["activation_rate"] == 1.0 and r["token_selective"][phase]["tokens"] > 0
+    published = publish_run(cfg, run)
+    assert published["model_uri"].startswith(str(tmp_path / "out" / "a" / "dora"))
+    T.load_ts(fresh, published["model_uri"])
+    ids, labels = pack(posts[32:], 1, 32)
+    assert perplexity(fresh, ids, labels, 8) == pytest.approx(r["eval_ppl_after"], rel=1e-5)

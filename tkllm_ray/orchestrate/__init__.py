@@ -1,0 +1,1 @@
+"""Operating the system: the delta registry and scheduled retraining."""
