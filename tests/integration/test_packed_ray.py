@@ -55,3 +55,29 @@ def test_packed_run_survives_a_killed_worker(tmp_path, ray_local, shared_data, m
             assert torch.equal(idx, solo[name][0])
             # published in bf16: compare at that precision
             torch.testing.assert_close(vals.float(), solo[name][1].to(torch.bfloat16).float(), rtol=1e-2, atol=1e-4)
+
+
+def test_packed_token_selective_run_on_ray_train(tmp_path, ray_local):
+    """--method ts-lora with --accounts: the packed token-selective engine on a Ray Train worker;
+    each account's published adapters, loaded onto the base, give the held-out perplexity the run
+    reported (what a server loading them computes)."""
+    from tkllm_ray.data.synth import generate_records, write_jsonl
+    from tkllm_ray.train import ts_artifacts
+    from tkllm_ray.train.data import pack
+    from tkllm_ray.train.single import perplexity
+
+    raw = str(tmp_path / "raw.jsonl")
+    write_jsonl(generate_records(n_accounts=2, posts_per_account=40, seed=5), raw)
+    root = str(tmp_path / "ds")
+    run_ingest(IngestConfig(inputs=[{"uri": raw}], output=root, render={"enabled": False}), progress=False)
+    cfg = FinetuneConfig(accounts="all", data=root, output=str(tmp_path / "out"), method="ts-lora", epochs=2,
+                         seq_len=64, batch_size=4, lr=1e-2, lora_rank=4, workers=1, max_resident=2, max_rows=8)
+    summary = run_packed_finetune(cfg, progress=False)
+    assert summary["accounts"] == 2
+    tok = cached_tokenizer()
+    for r in summary["per_account"]:
+        assert r["method"] == "ts-lora" and 0 < r["token_selective"]["eval"]["activation_rate"] <= 1
+        model = build_model("tkllm-tiny", vocab_size=len(tok), seed=0)
+        ts_artifacts.load_ts(model, r["model_uri"])
+        ids, labels = pack(account_posts(root, r["account"], "eval"), tok.eos_token_id, cfg.seq_len)
+        assert perplexity(model, ids, labels, cfg.batch_size) == pytest.approx(r["eval_ppl_after"], rel=1e-4)

@@ -244,3 +244,36 @@ def test_keyring_file_and_bad_entries(tmp_path):
         KeyRing([{"name": "b", "sha256": hash_key("x"), "accounts": ["../etc"]}])
     with pytest.raises(ValueError, match="sha256 must be"):
         KeyRing([{"name": "c", "sha256": "s3cret", "accounts": "*"}])
+
+
+def test_a_token_selective_account_is_served_as_trained(served):
+    """An account published as TS-LoRA adapters (not a delta) is served from the same endpoint:
+    its completion equals transformers' generate on the base with the training modules attached."""
+    from safetensors.torch import save
+
+    from tkllm_ray.sparse.delta_store import save_adapters
+    from tkllm_ray.train import ts_peft
+
+    url, base, tok, _, root = served
+    prompt = "unboxing the new"
+    ids = tok(prompt, add_special_tokens=False)["input_ids"]
+    torch.manual_seed(0)
+    ref = copy.deepcopy(base)
+    mods = ts_peft.attach(ref, "ts-lora", target_linears(ref), rank=4)
+    with torch.no_grad():
+        for m in mods.values():
+            m.lora_B.normal_(0, 0.3)
+            m.train()
+        ref(torch.tensor([ids]))  # each module's median update ratio on the prompt
+        for m in mods.values():
+            m.tau.fill_(float(m.r_scale))
+            m.eval()
+    meta = {"method": "ts-lora", "rank": 4, "alpha": 8.0, "bandwidth": 0.5, "modules": list(mods)}
+    save_adapters(str(root / "deltas"), "cleo", save(ts_peft.state_dict(mods)), meta, "tiny", fingerprint(base))
+    out = ref.generate(torch.tensor([ids]), max_new_tokens=8, do_sample=False, pad_token_id=0, eos_token_id=None,
+                       attention_mask=torch.ones(1, len(ids), dtype=torch.long))
+    want = tok.decode(out[0, len(ids):].tolist(), skip_special_tokens=True)
+    assert want != _reference(base, tok, None, prompt, 8)  # the adapters matter: the comparison could fail
+    r = _post(url, "/v1/completions", {"model": "tiny:cleo", "prompt": prompt, "max_tokens": 8, "temperature": 0})
+    assert r.status_code == 200, r.text
+    assert r.json()["choices"][0]["text"] == want

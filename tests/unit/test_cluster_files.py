@@ -171,7 +171,7 @@ def test_the_jobs_entrypoints_are_found_and_checked(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("accounts: all\ndata: s3://b/d\nmethod: lora\n")
     (problem,) = entrypoint_problems("finetune", str(bad))
-    assert "packed training (accounts) runs GSPF" in problem
+    assert "packed training (accounts) runs gspf, ts-lora, ts-dora, dora" in problem
 
 
 # ---- images ---------------------------------------------------------------------------------------

@@ -31,11 +31,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print the summary as JSON instead of a table")
     p.add_argument("--no-progress", action="store_true", help="turn Ray Data's progress bars off")
 
-    p = sub.add_parser("finetune", help="fine-tune one account (any method) or many (GSPF, packed on Ray Train)",
+    p = sub.add_parser("finetune", help="fine-tune one account (any method) or many (packed on Ray Train)",
                        description="Fine-tune from an ingested dataset: --account ID trains one account with "
                                    "gspf/full/lora/dora/adapter/diffpruning/ts-lora/ts-dora; --accounts all|FILE packs "
-                                   "many accounts' GSPF fine-tunes onto Ray Train workers. Held-out perplexity before "
-                                   "and after; the delta (sparse methods) or model/adapter directory is published.")
+                                   "many accounts' fine-tunes (gspf, ts-lora, ts-dora, dora) onto Ray Train workers. "
+                                   "Held-out perplexity before and after; the delta or adapters version (sparse and "
+                                   "token-selective methods) or model/adapter directory is published.")
     p.add_argument("--config", metavar="FILE", help="YAML file with FinetuneConfig fields; options below override it")
     add_model_options(p, FinetuneConfig)
     p.add_argument("--json", action="store_true", help="print the result as JSON")
@@ -147,7 +148,8 @@ def _finetune_packed(cfg: FinetuneConfig, as_json: bool) -> int:
     gains = [a["eval_ppl_before"] - a["eval_ppl_after"] for a in r["per_account"]]
     print(f"{r['accounts']} accounts on {r['workers']} worker(s) in {r['wall_s']:.0f} s "
           f"({r['accounts_per_hour']:.0f} accounts/hour, {r['train_tokens_per_s']:.0f} train tokens/s)")
-    print(f"  held-out perplexity gain: mean {sum(gains) / len(gains):.2f}; deltas under {cfg.output}")
+    what = "deltas" if cfg.method == "gspf" else f"{cfg.method} adapters"
+    print(f"  held-out perplexity gain: mean {sum(gains) / len(gains):.2f}; {what} under {cfg.output}")
     return 0
 
 

@@ -11,6 +11,9 @@ from tkllm_ray.config.base import ConfigModel
 from tkllm_ray.config.storage import StorageOptions
 
 
+PACKED_METHODS = ("gspf", "ts-lora", "ts-dora", "dora")  # what the packed engines train (train/packed*.py)
+
+
 class FinetuneConfig(ConfigModel):
     account: str | None = Field(None, description="one account id to fine-tune (or --accounts)")
     accounts: str | None = Field(None, description="many accounts, packed on Ray Train workers: 'all' (every "
@@ -82,8 +85,11 @@ class FinetuneConfig(ConfigModel):
     def _one_way_to_name_accounts(self):
         if (self.account is None) == (self.accounts is None):
             raise ValueError("give either account (one) or accounts ('all' or a file of ids)")
-        if self.accounts is not None and self.method != "gspf":
-            raise ValueError(f"packed training (accounts) runs GSPF; {self.method!r} fine-tunes one account at a time")
+        if self.accounts is not None and self.method not in PACKED_METHODS:
+            raise ValueError(f"packed training (accounts) runs {', '.join(PACKED_METHODS)}; {self.method!r} "
+                             "fine-tunes one account at a time")
+        if self.zero3 and self.method != "gspf":
+            raise ValueError(f"zero3 runs packed GSPF over a sharded base; {self.method!r} needs the whole base per worker")
         if self.zero3 and self.accounts is None:
             raise ValueError("zero3 shards the base over packed workers: name the accounts (accounts=...), not one account")
         return self

@@ -183,7 +183,8 @@ class DeltaModel:
             job["sink"].put_nowait(_delta_error(e))
             return
         job["gen"].delta = self._with_experts(cached, job) if self.experts is not None else \
-            (cached.delta if cached is not None else None)
+            (cached.delta or None if cached is not None else None)  # a token-selective account: no delta
+        job["gen"].adapters = cached.adapters if cached is not None else None
         try:
             jobs[self.engine.submit(job["gen"])] = job
         except ValueError as e:  # longer than the engine's cache

@@ -27,7 +27,8 @@ import torch
 from tkllm_ray.data.schema import validate_account_id
 from tkllm_ray.errors import TkllmError
 from tkllm_ray.sparse.delta_op import check_sorted
-from tkllm_ray.sparse.delta_store import Delta, load_delta
+from tkllm_ray.serve.adapters import Adapters
+from tkllm_ray.sparse.delta_store import ADAPTERS, Delta, load_adapters, load_delta, read_manifest
 from tkllm_ray.storage import join, read_latest
 
 
@@ -47,32 +48,37 @@ class CachedDelta:
     manifest: dict
     flat: tuple[torch.Tensor, torch.Tensor]  # every module's indices, every module's values
     layout: list[tuple[str, int]]  # (module, entries) in `flat` order
+    # A token-selective account (manifest artifact "ts-adapters") has no delta but adapters:
+    # serve.adapters.Adapters (kind, scale, module -> lora_A, lora_B, tau[, magnitude]), as trained.
+    adapters: Adapters | None = None
 
     @classmethod
-    def of(cls, account: str, version: str, delta: Delta, manifest: dict, dtype: torch.dtype) -> "CachedDelta":
+    def of(cls, account: str, version: str, delta: Delta, manifest: dict, dtype: torch.dtype,
+           adapters=None) -> "CachedDelta":
         layout = [(n, i.numel()) for n, (i, _) in delta.items()]
         idx = torch.cat([i.to(torch.int32) for i, _ in delta.values()]) if delta else torch.empty(0, dtype=torch.int32)
         vals = torch.cat([v.to(dtype) for _, v in delta.values()]) if delta else torch.empty(0, dtype=dtype)
-        return cls._views(account, version, manifest, idx, vals, layout)
+        return cls._views(account, version, manifest, idx, vals, layout, adapters)
 
     @classmethod
-    def _views(cls, account, version, manifest, idx, vals, layout) -> "CachedDelta":
+    def _views(cls, account, version, manifest, idx, vals, layout, adapters=None) -> "CachedDelta":
         delta, at = {}, 0
         for name, k in layout:
             delta[name] = (idx[at : at + k], vals[at : at + k])
             at += k
-        return cls(account, version, delta, manifest, (idx, vals), layout)
+        return cls(account, version, delta, manifest, (idx, vals), layout, adapters)
 
     @property
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self.flat)
+        return sum(t.numel() * t.element_size() for t in self.flat) + (self.adapters.nbytes if self.adapters else 0)
 
     def to(self, device: torch.device, pin: bool = False) -> "CachedDelta":
         if pin and device.type == "cpu":
             idx, vals = (t.pin_memory() for t in self.flat)
         else:
             idx, vals = (t.to(device, non_blocking=True) for t in self.flat)
-        return self._views(self.account, self.version, self.manifest, idx, vals, self.layout)
+        adapters = self.adapters.to(device, pin) if self.adapters else None
+        return self._views(self.account, self.version, self.manifest, idx, vals, self.layout, adapters)
 
 
 class _Tier:
@@ -168,11 +174,7 @@ class DeltaCache:
         t0 = time.perf_counter()
         try:
             try:
-                delta, manifest = load_delta(self.store, account, version, self.base_fingerprint, self.options,
-                                             index_dtype=None)
-                self._check_modules(delta)
-                host = CachedDelta.of(account, manifest["version"], delta, manifest, self.dtype)
-                self._check_entries(host)
+                host = self._read(account, version)
             except TkllmError as e:
                 if "no delta published" in str(e):
                     raise UnknownAccount(f"unknown account {account!r}: no delta is published for it") from None
@@ -195,6 +197,26 @@ class DeltaCache:
         finally:
             with self._lock:
                 self._loading.pop((account, version), None)
+
+    def _read(self, account: str, version: str | None) -> CachedDelta:
+        """The version from the store, checked: a sparse delta, or token-selective adapters."""
+        root = join(self.store, account)
+        version = version or read_latest(root, self.options)
+        if version is None:
+            raise TkllmError(f"no delta published for account {account!r} under {self.store}")
+        manifest = read_manifest(self.store, account, version, self.options)
+        if manifest.get("artifact") == ADAPTERS:
+            tensors, meta = load_adapters(self.store, account, version, manifest, self.base_fingerprint, self.options)
+            adapters = Adapters.of(tensors, meta)
+            if self.shapes is not None:
+                adapters.check(self.shapes)
+            return CachedDelta.of(account, version, {}, {**manifest, "version": version}, self.dtype, adapters)
+        delta, manifest = load_delta(self.store, account, version, self.base_fingerprint, self.options,
+                                     index_dtype=None)
+        self._check_modules(delta)
+        host = CachedDelta.of(account, manifest["version"], delta, manifest, self.dtype)
+        self._check_entries(host)
+        return host
 
     def _pin(self, item: CachedDelta) -> None:
         pinned = item.to(torch.device("cpu"), pin=True)

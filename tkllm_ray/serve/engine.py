@@ -29,6 +29,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from tkllm_ray.serve.adapters import Adapters
 from tkllm_ray.serve.slots import SlotDeltas
 from tkllm_ray.sparse.delta_store import Delta
 from tkllm_ray.sparse.mixed import rows_inputs, swap_in
@@ -46,16 +47,22 @@ class GenRequest:
     seed: int | None = None
     stop: list[list[int]] = field(default_factory=list)  # token sequences that end the output (not returned)
     eos_id: int | None = None
+    adapters: Adapters | None = None  # a token-selective account's adapters (serve/adapters.py)
 
 
 class _RowDeltas:
     """The batch context the mixed linears read: request i owns rows [i·L, (i+1)·L) of the
     flattened activations (L = `tokens`: the padded prompt length in a prefill, else 1)."""
 
-    def __init__(self, deltas: list[Delta | None], dtype: torch.dtype):
+    def __init__(self, deltas: list[Delta | None], dtype: torch.dtype, adapters: list | None = None):
         self.deltas, self.dtype = deltas, dtype
+        self.adapters = [(i, a) for i, a in enumerate(adapters or []) if a is not None]
         self.tokens = 1
         self._inputs: dict[tuple[str, int], tuple] = {}
+
+    def module_adapters(self, name: str) -> list:
+        """(request index, Adapters) of the requests whose account has token-selective adapters."""
+        return self.adapters
 
     def module_inputs(self, name: str, lin: nn.Linear):
         key = (name, self.tokens)
@@ -186,7 +193,11 @@ class DeltaBatchEngine:
                 ids[i, : len(lv.req.prompt)] = torch.tensor(lv.req.prompt)
             lens = torch.tensor([len(lv.req.prompt) for _, lv in new])
             deltas = [lv.req.delta for _, lv in new]
-            if self._merged is not None and all(d is self._merged[0] for d in deltas):
+            adapters = [lv.req.adapters for _, lv in new]
+            if any(a is not None for a in adapters):  # token-selective accounts: the eager row path
+                self._merge(None)
+                self.ctx = _RowDeltas(deltas, self.dtype, adapters)
+            elif self._merged is not None and all(d is self._merged[0] for d in deltas):
                 self.ctx = _RowDeltas([None] * len(new), self.dtype)  # their account is merged in already
             else:
                 self._merge(None)
@@ -210,10 +221,17 @@ class DeltaBatchEngine:
         rows = [s for s in range(self.slots) if self.live[s] is not None]
         last = [lv.out[-1] if lv is not None and lv.out else self.pad_id for lv in self.live]
         deltas = [lv.req.delta if lv is not None else None for lv in self.live]
-        sole = deltas[rows[0]] if self.merge_single and all(deltas[s] is deltas[rows[0]] for s in rows) else None
+        adapters = [lv.req.adapters if lv is not None else None for lv in self.live]
+        selective = any(a is not None for a in adapters)
+        sole = deltas[rows[0]] if self.merge_single and not selective and \
+            all(deltas[s] is deltas[rows[0]] for s in rows) else None
         self._merge(sole)
         if sole is not None:  # one account's batch: its delta is in the weights, the base graph replays
             ctx, with_deltas = self._no_deltas, False
+        elif selective:  # token-selective adapters gate per token: eager, through the row context
+            if self._decode_ctx is None or not self._decode_ctx.adapters:
+                self._decode_ctx = _RowDeltas(deltas, self.dtype, adapters)
+            ctx, with_deltas = self._decode_ctx, True
         elif self._table is not None:
             if self._table.assign(deltas):
                 self._drop_delta_graphs()
@@ -225,7 +243,7 @@ class DeltaBatchEngine:
         span = min(self.max_len, -(-(max(self.pos[s] for s in rows) + 1) // self.bucket) * self.bucket)
         self.ctx = ctx
         try:
-            logits = self._decode_logits(last, span, with_deltas)
+            logits = self._decode_logits(last, span, with_deltas, eager=selective)
         finally:
             self.ctx = None
         for s, tok in zip(rows, self._pick(logits[rows], [self.live[s] for s in rows])):
@@ -300,12 +318,14 @@ class DeltaBatchEngine:
         self.ctx.tokens = 1  # lm_head sees one row per request
         return self.model.lm_head(self.model.model.norm(last))
 
-    def _decode_logits(self, last: list[int], span: int, deltas: bool) -> torch.Tensor:
+    def _decode_logits(self, last: list[int], span: int, deltas: bool, eager: bool = False) -> torch.Tensor:
         """The decode step, eagerly or as a CUDA graph replay (captured on first use per span, after
         one eager run that compiles the kernels and builds the deltas' index plans)."""
         tokens, pos = self._static
         tokens.copy_(torch.tensor(last), non_blocking=True)
         pos.copy_(torch.tensor(self.pos), non_blocking=True)
+        if eager:
+            return self._decode_step(tokens, pos, span)
         step = self._compiled if self._compiled is not None else self._decode_step
         if not self.cuda_graphs:
             return step(tokens, pos, span)

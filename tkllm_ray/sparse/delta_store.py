@@ -18,6 +18,7 @@ from tkllm_ray.errors import TkllmError
 from tkllm_ray.storage import exists, join, list_dirs, publish, read_bytes, read_latest, remove, write_bytes
 
 FORMAT_VERSION = 1
+DELTA, ADAPTERS = "sparse-delta", "ts-adapters"  # what a version holds (manifest "artifact")
 VALUE_DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 
 Delta = dict[str, tuple[torch.Tensor, torch.Tensor]]  # module -> (sorted flat indices, values)
@@ -50,28 +51,69 @@ def save_delta(store: str, account_id: str, delta: Delta, base_model: str, base_
     """Publish a new version of `account_id`'s delta; returns the version id. `extra_files`
     (reports, plots) go into the same version directory, before it becomes visible. `style` pins
     the account to a style expert's domain when served (serve/experts.py)."""
-    root = join(store, validate_account_id(account_id))
     blob = encode(delta, value_dtype)
+    fields = {"method": method, "density": density, "value_dtype": value_dtype,
+              "entries": sum(int(i.numel()) for i, _ in delta.values()),
+              "modules": {n: int(i.numel()) for n, (i, _) in delta.items()}, "style": style}
+    return _publish_version(store, account_id, fields, "delta.safetensors", blob, base_model, base_fingerprint,
+                            metrics, data_watermark, parent_version, extra_files, run_id, options)
+
+
+def save_adapters(store: str, account_id: str, blob: bytes, meta: dict, base_model: str, base_fingerprint: str,
+                  metrics: dict | None = None, data_watermark: str | None = None, extra_files: dict | None = None,
+                  run_id: str | None = None, options=None) -> str:
+    """Publish token-selective adapters (train/ts_peft.py: adapter.safetensors + ts_config.json
+    `meta`) as a version of the account, beside or instead of sparse deltas: the same manifest,
+    LATEST, registry, retraining and serving cache; `artifact` says which it is."""
+    fields = {"artifact": ADAPTERS, "method": meta["method"], "trained_as": meta.get("trained_as"),
+              "rank": meta["rank"], "modules": list(meta["modules"])}
+    files = {"ts_config.json": json.dumps(meta, indent=1).encode(), **(extra_files or {})}
+    return _publish_version(store, account_id, fields, "adapter.safetensors", blob, base_model, base_fingerprint,
+                            metrics, data_watermark, None, files, run_id, options)
+
+
+def _publish_version(store, account_id, fields, name, blob, base_model, base_fingerprint, metrics, data_watermark,
+                     parent_version, extra_files, run_id, options) -> str:
+    root = join(store, validate_account_id(account_id))
     manifest: dict[str, Any] = {
-        "format_version": FORMAT_VERSION, "account_id": account_id, "base_model": base_model,
-        "base_fingerprint": base_fingerprint, "method": method, "density": density,
-        "value_dtype": value_dtype, "entries": sum(int(i.numel()) for i, _ in delta.values()),
-        "modules": {n: int(i.numel()) for n, (i, _) in delta.items()},
+        "format_version": FORMAT_VERSION, "account_id": account_id, "artifact": DELTA, "base_model": base_model,
+        "base_fingerprint": base_fingerprint, **fields,
         "data_watermark": data_watermark, "metrics": metrics or {}, "run_id": run_id,
         "parent_version": parent_version if parent_version is not None else read_latest(root, options),
-        "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "style": style,
-        "files": {"delta.safetensors": hashlib.sha256(blob).hexdigest()},
+        "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "files": {name: hashlib.sha256(blob).hexdigest()},
     }
 
     def write(vuri: str) -> None:
         # The manifest first: a version left half-written (a killed worker) is still attributable to
         # its run (see discard_unpublished); readers only ever see versions LATEST points at.
         write_bytes(join(vuri, "manifest.json"), json.dumps(manifest, indent=2).encode(), options)
-        write_bytes(join(vuri, "delta.safetensors"), blob, options)
-        for name, data in (extra_files or {}).items():
-            write_bytes(join(vuri, name), data, options)
+        write_bytes(join(vuri, name), blob, options)
+        for extra, data in (extra_files or {}).items():
+            write_bytes(join(vuri, extra), data, options)
 
     return publish(root, write, options=options)
+
+
+def load_adapters(store: str, account_id: str, version: str, manifest: dict, base_fingerprint: str | None = None,
+                  options=None) -> tuple[dict[str, torch.Tensor], dict]:
+    """A published adapters version: (tensors, ts_config), checksum and base checked as load_delta does."""
+    root = join(store, validate_account_id(account_id))
+    blob = read_bytes(join(root, version, "adapter.safetensors"), options)
+    if hashlib.sha256(blob).hexdigest() != manifest["files"]["adapter.safetensors"]:
+        raise TkllmError(f"adapters {account_id}/{version} are corrupt (sha256 mismatch): republish them")
+    _check_base(account_id, version, manifest, base_fingerprint)
+    meta = json.loads(read_bytes(join(root, version, "ts_config.json"), options))
+    return st_load(blob), meta
+
+
+def _check_base(account_id: str, version: str, manifest: dict, base_fingerprint: str | None) -> None:
+    if base_fingerprint is not None and manifest["base_fingerprint"] != base_fingerprint:
+        raise TkllmError(
+            f"delta {account_id}/{version} was trained on base {manifest['base_model']} "
+            f"({manifest['base_fingerprint'][:19]}…), not the loaded base ({base_fingerprint[:19]}…): "
+            "load the matching base or retrain the account"
+        )
 
 
 def load_delta(store: str, account_id: str, version: str | None = None, base_fingerprint: str | None = None,
@@ -84,6 +126,9 @@ def load_delta(store: str, account_id: str, version: str | None = None, base_fin
     if version is None:
         raise TkllmError(f"no delta published for account {account_id!r} under {store}")
     manifest = read_manifest(store, account_id, version, options)
+    if manifest.get("artifact") == ADAPTERS:
+        raise TkllmError(f"{account_id}/{version} holds {manifest['method']} adapters, not a sparse delta "
+                         "(load_adapters / ts_artifacts.load_ts read it)")
     blob = read_bytes(join(root, version, "delta.safetensors"), options)
     digest: list[str] = []
     hasher = threading.Thread(target=lambda: digest.append(hashlib.sha256(blob).hexdigest()))
@@ -97,12 +142,7 @@ def load_delta(store: str, account_id: str, version: str | None = None, base_fin
         raise TkllmError(f"delta {account_id}/{version} is corrupt (sha256 mismatch): republish it")
     if delta is None:
         delta = decode(blob, index_dtype)  # intact but unreadable: its own error
-    if base_fingerprint is not None and manifest["base_fingerprint"] != base_fingerprint:
-        raise TkllmError(
-            f"delta {account_id}/{version} was trained on base {manifest['base_model']} "
-            f"({manifest['base_fingerprint'][:19]}…), not the loaded base ({base_fingerprint[:19]}…): "
-            "load the matching base or retrain the account"
-        )
+    _check_base(account_id, version, manifest, base_fingerprint)
     return delta, {**manifest, "version": version}
 
 

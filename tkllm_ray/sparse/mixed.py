@@ -30,10 +30,15 @@ class MixedDeltaLinear(nn.Module):
     def forward(self, x):
         seg, values = self.delta_inputs()
         if seg is None:
-            return self.base(x)
-        if self.fused:
-            return segmented_delta_linear(x, self.base.weight, self.base.bias, values, seg)
-        return segmented_delta_add(self.base(x), x, values, seg)
+            out = self.base(x)
+        elif self.fused:
+            out = segmented_delta_linear(x, self.base.weight, self.base.bias, values, seg)
+        else:
+            out = segmented_delta_add(self.base(x), x, values, seg)
+        ctx = self.owner[0].ctx
+        for i, adapters in getattr(ctx, "module_adapters", lambda _: ())(self.name):  # serving's token-selective rows
+            out[i:i + 1] = adapters.apply(self.name, self.base, x[i:i + 1], out[i:i + 1])
+        return out
 
 
 def rows_inputs(parts: list, token_counts: list[int], lin: nn.Linear, value_dtype: torch.dtype | None = None,

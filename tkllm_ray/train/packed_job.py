@@ -117,8 +117,7 @@ def _worker(config: dict) -> None:
     from tkllm_ray.models.load import load_base_model, resolve_dtype
     from tkllm_ray.sparse.delta_store import discard_unpublished, published_by
     from tkllm_ray.sparse.sensitivity import target_linears
-    from tkllm_ray.train.data import account_posts
-    from tkllm_ray.train.packed import AccountJob, PackedGSPF, UserCheckpoints
+    from tkllm_ray.train.packed import PackedGSPF, UserCheckpoints
     from tkllm_ray.train.single import AccountRun, publish_run
     from tkllm_ray.train.zero3 import Lockstep, fingerprint_sharded, load_sharded_base, weight_shape
 
@@ -136,6 +135,8 @@ def _worker(config: dict) -> None:
         model = load_base_model(cfg.model, len(tok), cfg.seed, device, cfg.storage, cfg.tokenizer, dtype)
         base_fp = fingerprint(model)
     shapes = {n: weight_shape(m.weight) for n, m in target_linears(model, cfg.target_modules).items()}
+    if cfg.method != "gspf":
+        return _ts_worker(cfg, config, model, tok, base_fp, shapes, device, rank, world)
     checkpoints = UserCheckpoints(join(run_dir, "users"), cfg.checkpoint_every, cfg.storage, run_id)
     marks = json.loads(read_text(cfg.watermarks, cfg.storage)) if cfg.watermarks else {}
     mine = []
@@ -151,12 +152,6 @@ def _worker(config: dict) -> None:
                         lockstep=Lockstep(device) if cfg.zero3 else None)
     engine.on_step = _fault_injector(run_dir, cfg)
 
-    def jobs():
-        for account in mine:
-            acfg = cfg.model_copy(update={"account": account, "accounts": None})
-            yield AccountJob(acfg, account_posts(cfg.data, account, "train", cfg.storage),
-                             account_posts(cfg.data, account, "eval", cfg.storage))
-
     def done(user, delta) -> None:
         acfg, t = user.job.cfg, time.time()
         result = {"account": user.account, "method": "gspf", "device": str(device), "worker": rank,
@@ -170,7 +165,46 @@ def _worker(config: dict) -> None:
         write_text(join(run_dir, "results", f"{user.account}.json"), json.dumps(out, default=str), cfg.storage)
 
     t0 = time.time()
-    stats = engine.run(jobs(), tok.eos_token_id, done, evaluate=True)
+    stats = engine.run(_account_jobs(cfg, mine), tok.eos_token_id, done, evaluate=True)
+    ray.train.report({"worker": rank, "accounts_done": len(mine), "wall_s": time.time() - t0, **stats})
+
+
+def _account_jobs(cfg: FinetuneConfig, accounts: list[str]):
+    """One AccountJob per account, its posts read when the engine admits it."""
+    from tkllm_ray.train.data import account_posts
+    from tkllm_ray.train.packed import AccountJob
+
+    for account in accounts:
+        acfg = cfg.model_copy(update={"account": account, "accounts": None})
+        yield AccountJob(acfg, account_posts(cfg.data, account, "train", cfg.storage),
+                         account_posts(cfg.data, account, "eval", cfg.storage))
+
+
+def _ts_worker(cfg: FinetuneConfig, config: dict, model, tok, base_fp: str, shapes: dict, device, rank: int,
+               world: int) -> None:
+    """A worker's share of a packed token-selective run (train/packed_ts.py). An account whose
+    result file exists was published by this run before a restart and is skipped; the others
+    start over (their adapters are small: no per-account checkpoints)."""
+    import ray.train
+
+    from tkllm_ray.train.packed_ts import PackedTS
+    from tkllm_ray.train.single import AccountRun, publish_run
+
+    run_dir = config["run_dir"]
+    mine = [a for a in config["accounts"][rank::world]
+            if not exists(join(run_dir, "results", f"{a}.json"), cfg.storage)]
+    engine = PackedTS(model, cfg.method, cfg.target_modules, cfg.max_resident, cfg.max_rows)
+    engine.on_step = _fault_injector(run_dir, cfg)
+
+    def done(acct, result, modules, trainer) -> None:
+        t = time.time()
+        out = publish_run(acct.job.cfg, AccountRun({**result, "worker": rank}, None, base_fp, shapes, None, None,
+                                                   trainer), run_id=config["run_id"])
+        out["publish_s"] = time.time() - t
+        write_text(join(run_dir, "results", f"{acct.account}.json"), json.dumps(out, default=str), cfg.storage)
+
+    t0 = time.time()
+    stats = engine.run(_account_jobs(cfg, mine), tok.eos_token_id, done)
     ray.train.report({"worker": rank, "accounts_done": len(mine), "wall_s": time.time() - t0, **stats})
 
 

@@ -33,7 +33,8 @@ from tkllm_ray.train.data import account_posts, pack
 from tkllm_ray.train.schedule import events, total_steps
 from tkllm_ray.train.diffpruning import DiffPruning, DiffPruningSettings
 from tkllm_ray.train import ts_peft
-from tkllm_ray.train.ts_peft import TSTrainer, save_ts
+from tkllm_ray.train.ts_artifacts import publish_ts
+from tkllm_ray.train.ts_peft import TSTrainer
 
 SPARSE_METHODS = ("gspf", "diffpruning")  # published as sparse deltas; the others as model/adapter directories
 
@@ -142,7 +143,7 @@ def publish_run(cfg: FinetuneConfig, run: AccountRun, run_id: str | None = None,
                 data_watermark: str | None = None) -> dict:
     """Sparse methods: a delta version (+ placement table and heatmap); Adapter: its directory;
     full FT: a standalone HF directory; LoRA: the peft adapter directory; DoRA and the token-selective
-    methods: `save_ts`'s directory."""
+    methods: an adapters version in the delta store (`publish_ts`)."""
     result = dict(run.result)
     metrics = {k: v for k, v in result.items() if k not in ("account", "method", "device", "reselection",
                                                             "token_selective")}
@@ -156,14 +157,20 @@ def publish_run(cfg: FinetuneConfig, run: AccountRun, run_id: str | None = None,
             run_id=run_id, options=cfg.storage, data_watermark=data_watermark)
         result["delta_uri"] = join(cfg.output, cfg.account, result["version"])
     elif isinstance(run.trainer, TSTrainer):
-        result["model_uri"] = save_ts(join(cfg.output, cfg.account, cfg.method, new_version_id()), run.trainer.modules,
-                                      cfg, run.base_fingerprint)
+        result["version"] = publish_ts(run.trainer.modules, cfg, run.base_fingerprint, _json_safe(metrics), run_id,
+                                       data_watermark)
+        result["model_uri"] = join(cfg.output, cfg.account, result["version"])
     elif run.adapter is not None:
         result["model_uri"] = run.adapter.save(join(cfg.output, cfg.account, "adapter", new_version_id()),
                                                cfg.model, run.base_fingerprint, cfg.storage)
     else:
         result["model_uri"] = _save_model(run.model, cfg)
     return result
+
+
+def _json_safe(metrics: dict) -> dict:
+    """The numbers of a result that go into a manifest (curves and tables stay in the result)."""
+    return {k: v for k, v in metrics.items() if isinstance(v, (int, float, str, bool)) or v is None}
 
 
 def _trainer(cfg: FinetuneConfig, model):

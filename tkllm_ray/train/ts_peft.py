@@ -142,17 +142,21 @@ class TSAdapterLinear(nn.Module):
         self._pending = new if self._pending is None else self._pending + new
 
     def _infer(self, x: torch.Tensor, y0: torch.Tensor) -> torch.Tensor:
-        m = self.update(x, y0)
-        r = m.float().norm(dim=-1) / y0.float().norm(dim=-1).clamp_min(EPS)
-        s = (r >= self.tau).to(m.dtype)
-        self._count(s)
-        return y0 + (s.unsqueeze(-1) * m).to(y0.dtype)
+        out, keep = infer(self.kind, self.tensors(), self.scale, self.base, x, y0)
+        self._count(keep.float(), skipping=True)
+        return out
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """The adapter as plain tensors (what a server holds per account: `infer` reads them)."""
+        return {n: p.detach() for n, p in self.named_parameters() if not n.startswith("base.")}
 
     def activation_rate(self) -> float:
         return self.counts["active"] / max(self.counts["tokens"], 1)
 
 
 class TSLoRALinear(TSAdapterLinear):
+    kind = "ts-lora"
+
     def __init__(self, base: nn.Linear, rank: int, alpha: float, tau: float = 0.0, bandwidth: float = 0.5):
         super().__init__(base, rank, alpha, tau, bandwidth)
         self.skip_flops = 2 * self.lora_B.shape[0] * rank  # the B projection a shut gate saves
@@ -160,32 +164,47 @@ class TSLoRALinear(TSAdapterLinear):
     def update(self, x, y0):
         return (x.to(self.lora_A.dtype) @ self.lora_A.T @ self.lora_B.T) * self.scale
 
-    def _infer(self, x, y0):
-        """Gate from u = A x and BᵀB; the B projection only for the tokens that pass."""
-        u = x.to(self.lora_A.dtype) @ self.lora_A.T  # (..., rank)
-        gram = self.lora_B.T @ self.lora_B
-        norm_m = self.scale * torch.einsum("...i,ij,...j->...", u, gram, u).clamp_min(0).sqrt()
-        r = norm_m / y0.float().norm(dim=-1).clamp_min(EPS)
-        keep = r >= self.tau
-        out = y0.clone()
-        rows = keep.nonzero(as_tuple=True)
-        out[rows] += ((u[rows] @ self.lora_B.T) * self.scale).to(y0.dtype)
-        self._count(keep.float(), skipping=True)
-        return out
-
 
 class TSDoRALinear(TSAdapterLinear):
+    kind = "ts-dora"
+
     def __init__(self, base: nn.Linear, rank: int, alpha: float, tau: float = 0.0, bandwidth: float = 0.5):
         super().__init__(base, rank, alpha, tau, bandwidth)
         self.magnitude = nn.Parameter(base.weight.detach().float().norm(dim=1))  # DoRA's m: ‖W0‖ per output row
 
     def update(self, x, y0):
-        w0 = self.base.weight.float()
-        direction = w0 + self.scale * (self.lora_B @ self.lora_A)
-        ratio = self.magnitude / direction.norm(dim=1).detach().clamp_min(EPS)  # norms constant in backward
-        bias = self.base.bias.float() if self.base.bias is not None else 0.0
-        lora = (x.to(self.lora_A.dtype) @ self.lora_A.T @ self.lora_B.T) * self.scale
-        return (ratio - 1) * (y0.float() - bias) + ratio * lora
+        return dora_update(self.lora_A, self.lora_B, self.magnitude, self.scale, self.base, x, y0)
+
+
+def dora_update(a: torch.Tensor, b: torch.Tensor, magnitude: torch.Tensor, scale: float, base: nn.Linear,
+                x: torch.Tensor, y0: torch.Tensor) -> torch.Tensor:
+    """DoRA's output minus the base's: m · (W0 + s·BA)x / ‖W0 + s·BA‖ − W0x, the direction's row
+    norms held constant in backward."""
+    direction = base.weight.float() + scale * (b @ a)
+    ratio = magnitude / direction.norm(dim=1).detach().clamp_min(EPS)
+    bias = base.bias.float() if base.bias is not None else 0.0
+    lora = (x.to(a.dtype) @ a.T @ b.T) * scale
+    return (ratio - 1) * (y0.float() - bias) + ratio * lora
+
+
+def infer(kind: str, t: dict[str, torch.Tensor], scale: float, base: nn.Linear, x: torch.Tensor,
+          y0: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Gated inference of one module's adapter (tensors `t`: lora_A, lora_B, tau, DoRA's magnitude)
+    on rows x whose base output is y0 -> (y0 + S·M(x), S as bool). TS-LoRA gates from u = A x and
+    BᵀB, and runs the B projection only for the tokens that pass; TS-DoRA's gate needs M(x) whole.
+    The training modules' inference and the server's adapters both run this."""
+    a, b, tau = t["lora_A"], t["lora_B"], t["tau"]
+    if kind == "ts-dora":
+        m = dora_update(a, b, t["magnitude"], scale, base, x, y0)
+        keep = m.float().norm(dim=-1) / y0.float().norm(dim=-1).clamp_min(EPS) >= tau
+        return y0 + (keep.unsqueeze(-1) * m).to(y0.dtype), keep
+    u = x.to(a.dtype) @ a.T  # (..., rank)
+    norm_m = scale * torch.einsum("...i,ij,...j->...", u, b.T @ b, u).clamp_min(0).sqrt()
+    keep = norm_m / y0.float().norm(dim=-1).clamp_min(EPS) >= tau
+    out = y0.clone()
+    rows = keep.nonzero(as_tuple=True)
+    out[rows] += ((u[rows] @ b.T) * scale).to(y0.dtype)
+    return out, keep
 
 
 def penalty(modules: dict[str, TSAdapterLinear], target_rate: float, weight: float) -> torch.Tensor:
@@ -296,26 +315,6 @@ def keep_top(model: nn.Module, modules: dict[str, TSAdapterLinear], fraction: fl
     return {n: m for n, m in modules.items() if n in keep}
 
 
-def plot_rates(modules: dict[str, TSAdapterLinear], path: str, title: str = "token activation rate per module") -> str:
-    """A bar chart of each module's measured activation rate, in model order."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    names, rates = list(modules), [m.activation_rate() for m in modules.values()]
-    fig, ax = plt.subplots(figsize=(max(6, 0.18 * len(names)), 3.5))
-    ax.bar(range(len(names)), rates)
-    ax.set_ylim(0, 1)
-    ax.set_ylabel("share of tokens updated")
-    ax.set_title(title)
-    ax.set_xticks(range(len(names)), [n.replace("model.layers.", "") for n in names], rotation=90, fontsize=6)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
-
-
 class TSTrainer:
     """One account's token-selective fine-tune: AdamW on the adapters, TauOptimizer on the
     thresholds, the loss plus the activation-rate penalty. `learn_tau=False` holds every τ where it
@@ -359,51 +358,3 @@ class TSTrainer:
             for m in mods:
                 m.counts.update(tokens=0, active=0, skipped_flops=0)
         return out
-
-
-def save_ts(uri: str, modules: dict[str, TSAdapterLinear], cfg, base_fingerprint: str) -> str:
-    """An account's token-selective adapters as a directory (local or s3://, appearing whole):
-    adapter.safetensors (A, B, τ, DoRA's magnitude per module), ts_config.json (method, rank,
-    modules, base), rates.png (activation rate per module)."""
-    import json
-    import os
-    import tempfile
-
-    from safetensors.torch import save_file
-
-    from tkllm_ray.storage import write_dir
-
-    first = next(iter(modules.values()))
-    meta = {"method": next(k for k, v in KINDS.items() if type(first) is v), "trained_as": cfg.method,
-            "base_model": cfg.model, "base_fingerprint": base_fingerprint, "rank": first.rank,
-            "alpha": first.scale * first.rank, "bandwidth": first.bandwidth, "modules": list(modules),
-            "account": cfg.account,
-            "activation_rate": {n: round(m.activation_rate(), 4) for n, m in modules.items()}}
-    with tempfile.TemporaryDirectory() as d:
-        save_file(state_dict(modules), os.path.join(d, "adapter.safetensors"))
-        plot_rates(modules, os.path.join(d, "rates.png"), f"{meta['method']} {cfg.account}: tokens updated per module")
-        with open(os.path.join(d, "ts_config.json"), "w") as f:
-            json.dump(meta, f, indent=1)
-        write_dir(d, uri, cfg.storage, last=("ts_config.json",))
-    return uri
-
-
-def load_ts(model: nn.Module, uri: str, options=None, base_fingerprint: str | None = None) -> dict[str, TSAdapterLinear]:
-    """Attach the adapters saved by `save_ts` to `model` (its base); refuses another base's."""
-    import json
-    import os
-
-    from safetensors.torch import load_file
-
-    from tkllm_ray.errors import TkllmError
-    from tkllm_ray.storage.cache import local_dir
-
-    d = local_dir(uri, "token-selective adapter directory", options)
-    with open(os.path.join(d, "ts_config.json")) as f:
-        meta = json.load(f)
-    if base_fingerprint is not None and meta["base_fingerprint"] != base_fingerprint:
-        raise TkllmError(f"adapters at {uri} were trained on another base ({meta['base_model']}); load that base")
-    mods = attach(model, meta["method"], {n: model.get_submodule(n) for n in meta["modules"]}, meta["rank"],
-                  meta["alpha"], bandwidth=meta["bandwidth"])
-    load_state(mods, load_file(os.path.join(d, "adapter.safetensors"), device=str(next(model.parameters()).device)))
-    return mods

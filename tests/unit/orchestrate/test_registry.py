@@ -73,3 +73,24 @@ def test_tick_is_the_start_of_its_interval():
     assert current_tick("1d", t) == "20261118T000000Z"
     assert current_tick("6h", t) == "20261118T060000Z"
     assert current_tick("15m", t) == "20261118T110000Z"
+
+
+def test_every_runs_a_tick_per_interval_and_survives_a_failed_one(monkeypatch):
+    from tkllm_ray.config.retrain import RetrainConfig
+    from tkllm_ray.orchestrate import retrain
+
+    calls, sleeps = [], []
+
+    def tick(cfg, progress=True):
+        calls.append(cfg.every)
+        if len(calls) == 2:
+            raise RuntimeError("S3 was down")
+        return {}
+
+    monkeypatch.setattr(retrain, "run_retrain", tick)
+    monkeypatch.setattr(retrain.time, "sleep", sleeps.append)
+    monkeypatch.setattr(retrain.time, "time", lambda: 86400 * 100 + 3600.0)  # 01:00 on some day
+    retrain.run_every(RetrainConfig(inputs=["a"], deltas="d", work="w", every="1d"), max_ticks=3)
+    assert calls == ["1d"] * 3
+    # after a good tick: until the next midnight (+1 s); after the failed one: a back-off, then retry
+    assert sleeps == [86400 - 3600 + 1, 600]

@@ -125,3 +125,38 @@ def test_deltas_that_do_not_fit_the_served_base_are_refused(tmp_path):
             cache.get(account)
     assert cache.get("fits").delta[name][0].tolist() == [0, 4095]
     cache.close()
+
+
+def _adapters(rank: int = 2, din: int = 64, dout: int = 64):
+    from safetensors.torch import save
+
+    g = torch.Generator().manual_seed(0)
+    name = "model.layers.0.mlp.up_proj"
+    tensors = {f"{name}.lora_A": torch.randn(rank, din, generator=g), f"{name}.lora_B": torch.randn(dout, rank, generator=g),
+               f"{name}.tau": torch.tensor(0.1)}
+    meta = {"method": "ts-lora", "rank": rank, "alpha": 2.0 * rank, "modules": [name], "bandwidth": 0.5}
+    return save(tensors), meta, tensors
+
+
+def test_token_selective_adapters_load_like_deltas_and_bad_ones_are_refused(tmp_path):
+    from tkllm_ray.sparse.delta_store import load_delta, save_adapters
+
+    store = str(tmp_path / "deltas")
+    blob, meta, tensors = _adapters()
+    version = save_adapters(store, "ts", blob, meta, "tkllm-tiny", FP)
+    cache = DeltaCache(store, base_fingerprint=FP, shapes={"model.layers.0.mlp.up_proj": 64 * 64})
+    item = cache.get("ts")
+    assert item.version == version and item.delta == {} and item.adapters.kind == "ts-lora"
+    assert item.adapters.scale == 2.0 and torch.equal(item.adapters.modules["model.layers.0.mlp.up_proj"]["lora_B"],
+                                                      tensors["model.layers.0.mlp.up_proj.lora_B"])
+    assert item.nbytes == sum(t.numel() * 4 for t in tensors.values())
+    with pytest.raises(TkllmError, match="holds ts-lora adapters, not a sparse delta"):
+        load_delta(store, "ts")
+    blob, meta, _ = _adapters(din=32)  # sizes that do not fit the served base's module
+    save_adapters(store, "wrong", blob, meta, "tkllm-tiny", FP)
+    with pytest.raises(DeltaLoadError, match=r"do not fit its 4096 weights"):
+        cache.get("wrong")
+    save_adapters(store, "other-base", _adapters()[0], meta | {"rank": 2}, "tkllm-tiny", "sha256:" + "cd" * 32)
+    with pytest.raises(DeltaLoadError, match="was trained on base"):
+        cache.get("other-base")
+    assert cache.get("ts") is item  # the others' errors did not touch it

@@ -186,3 +186,47 @@ def test_on_cuda_a_compiled_decode_step_decodes_the_same_tokens(base):
     assert compiled.generate(reqs) == plain.generate(reqs)
     assert compiled.generate(solo) == plain.generate(solo) and compiled.stats["merges"] == 1
     assert compiled.generate(mixed) == plain.generate(mixed)  # the delta kernel inside the compiled step
+
+
+def _ts_account(model, kind: str, seed: int, prompt: list[int]):
+    """A token-selective account: random adapters on every target linear, each τ at the median
+    update ratio of `prompt`'s tokens (so the gate lets some tokens through and shuts others).
+    Returns (the adapters as a server holds them, a copy of the model with them attached)."""
+    from tkllm_ray.serve.adapters import Adapters
+    from tkllm_ray.train import ts_peft
+
+    torch.manual_seed(seed)
+    ref = copy.deepcopy(model)
+    mods = ts_peft.attach(ref, kind, target_linears(ref), rank=4)
+    with torch.no_grad():
+        for m in mods.values():
+            m.to(torch.float64)
+            m.lora_B.normal_(0, 0.3)
+            m.train()
+        ref(torch.tensor([prompt]))  # the training path measures each module's median ratio
+        for m in mods.values():
+            m.tau.fill_(float(m.r_scale))
+            m.eval()
+            m.counts.update(tokens=0, active=0, skipped_flops=0)
+    meta = {"method": kind, "modules": list(mods), "rank": 4, "alpha": 8.0}
+    return Adapters.of(ts_peft.state_dict(mods), meta), ref, mods
+
+
+@pytest.mark.parametrize("kind", ["ts-lora", "ts-dora"])
+def test_token_selective_accounts_serve_their_training_time_forward(base, kind):
+    """Greedy tokens of a TS account equal transformers' generate on the base with the training
+    modules attached (gated inference); mixed with a sparse-delta account and the base, each
+    request keeps its solo tokens."""
+    prompt = _prompt(3, 8)
+    adapters, ref, mods = _ts_account(base, kind, 4, prompt)
+    want = ref.generate(torch.tensor([prompt]), max_new_tokens=10, do_sample=False, pad_token_id=0,
+                        eos_token_id=None, attention_mask=torch.ones(1, len(prompt), dtype=torch.long))
+    want = want[0, len(prompt):].tolist()
+    rate = sum(m.counts["active"] for m in mods.values()) / sum(m.counts["tokens"] for m in mods.values())
+    assert 0.2 < rate < 0.8  # the gate really shut some tokens: the test could fail
+    engine = DeltaBatchEngine(copy.deepcopy(base))
+    solo = engine.generate([GenRequest(prompt, adapters=adapters, max_tokens=10)])[0]
+    assert solo == want and solo != _hf_greedy(base, None, prompt, 10)
+    others = [GenRequest(_prompt(5, 6), _delta(base, 7), max_tokens=8), GenRequest(_prompt(6, 5), None, max_tokens=7)]
+    mixed = engine.generate([others[0], GenRequest(prompt, adapters=adapters, max_tokens=10), others[1]])
+    assert mixed == [engine.generate([others[0]])[0], solo, engine.generate([others[1]])[0]]

@@ -102,7 +102,7 @@ def test_unknown_account_is_a_clear_error(dataset, capsys):
 
 @pytest.mark.parametrize("method", ["ts-lora", "ts-dora"])
 def test_token_selective_finetune_reports_rates_and_its_adapters_reload(dataset, tmp_path, method, capsys):
-    from tkllm_ray.train.ts_peft import load_ts
+    from tkllm_ray.train.ts_artifacts import load_ts
 
     root, accounts = dataset
     assert main(["finetune", "--account", accounts[1], "--data", root, "--method", method, "--epochs", "6",
@@ -115,7 +115,8 @@ def test_token_selective_finetune_reports_rates_and_its_adapters_reload(dataset,
         assert 0 < ts[phase]["activation_rate"] < 1 and len(ts[phase]["per_module"]) == len(ts[phase]["tau"])
     assert (ts["eval"]["skipped_flops"] > 0) == (method == "ts-lora")
     files = {p.name for p in Path(r["model_uri"]).iterdir()}
-    assert {"adapter.safetensors", "ts_config.json", "rates.png"} <= files
+    assert {"adapter.safetensors", "ts_config.json", "rates.png", "manifest.json", "_COMPLETE"} <= files
+    assert (tmp_path / "out" / accounts[1] / "LATEST").read_text() == r["version"]  # the delta store's layout
     # served as saved: a fresh base with the adapters reloaded gives the published perplexity
     base = build_model("tkllm-tiny", vocab_size=8192, seed=0)
     load_ts(base, r["model_uri"], base_fingerprint=fingerprint(base))

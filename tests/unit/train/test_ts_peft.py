@@ -11,6 +11,7 @@ from torch import nn
 
 from tkllm_ray.models import build_model
 from tkllm_ray.sparse.sensitivity import target_linears
+from tkllm_ray.train import ts_artifacts as A
 from tkllm_ray.train import ts_peft as T
 
 
@@ -146,7 +147,7 @@ def test_inference_skips_work_and_equals_the_training_forward_and_adapters_round
     assert [r for _, r in ranked] == sorted((r for _, r in ranked), reverse=True)
     kept = T.keep_top(model, mods, 0.5)
     assert len(kept) == round(0.5 * len(mods)) and set(kept) == {n for n, _ in ranked[: len(kept)]}
-    assert (tmp_path / "rates.png").name == T.plot_rates(mods, str(tmp_path / "rates.png")).rsplit("/", 1)[1]
+    assert (tmp_path / "rates.png").name == A.plot_rates(mods, str(tmp_path / "rates.png")).rsplit("/", 1)[1]
 
 
 def _shut_about_half(model, mods, ids):
@@ -213,7 +214,11 @@ def test_dora_is_ts_dora_with_the_gate_held_open_and_publishes(tmp_path):
     for phase in ("train", "eval"):  # every real token takes its update, in training and at inference
         assert r["token_selective"][phase]["activation_rate"] == 1.0 and r["token_selective"][phase]["tokens"] > 0
     published = publish_run(cfg, run)
-    assert published["model_uri"].startswith(str(tmp_path / "out" / "a" / "dora"))
-    T.load_ts(fresh, published["model_uri"])
+    assert published["model_uri"] == str(tmp_path / "out" / "a" / published["version"])  # a delta-store version
+    from tkllm_ray.orchestrate.registry import show
+
+    manifest = show(str(tmp_path / "out"), "a").manifest
+    assert manifest["artifact"] == "ts-adapters" and manifest["method"] == "ts-dora" and manifest["trained_as"] == "dora"
+    A.load_ts(fresh, published["model_uri"])
     ids, labels = pack(posts[32:], 1, 32)
     assert perplexity(fresh, ids, labels, 8) == pytest.approx(r["eval_ppl_after"], rel=1e-5)
