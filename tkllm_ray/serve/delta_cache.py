@@ -28,7 +28,7 @@ from tkllm_ray.data.schema import validate_account_id
 from tkllm_ray.errors import TkllmError
 from tkllm_ray.sparse.delta_op import check_sorted
 from tkllm_ray.serve.adapters import Adapters
-from tkllm_ray.sparse.delta_store import ADAPTERS, Delta, load_adapters, load_delta, read_manifest
+from tkllm_ray.sparse.delta_store import ADAPTERS, Delta, FlatDelta, load_adapters, load_delta, read_manifest
 from tkllm_ray.storage import join, read_latest
 
 
@@ -55,6 +55,9 @@ class CachedDelta:
     @classmethod
     def of(cls, account: str, version: str, delta: Delta, manifest: dict, dtype: torch.dtype,
            adapters=None) -> "CachedDelta":
+        if isinstance(delta, FlatDelta):  # decoded from a format-2 file: already flat
+            (idx, vals), layout = delta.flat, delta.layout
+            return cls._views(account, version, manifest, idx.to(torch.int32), vals.to(dtype), layout, adapters)
         layout = [(n, i.numel()) for n, (i, _) in delta.items()]
         idx = torch.cat([i.to(torch.int32) for i, _ in delta.values()]) if delta else torch.empty(0, dtype=torch.int32)
         vals = torch.cat([v.to(dtype) for _, v in delta.values()]) if delta else torch.empty(0, dtype=dtype)

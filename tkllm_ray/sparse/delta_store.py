@@ -17,30 +17,62 @@ from tkllm_ray.data.schema import validate_account_id
 from tkllm_ray.errors import TkllmError
 from tkllm_ray.storage import exists, join, list_dirs, publish, read_bytes, read_latest, remove, write_bytes
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: all modules in two flat tensors (1: two tensors per module; still read)
 DELTA, ADAPTERS = "sparse-delta", "ts-adapters"  # what a version holds (manifest "artifact")
 VALUE_DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 
 Delta = dict[str, tuple[torch.Tensor, torch.Tensor]]  # module -> (sorted flat indices, values)
 
 
+class FlatDelta(dict):
+    """A Delta whose modules are views into two flat tensors (`flat`: all indices, all values;
+    `layout`: (module, entries) in that order), as decoded from a format-2 file: a reader that
+    wants the flat buffers (the serving cache) takes them without concatenating 2 x 169 pieces."""
+
+    def __init__(self, idx: torch.Tensor, vals: torch.Tensor, layout: list[tuple[str, int]]):
+        super().__init__()
+        at = 0
+        for name, k in layout:
+            self[name] = (idx[at:at + k], vals[at:at + k])
+            at += k
+        self.flat, self.layout = (idx, vals), layout
+
+
 def encode(delta: Delta, value_dtype: str = "bf16") -> bytes:
-    tensors = {}
-    for name, (idx, vals) in delta.items():
-        idx = idx.detach().cpu().to(torch.int64)
-        small = idx.numel() == 0 or int(idx.max()) < 2**31
-        tensors[f"{name}.indices"] = idx.to(torch.int32 if small else torch.int64).contiguous()
-        tensors[f"{name}.values"] = vals.detach().cpu().to(VALUE_DTYPES[value_dtype]).contiguous()
-    return st_save(tensors)
+    """Format 2: every module's indices in one int32 tensor (int64 if one is past 2^31), every
+    module's values in one tensor, modules in name order; the layout in the header's metadata."""
+    names = sorted(delta)
+    idx = [delta[n][0].detach().cpu().to(torch.int64) for n in names]
+    flat_idx = torch.cat(idx) if idx else torch.empty(0, dtype=torch.int64)
+    small = flat_idx.numel() == 0 or int(flat_idx.max()) < 2**31
+    vals = [delta[n][1].detach().cpu().to(VALUE_DTYPES[value_dtype]) for n in names]
+    flat_vals = torch.cat(vals) if vals else torch.empty(0, dtype=VALUE_DTYPES[value_dtype])
+    layout = [[n, int(i.numel())] for n, i in zip(names, idx)]
+    return st_save({"indices": flat_idx.to(torch.int32 if small else torch.int64).contiguous(),
+                    "values": flat_vals.contiguous()},
+                   metadata={"tkllm_delta_format": "2", "layout": json.dumps(layout)})
 
 
 def decode(data: bytes, index_dtype: torch.dtype | None = torch.int64) -> Delta:
     """`index_dtype=None`: indices as stored (int32 below 2^31: no widening copy for a reader
-    that wants int32, e.g. a serving cache)."""
+    that wants int32, e.g. a serving cache). Format 2 gives a FlatDelta; format 1 a plain dict."""
+    meta = _metadata(data)
     tensors = st_load(data)
+    if meta.get("tkllm_delta_format") == "2":
+        idx = tensors["indices"] if index_dtype is None else tensors["indices"].to(index_dtype)
+        layout = [(n, int(k)) for n, k in json.loads(meta["layout"])]
+        if sum(k for _, k in layout) != idx.numel() or idx.numel() != tensors["values"].numel():
+            raise ValueError("delta layout does not match its tensors")
+        return FlatDelta(idx, tensors["values"], layout)
     names = sorted({k.rsplit(".", 1)[0] for k in tensors})
     return {n: (tensors[f"{n}.indices"] if index_dtype is None else tensors[f"{n}.indices"].to(index_dtype),
                 tensors[f"{n}.values"]) for n in names}
+
+
+def _metadata(data: bytes) -> dict:
+    """The safetensors header's string metadata (8-byte little-endian header size, JSON header)."""
+    n = int.from_bytes(data[:8], "little")
+    return json.loads(bytes(data[8:8 + n])).get("__metadata__") or {}
 
 
 def save_delta(store: str, account_id: str, delta: Delta, base_model: str, base_fingerprint: str,

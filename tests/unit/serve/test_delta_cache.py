@@ -160,3 +160,29 @@ def test_token_selective_adapters_load_like_deltas_and_bad_ones_are_refused(tmp_
     with pytest.raises(DeltaLoadError, match="was trained on base"):
         cache.get("other-base")
     assert cache.get("ts") is item  # the others' errors did not touch it
+
+
+def test_format_2_is_flat_and_format_1_files_still_load(tmp_path):
+    """Format 2 stores all modules in two tensors (the cache takes them as its flat buffers, no
+    concatenation); a format-1 file (two tensors per module) still decodes to the same delta."""
+    from safetensors.torch import save
+
+    from tkllm_ray.sparse.delta_store import FlatDelta, decode, encode
+
+    g = torch.Generator().manual_seed(3)
+    delta = {name: (torch.sort(torch.randperm(4096, generator=g)[:k]).values, torch.randn(k, generator=g))
+             for name, k in (("b.proj", 7), ("a.proj", 0), ("c.proj", 300))}
+    new = decode(encode(delta, "fp32"))
+    old = decode(save({f"{n}.{part}": t.to(torch.int32) if part == "indices" else t
+                       for n, (i, v) in delta.items() for part, t in (("indices", i), ("values", v))}))
+    assert isinstance(new, FlatDelta) and not isinstance(old, FlatDelta)
+    assert list(new) == list(old) == ["a.proj", "b.proj", "c.proj"] and new.layout == [("a.proj", 0), ("b.proj", 7),
+                                                                                         ("c.proj", 300)]
+    for name, (idx, vals) in delta.items():
+        for got in (new, old):
+            assert torch.equal(got[name][0], idx) and torch.equal(got[name][1], vals)
+    assert new["c.proj"][0].data_ptr() == new.flat[0].data_ptr() + 7 * 8  # a view into the flat indices
+    from tkllm_ray.serve.delta_cache import CachedDelta
+
+    cached = CachedDelta.of("x", "v", decode(encode(delta, "fp32"), None), {}, torch.float32)
+    assert cached.flat[0].numel() == 307 and cached.delta["c.proj"][1].data_ptr() == cached.flat[1].data_ptr() + 7 * 4
