@@ -74,5 +74,8 @@ def test_retrain_only_changed_accounts_then_roll_back(tmp_path, ray_local):
         fut.result()
     assert cache.get(grower).version == v1[grower].version
     cache.close()
+    # The schedule keeps the rollback: no new posts, nothing retrained, the old version still served.
+    later = run_retrain(cfg2.model_copy(update={"tick": "20261127T000000Z"}), progress=False)
+    assert later["retrained"] == [] and registry.show(cfg.deltas, grower).version == v1[grower].version
     saved = json.loads((tmp_path / "work" / "reports" / "20261125T000000Z.json").read_text())
     assert saved["versions"] == {grower: new}

@@ -57,12 +57,13 @@ def versions(store: str, account: str, options=None) -> list[VersionInfo]:
 def show(store: str, account: str, version: str | None = None, options=None) -> VersionInfo:
     """One version (default: the one LATEST names)."""
     found = versions(store, account, options)
-    want = version or next((v.version for v in found if v.latest), None)
+    want = version or read_latest(join(store, account), options)
     for v in found:
         if v.version == want:
             return v
-    raise TkllmError(f"account {account!r} has no complete version {want!r}; "
-                     f"versions: {', '.join(v.version for v in found)}")
+    what = f"version {want!r}" if version else f"LATEST's version {want!r}"
+    raise TkllmError(f"account {account!r} has no complete {what}; "
+                     f"complete versions: {', '.join(v.version for v in found)}")
 
 
 def rollback(store: str, account: str, version: str | None = None, options=None) -> tuple[str, str]:

@@ -3,17 +3,19 @@
 A tick (the run for one schedule interval, named by its start: 20261124T000000Z):
 1. read and parse every input; each account's data watermark = newest valid post's time / valid
    posts (`account_watermarks`);
-2. compare with the watermark in the account's served delta manifest: changed = no delta yet, or
-   a different watermark (new posts, deleted ones); accounts below min_posts are reported only;
+2. compare with the watermark in the manifest of the account's newest version: changed = no
+   version yet, or a different watermark (new posts, deleted ones); accounts below min_posts are
+   reported only; a rolled-back account stays rolled back until its posts change;
 3. re-ingest only the changed accounts into {work}/datasets, version = the tick;
 4. fine-tune them packed on Ray Train (run id retrain-{tick}, checkpoints in {work}/runs/{tick}),
    each new delta version recording its watermark and its parent version;
 5. keep the newest `keep_versions` versions of each retrained account;
 6. write {work}/reports/{tick}.json last.
 Idempotent and resumable: a tick whose report exists is done; a crashed tick rerun with the same
-tick reuses its published dataset version, and the fine-tune skips accounts its run id already
-published and resumes the others from their checkpoints; a later tick finds the new watermarks in
-the manifests and retrains nothing twice.
+tick reuses its plan (accounts, watermarks) and published dataset version, and the fine-tune
+skips accounts its run id already published and resumes the others from their checkpoints; a
+later tick finds the new watermarks in the manifests and retrains nothing twice. A publish racing
+an operator's rollback wins (both write LATEST); the registry shows which version is served.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import time
 from datetime import datetime, timezone
 
 from tkllm_ray.config.retrain import RetrainConfig, seconds
+from tkllm_ray.errors import TkllmError
 from tkllm_ray.orchestrate import registry
 from tkllm_ray.storage import exists, join, read_latest, read_text, write_text
 
@@ -34,12 +37,17 @@ def current_tick(every: str, now: float | None = None) -> str:
     return datetime.fromtimestamp(start, timezone.utc).strftime("%Y%m%dT%H%M%SZ")
 
 
-def served_watermarks(store: str, accounts: list[str], options=None) -> dict[str, str | None]:
-    """{account: data_watermark of the version LATEST names, or None without a delta}."""
+def trained_watermarks(store: str, accounts: list[str], options=None) -> dict[str, str | None]:
+    """{account: data_watermark of its newest complete version, or None without one}. The newest,
+    not the served one: an account rolled back to an older version is not retrained until its
+    posts change again (a rollback is an operator's decision the schedule keeps)."""
     out = {}
     for a in accounts:
-        latest = read_latest(join(store, a), options)
-        out[a] = registry.show(store, a, latest, options).manifest.get("data_watermark") if latest else None
+        try:
+            out[a] = registry.versions(store, a, options)[-1].manifest.get("data_watermark") \
+                if read_latest(join(store, a), options) else None
+        except TkllmError:  # nothing complete under it: train it afresh
+            out[a] = None
     return out
 
 
@@ -55,25 +63,33 @@ def run_retrain(cfg: RetrainConfig, progress: bool = True, now: float | None = N
         return {**report, "already_done": True}
     t0 = time.time()
     icfg = cfg.ingest_config(output=join(cfg.work, "datasets"), accounts=None)
-    rows, _ = read_rows(icfg)
-    marks = account_watermarks(rows)
-    enough = {a: m for a, m in marks.items() if int(m.rsplit("/", 1)[1]) >= icfg.min_posts}
-    served = served_watermarks(cfg.deltas, sorted(enough), cfg.storage)
-    changed = sorted(a for a, m in enough.items() if served[a] != m)
+    dataset, run_dir = join(cfg.work, "datasets"), join(cfg.work, "runs", tick)
+    listing, marks_uri = join(run_dir, "accounts.txt"), join(run_dir, "watermarks.json")
+    if exists(join(dataset, tick, "_COMPLETE"), cfg.storage) and exists(marks_uri, cfg.storage):
+        # A rerun of a tick that crashed after its ingest: the same accounts and watermarks as its
+        # dataset (posts that arrived since are the next tick's).
+        plan = json.loads(read_text(marks_uri, cfg.storage))
+        marks, enough, changed = plan["seen"], plan["enough"], plan["changed"]
+    else:
+        rows, _ = read_rows(icfg)
+        marks = account_watermarks(rows)
+        enough = sorted(a for a, m in marks.items() if int(m.rsplit("/", 1)[1]) >= icfg.min_posts)
+        trained = trained_watermarks(cfg.deltas, enough, cfg.storage)
+        changed = sorted(a for a in enough if trained[a] != marks[a])
     report = {"tick": tick, "accounts_seen": len(marks), "below_min_posts": sorted(set(marks) - set(enough)),
               "unchanged": sorted(set(enough) - set(changed)), "changed": changed, "retrained": [], "versions": {},
               "gc": {}}
     print(f"tick {tick}: {len(marks)} accounts, {len(changed)} changed, {len(report['unchanged'])} unchanged")
     if changed:
-        dataset = join(cfg.work, "datasets")
-        if not exists(join(dataset, tick, "_COMPLETE"), cfg.storage):  # a rerun of a crashed tick reuses it
+        if not exists(join(dataset, tick, "_COMPLETE"), cfg.storage):
+            # The plan first: a crash after the ingest reruns with exactly these accounts and marks.
+            write_text(marks_uri, json.dumps({"seen": marks, "enough": enough, "changed": changed}), cfg.storage)
             run_ingest(icfg.model_copy(update={"accounts": changed}), version=tick, progress=progress)
-        run_dir = join(cfg.work, "runs", tick)
-        listing, marks_uri = join(run_dir, "accounts.txt"), join(run_dir, "watermarks.json")
         write_text(listing, "\n".join(changed) + "\n", cfg.storage)
-        write_text(marks_uri, json.dumps({a: marks[a] for a in changed}), cfg.storage)
+        accounts_marks = join(run_dir, "account-watermarks.json")
+        write_text(accounts_marks, json.dumps({a: marks[a] for a in changed}), cfg.storage)
         fcfg = cfg.finetune_config(accounts=listing, data=join(dataset, tick), run_id=f"retrain-{tick}",
-                                   run_dir=run_dir, watermarks=marks_uri)
+                                   run_dir=run_dir, watermarks=accounts_marks)
         result = run_packed_finetune(fcfg, progress=progress)
         report["retrained"] = [r["account"] for r in result["per_account"]]
         report["versions"] = {r["account"]: r.get("version") for r in result["per_account"]}
@@ -89,6 +105,8 @@ def run_every(cfg: RetrainConfig, progress: bool = True, max_ticks: int | None =
     """`tkllm retrain --every 1d` on a single machine: run the current tick, sleep until the next
     interval starts, repeat. A failed tick is retried after a back-off (it resumes while its
     interval lasts; after that the next tick retrains whatever is still changed)."""
+    if cfg.tick is not None:
+        raise TkllmError(f"a schedule runs the current tick each interval: drop tick ({cfg.tick}) to use --every")
     step, done = seconds(cfg.every), 0
     while max_ticks is None or done < max_ticks:
         try:

@@ -158,6 +158,9 @@ def load_delta(store: str, account_id: str, version: str | None = None, base_fin
     if version is None:
         raise TkllmError(f"no delta published for account {account_id!r} under {store}")
     manifest = read_manifest(store, account_id, version, options)
+    if int(manifest.get("format_version", 1)) > FORMAT_VERSION:
+        raise TkllmError(f"delta {account_id}/{version} is format {manifest['format_version']}; this reader knows "
+                         f"up to {FORMAT_VERSION}: upgrade the reader (deploy readers before writers)")
     if manifest.get("artifact") == ADAPTERS:
         raise TkllmError(f"{account_id}/{version} holds {manifest['method']} adapters, not a sparse delta "
                          "(load_adapters / ts_artifacts.load_ts read it)")

@@ -83,6 +83,8 @@ def backward(dy2: torch.Tensor, x2: torch.Tensor | None, values: torch.Tensor, s
              need_dv: bool) -> torch.Tensor | None:
     """dx2 (tokens, in) += the delta term of the input gradient, in place (when given); returns dv
     (K,) fp32 when `need_dv` (x2: the forward's input)."""
+    if dx2 is None and not need_dv:
+        return None
     dout = dy2.shape[1]
     din = dx2.shape[1] if dx2 is not None else x2.shape[1]
     dv = torch.zeros(seg.rows.numel(), dtype=torch.float32, device=dy2.device) if need_dv else None

@@ -39,8 +39,8 @@ CONFIG = {"csr": {"LINES": 16, "BLOCK_E": 32, "BLOCK_T": 128, "num_warps": 8},
           "sddmm": {"LINES": 16, "BLOCK_E": 64, "BLOCK_T": 32, "SPLIT": 1, "num_warps": 4},
           "decode": {"LINES": 128, "BLOCK_E": 1024, "num_warps": 4},
           "decode_by_shape": {},  # "<out>x<in>" -> tiles for that layer shape (the sweep's per-shape best)
-          # The dense-GEMM route (segmented_dense) for a module's batch whose users have at least
-          # min_tokens tokens and min_density of the module's weights on average; None: never.
+          # The dense-GEMM route (segmented_dense) for a module's batch whose users with entries
+          # all have min_tokens tokens and min_density of the module's weights on average; None: never.
           # merge: a frozen plain weight's whole op as one GEMM a user on W + Δ_u (merged_linear).
           # Off: on an H100 packed tkllm-s ran no faster with it (3,272/h vs 3,344/h; the steps are
           # bound by launches and elementwise ops there), and bf16(W + Δ) rounds small deltas.
@@ -288,11 +288,11 @@ def dense_route(seg, out_features: int, in_features: int) -> bool:
     """Whether this module's batch takes the dense-GEMM route (CONFIG["dense"]); decided at the
     forward and kept on the Segments (one per module and batch), so the backward agrees."""
     if "dense" not in seg._plans:
-        c, tokens = CONFIG["dense"], seg.token_counts
-        active = [e for t, e in zip(tokens, seg.entry_counts) if t]
-        seg._plans["dense"] = bool(
-            c is not None and active and max(tokens) >= c["min_tokens"]
-            and sum(active) >= c["min_density"] * len(active) * out_features * in_features)
+        c = CONFIG["dense"]
+        active = [(t, e) for t, e in zip(seg.token_counts, seg.entry_counts) if t and e]
+        seg._plans["dense"] = bool(  # every user with entries has many tokens: no dense Δ for a few rows
+            c is not None and active and min(t for t, _ in active) >= c["min_tokens"]
+            and sum(e for _, e in active) >= c["min_density"] * len(active) * out_features * in_features)
     return seg._plans["dense"]
 
 

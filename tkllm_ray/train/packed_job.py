@@ -115,7 +115,6 @@ def _worker(config: dict) -> None:
     from tkllm_ray.data.tokenizer import load_tokenizer
     from tkllm_ray.models import fingerprint
     from tkllm_ray.models.load import load_base_model, resolve_dtype
-    from tkllm_ray.sparse.delta_store import discard_unpublished, published_by
     from tkllm_ray.sparse.sensitivity import target_linears
     from tkllm_ray.train.packed import PackedGSPF, UserCheckpoints
     from tkllm_ray.train.single import AccountRun, publish_run
@@ -139,13 +138,7 @@ def _worker(config: dict) -> None:
         return _ts_worker(cfg, config, model, tok, base_fp, shapes, device, rank, world)
     checkpoints = UserCheckpoints(join(run_dir, "users"), cfg.checkpoint_every, cfg.storage, run_id)
     marks = json.loads(read_text(cfg.watermarks, cfg.storage)) if cfg.watermarks else {}
-    mine = []
-    for account in config["accounts"][rank::world]:
-        if published_by(cfg.output, account, run_id, cfg.storage):
-            _recover_result(cfg, account, run_dir)  # died after publishing, before writing the result
-        else:
-            discard_unpublished(cfg.output, account, run_id, cfg.storage)  # died mid-publish
-            mine.append(account)
+    mine = _still_to_train(cfg, config["accounts"][rank::world], run_id, run_dir)
     budget = int(cfg.state_memory_gb * 2**30) if cfg.state_memory_gb else None
     host = int(cfg.host_state_memory_gb * 2**30) if cfg.host_state_memory_gb else None
     engine = PackedGSPF(model, cfg.target_modules, cfg.max_resident, cfg.max_rows, checkpoints, budget, host,
@@ -182,30 +175,47 @@ def _account_jobs(cfg: FinetuneConfig, accounts: list[str]):
 
 def _ts_worker(cfg: FinetuneConfig, config: dict, model, tok, base_fp: str, shapes: dict, device, rank: int,
                world: int) -> None:
-    """A worker's share of a packed token-selective run (train/packed_ts.py). An account whose
-    result file exists was published by this run before a restart and is skipped; the others
-    start over (their adapters are small: no per-account checkpoints)."""
+    """A worker's share of a packed token-selective run (train/packed_ts.py). Accounts this run
+    published before a restart are skipped (as in GSPF runs); the others start over (their
+    adapters are small: no per-account checkpoints)."""
     import ray.train
 
     from tkllm_ray.train.packed_ts import PackedTS
     from tkllm_ray.train.single import AccountRun, publish_run
 
     run_dir = config["run_dir"]
-    mine = [a for a in config["accounts"][rank::world]
-            if not exists(join(run_dir, "results", f"{a}.json"), cfg.storage)]
+    mine = _still_to_train(cfg, config["accounts"][rank::world], config["run_id"], run_dir)
+    marks = json.loads(read_text(cfg.watermarks, cfg.storage)) if cfg.watermarks else {}
     engine = PackedTS(model, cfg.method, cfg.target_modules, cfg.max_resident, cfg.max_rows)
     engine.on_step = _fault_injector(run_dir, cfg)
 
     def done(acct, result, modules, trainer) -> None:
         t = time.time()
         out = publish_run(acct.job.cfg, AccountRun({**result, "worker": rank}, None, base_fp, shapes, None, None,
-                                                   trainer), run_id=config["run_id"])
+                                                   trainer), run_id=config["run_id"],
+                          data_watermark=marks.get(acct.account))
         out["publish_s"] = time.time() - t
         write_text(join(run_dir, "results", f"{acct.account}.json"), json.dumps(out, default=str), cfg.storage)
 
     t0 = time.time()
     stats = engine.run(_account_jobs(cfg, mine), tok.eos_token_id, done)
     ray.train.report({"worker": rank, "accounts_done": len(mine), "wall_s": time.time() - t0, **stats})
+
+
+def _still_to_train(cfg: FinetuneConfig, accounts: list[str], run_id: str, run_dir: str) -> list[str]:
+    """The accounts this run has not published yet. One it published before a restart keeps its
+    version (its result file rebuilt if the worker died between the two); a version it left
+    half-written is removed. So each account ends with exactly one version from the run."""
+    from tkllm_ray.sparse.delta_store import discard_unpublished, published_by
+
+    todo = []
+    for account in accounts:
+        if published_by(cfg.output, account, run_id, cfg.storage):
+            _recover_result(cfg, account, run_dir)  # died after publishing, before writing the result
+        else:
+            discard_unpublished(cfg.output, account, run_id, cfg.storage)  # died mid-publish
+            todo.append(account)
+    return todo
 
 
 def _recover_result(cfg: FinetuneConfig, account: str, run_dir: str) -> None:
@@ -217,8 +227,9 @@ def _recover_result(cfg: FinetuneConfig, account: str, run_dir: str) -> None:
         return
     version = read_latest(join(cfg.output, account), cfg.storage)
     manifest = read_manifest(cfg.output, account, version, cfg.storage)
-    result = {"account": account, "method": manifest["method"], **manifest["metrics"],
-              "version": version, "delta_uri": join(cfg.output, account, version)}
+    uri_key = "model_uri" if manifest.get("artifact") == "ts-adapters" else "delta_uri"
+    result = {"account": account, "method": manifest.get("trained_as") or manifest["method"], **manifest["metrics"],
+              "version": version, uri_key: join(cfg.output, account, version)}
     write_text(uri, json.dumps(result, default=str), cfg.storage)
 
 

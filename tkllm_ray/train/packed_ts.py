@@ -30,8 +30,8 @@ METHODS = ("ts-lora", "ts-dora", "dora")
 
 class TSRouter(nn.Module):
     """A frozen linear shared by many accounts' token-selective adapters. `plan` lists (account,
-    first row, end row) of the current batch; rows outside every group (none in practice) and an
-    empty plan get the base alone. The adapters are kept out of the module tree: the model's
+    first row, end row) covering the current batch's rows in order (end None: to the last row);
+    an empty plan gets the base alone. The adapters are kept out of the module tree: the model's
     parameters, fingerprint and train/eval switches stay the base's."""
 
     def __init__(self, base: nn.Linear):
@@ -69,8 +69,9 @@ class TSAccount:
 
 class PackedTS:
     """The engine: `run(jobs, eos_id, on_done)` trains every job's account, at most `max_resident`
-    at once and `max_rows` rows a micro-batch, and calls on_done(account, result, modules, trainer)
-    as each finishes (then frees it)."""
+    at once and `max_rows` rows a micro-batch, and calls on_done(TSAccount, result, modules,
+    trainer) as each finishes (then frees it). Equal to the solo path on a base without dropout
+    (the tkllm presets have none): packing draws the global RNG in another order."""
 
     def __init__(self, model: nn.Module, method: str, target_modules: list[str] | None = None,
                  max_resident: int = 64, max_rows: int = 64):

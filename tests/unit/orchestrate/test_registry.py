@@ -94,3 +94,7 @@ def test_every_runs_a_tick_per_interval_and_survives_a_failed_one(monkeypatch):
     assert calls == ["1d"] * 3
     # after a good tick: until the next midnight (+1 s); after the failed one: a back-off, then retry
     assert sleeps == [86400 - 3600 + 1, 600]
+    from tkllm_ray.errors import TkllmError
+
+    with pytest.raises(TkllmError, match="drop tick"):
+        retrain.run_every(RetrainConfig(inputs=["a"], deltas="d", work="w", tick="20261124T000000Z"), max_ticks=1)
