@@ -74,7 +74,8 @@ def _finetune(workdir: str, dataset: str, accounts: list[str], steps: int) -> di
     return {**{k: v for k, v in r.items() if k != "per_account"}, "deltas": cfg.output}
 
 
-PROMPT = "New video:"
+PROMPT = "Today on the channel:"
+NEW_TOKENS = 16
 
 
 def _serve_and_ask(deltas: str, accounts: list[str], keep_serving: bool) -> dict:
@@ -99,7 +100,7 @@ def _serve_and_ask(deltas: str, accounts: list[str], keep_serving: bool) -> dict
     url = f"http://127.0.0.1:{port}/v1/completions"
     answers = {name: _complete(url, name) for name in ["tkllm-tiny", *(f"tkllm-tiny:{a}" for a in accounts)]}
     width = max(map(len, answers))
-    print(f"  prompt: {PROMPT!r}, greedy, 24 new tokens")
+    print(f"  prompt: {PROMPT!r}, greedy, {NEW_TOKENS} new tokens")
     for name, text in answers.items():
         print(f"  {name:<{width}}  {text!r}")
     out = {"url": url, "prompt": PROMPT, "answers": answers, "serve_s": round(time.time() - t0, 1)}
@@ -118,7 +119,7 @@ def _serve_and_ask(deltas: str, accounts: list[str], keep_serving: bool) -> dict
 def _complete(url: str, model: str) -> str:
     import urllib.request
 
-    body = json.dumps({"model": model, "prompt": PROMPT, "max_tokens": 24, "temperature": 0}).encode()
+    body = json.dumps({"model": model, "prompt": PROMPT, "max_tokens": NEW_TOKENS, "temperature": 0}).encode()
     req = urllib.request.Request(url, body, {"Content-Type": "application/json"})
     with urllib.request.urlopen(req, timeout=120) as resp:
         return json.loads(resp.read())["choices"][0]["text"]
