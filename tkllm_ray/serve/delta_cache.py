@@ -28,7 +28,7 @@ from tkllm_ray.data.schema import validate_account_id
 from tkllm_ray.errors import TkllmError
 from tkllm_ray.sparse.delta_op import check_sorted
 from tkllm_ray.serve.adapters import Adapters
-from tkllm_ray.sparse.delta_store import ADAPTERS, Delta, FlatDelta, load_adapters, load_delta, read_manifest
+from tkllm_ray.sparse.delta_store import ADAPTERS, Delta, FlatDelta, load_adapters, load_delta, read_version
 from tkllm_ray.storage import join, read_latest
 
 
@@ -203,11 +203,7 @@ class DeltaCache:
 
     def _read(self, account: str, version: str | None) -> CachedDelta:
         """The version from the store, checked: a sparse delta, or token-selective adapters."""
-        root = join(self.store, account)
-        version = version or read_latest(root, self.options)
-        if version is None:
-            raise TkllmError(f"no delta published for account {account!r} under {self.store}")
-        manifest = read_manifest(self.store, account, version, self.options)
+        version, manifest = read_version(self.store, account, version, self.options)
         if manifest.get("artifact") == ADAPTERS:
             tensors, meta = load_adapters(self.store, account, version, manifest, self.base_fingerprint, self.options)
             adapters = Adapters.of(tensors, meta)
@@ -215,7 +211,7 @@ class DeltaCache:
                 adapters.check(self.shapes)
             return CachedDelta.of(account, version, {}, {**manifest, "version": version}, self.dtype, adapters)
         delta, manifest = load_delta(self.store, account, version, self.base_fingerprint, self.options,
-                                     index_dtype=None)
+                                     index_dtype=None, manifest=manifest)
         self._check_modules(delta)
         host = CachedDelta.of(account, manifest["version"], delta, manifest, self.dtype)
         self._check_entries(host)

@@ -56,13 +56,10 @@ class _RowDeltas:
 
     def __init__(self, deltas: list[Delta | None], dtype: torch.dtype, adapters: list | None = None):
         self.deltas, self.dtype = deltas, dtype
+        # (request index, Adapters) of the requests whose account has token-selective adapters
         self.adapters = [(i, a) for i, a in enumerate(adapters or []) if a is not None]
         self.tokens = 1
         self._inputs: dict[tuple[str, int], tuple] = {}
-
-    def module_adapters(self, name: str) -> list:
-        """(request index, Adapters) of the requests whose account has token-selective adapters."""
-        return self.adapters
 
     def module_inputs(self, name: str, lin: nn.Linear):
         key = (name, self.tokens)

@@ -148,11 +148,9 @@ def _check_base(account_id: str, version: str, manifest: dict, base_fingerprint:
         )
 
 
-def load_delta(store: str, account_id: str, version: str | None = None, base_fingerprint: str | None = None,
-               options=None, index_dtype: torch.dtype | None = torch.int64) -> tuple[Delta, dict]:
-    """Load a published delta; refuse a corrupt file or one trained on another base. The returned
-    manifest carries the resolved `version`. The checksum is computed on a second thread while the
-    tensors decode (hashlib releases the GIL), and checked before anything is returned."""
+def read_version(store: str, account_id: str, version: str | None = None, options=None) -> tuple[str, dict]:
+    """A published version (default: the one LATEST names) and its manifest, whose format this
+    reader knows: what a reader of either artifact looks at first."""
     root = join(store, validate_account_id(account_id))
     version = version or read_latest(root, options)
     if version is None:
@@ -161,6 +159,19 @@ def load_delta(store: str, account_id: str, version: str | None = None, base_fin
     if int(manifest.get("format_version", 1)) > FORMAT_VERSION:
         raise TkllmError(f"delta {account_id}/{version} is format {manifest['format_version']}; this reader knows "
                          f"up to {FORMAT_VERSION}: upgrade the reader (deploy readers before writers)")
+    return version, manifest
+
+
+def load_delta(store: str, account_id: str, version: str | None = None, base_fingerprint: str | None = None,
+               options=None, index_dtype: torch.dtype | None = torch.int64,
+               manifest: dict | None = None) -> tuple[Delta, dict]:
+    """Load a published delta; refuse a corrupt file or one trained on another base. The returned
+    manifest carries the resolved `version`; a caller that already read it (`read_version`) passes
+    it with its version. The checksum is computed on a second thread while the tensors decode
+    (hashlib releases the GIL), and checked before anything is returned."""
+    root = join(store, validate_account_id(account_id))
+    if manifest is None:
+        version, manifest = read_version(store, account_id, version, options)
     if manifest.get("artifact") == ADAPTERS:
         raise TkllmError(f"{account_id}/{version} holds {manifest['method']} adapters, not a sparse delta "
                          "(load_adapters / ts_artifacts.load_ts read it)")

@@ -36,7 +36,7 @@ class MixedDeltaLinear(nn.Module):
         else:
             out = segmented_delta_add(self.base(x), x, values, seg)
         ctx = self.owner[0].ctx
-        for i, adapters in getattr(ctx, "module_adapters", lambda _: ())(self.name):  # serving's token-selective rows
+        for i, adapters in getattr(ctx, "adapters", ()):  # serving's token-selective rows (engine._RowDeltas)
             out[i:i + 1] = adapters.apply(self.name, self.base, x[i:i + 1], out[i:i + 1])
         return out
 

@@ -34,7 +34,6 @@ def publish_ts(modules: dict[str, TSAdapterLinear], cfg, base_fingerprint: str, 
     {account}/{version}/ with manifest.json, LATEST; sparse/delta_store.save_adapters):
     adapter.safetensors (A, B, τ, DoRA's magnitude per module), ts_config.json (method, rank,
     modules, base), rates.png (activation rate per module). Returns the version id."""
-    import json
     import os
     import tempfile
 
@@ -51,7 +50,7 @@ def publish_ts(modules: dict[str, TSAdapterLinear], cfg, base_fingerprint: str, 
         plot = plot_rates(modules, os.path.join(d, "rates.png"), f"{meta['method']} {cfg.account}: tokens updated per module")
         with open(plot, "rb") as f:
             png = f.read()
-    return save_adapters(cfg.output, cfg.account, save(state_dict(modules)), json.loads(json.dumps(meta)), cfg.model,
+    return save_adapters(cfg.output, cfg.account, save(state_dict(modules)), meta, cfg.model,
                          base_fingerprint, metrics, data_watermark, {"rates.png": png}, run_id, cfg.storage)
 
 
