@@ -4,7 +4,10 @@ module shapes: the streaming decode kernel over a sweep of tile sizes, next to t
 
     python benchmarks/decode_kernels.py          # GPU; writes decode-kernels-<device>.json
 
-`serve_bench.py --tune` runs the sweep first and serves with the fastest tiles. Bandwidth counts the
+A second sweep does the same at a prefill's shape (32 prompt tokens per account) for the
+line-block kernel's tiles.
+
+`serve_bench.py --tune` runs the sweeps first and serves with the fastest tiles. Bandwidth counts the
 entry bytes the kernel reads (int32 column, bf16 value: 6 bytes an entry; the serving pool's int16
 columns make it 4). Times are device times: each call replayed from a CUDA graph, as serving runs it.
 """
@@ -24,7 +27,7 @@ from results_io import sync, write_result
 SHAPES = {"attn": ((2048, 2048), 96), "up_gate": ((2048, 5632), 48), "down": ((5632, 2048), 24),
           "lm_head": ((2048, 32000), 1)}
 GRID = [{"LINES": ln, "BLOCK_E": be, "num_warps": w}
-        for ln, be, w in itertools.product((16, 32, 64, 128), (128, 256, 512, 1024), (2, 4, 8))]
+        for ln, be, w in itertools.product((32, 64, 128, 256, 512), (128, 256, 512, 1024), (2, 4, 8))]
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 
 
@@ -89,13 +92,61 @@ def sweep(users: int = 64, tokens: int = 1, density: float = 0.003, shapes: dict
     return out
 
 
+PREFILL_GRID = [{"LINES": ln, "BLOCK_E": be, "BLOCK_T": 128, "num_warps": w}
+                for ln, be, w in itertools.product((16, 32, 64), (32, 64, 128), (4, 8))]
+
+
+def prefill_sweep(users: int = 64, tokens: int = 32, density: float = 0.003, shapes: dict = SHAPES,
+                  grid: list = PREFILL_GRID) -> dict:
+    """The same at a serving prefill's shape (`tokens` prompt tokens per account; lm_head only
+    sees each prompt's last token, so it is left out): the line-block kernel per tile config,
+    and the streaming kernel looping over the tokens. Sets CONFIG["csr_prefill"] to the fastest
+    line-block tiles over the model's layers."""
+    from tkllm_ray.sparse import segmented_triton as K
+
+    shapes = {n: v for n, v in shapes.items() if n != "lm_head"}
+    out = {"users": users, "tokens_per_user": tokens, "density": density, "shapes": {}}
+    totals: dict[int, float] = {}
+    stream, default = 0.0, grid.index(K.CONFIG["csr_prefill"]) if K.CONFIG["csr_prefill"] in grid else None
+    dtype = torch.bfloat16 if DEV == "cuda" else torch.float32
+    for name, ((din, dout), count) in shapes.items():
+        seg, k = _segments(users, tokens, din, dout, density)
+        x = torch.randn(users * tokens, din, device=DEV, dtype=dtype)
+        w = torch.randn(dout, din, device=DEV, dtype=dtype)
+        v = torch.randn(k, device=DEV, dtype=dtype)
+        y = torch.zeros(users * tokens, dout, device=DEV, dtype=dtype)
+        plan = K._plan_rows(seg, dout)
+        row = {"entries": k, "gemm_ms": _graph_ms(lambda: torch.nn.functional.linear(x, w)),
+               "streaming_ms": _graph_ms(lambda: K._decode_into(y, x, v, plan, seg)), "line_block": []}
+        stream += row["streaming_ms"] * count
+        for i, cfg in enumerate(grid):
+            K.CONFIG["csr_prefill"] = cfg
+            ms = _graph_ms(lambda: K._csr_into(y, K.transpose(x), v, plan, seg))
+            row["line_block"].append({**cfg, "ms": ms})
+            totals[i] = totals.get(i, 0.0) + ms * count
+        best = min(row["line_block"], key=lambda r: r["ms"])
+        row["best_line_block_ms"] = best["ms"]
+        out["shapes"][name] = row
+        print(f"prefill {name}: gemm {row['gemm_ms']:.3f} ms, streaming {row['streaming_ms']:.3f} ms, "
+              f"line-block best {best['ms']:.3f} ms ({ {c: best[c] for c in ('LINES', 'BLOCK_E', 'num_warps')} })",
+              flush=True)
+    best = min(totals, key=totals.get)
+    K.CONFIG["csr_prefill"] = grid[best]
+    out["chosen"] = grid[best]
+    out["model_ms_per_prefill"] = {"line_block": totals[best], "line_block_default": totals.get(default), "streaming": stream,
+                                   "gemm": sum(r["gemm_ms"] * shapes[n][1] for n, r in out["shapes"].items())}
+    return out
+
+
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--users", type=int, default=64)
     ap.add_argument("--density", type=float, default=0.003)
+    ap.add_argument("--prefill-tokens", type=int, default=32, help="prompt tokens per account in the prefill sweep")
     ap.add_argument("--out", default=os.environ.get("OUT", "benchmarks/results"))
     args = ap.parse_args(argv)
     res = sweep(args.users, 1, args.density)
+    res["prefill"] = prefill_sweep(args.users, args.prefill_tokens, args.density)
     res["device"] = torch.cuda.get_device_name(0) if DEV == "cuda" else "cpu"
     write_result(args.out, "decode-kernels", res["device"], res)
     return res

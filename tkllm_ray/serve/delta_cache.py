@@ -65,11 +65,8 @@ class CachedDelta:
 
     @classmethod
     def _views(cls, account, version, manifest, idx, vals, layout, adapters=None) -> "CachedDelta":
-        delta, at = {}, 0
-        for name, k in layout:
-            delta[name] = (idx[at : at + k], vals[at : at + k])
-            at += k
-        return cls(account, version, delta, manifest, (idx, vals), layout, adapters)
+        # views into the flat buffers, which a reader that wants them whole (the slot pool) takes
+        return cls(account, version, FlatDelta(idx, vals, layout), manifest, (idx, vals), layout, adapters)
 
     @property
     def nbytes(self) -> int:

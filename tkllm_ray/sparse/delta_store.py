@@ -26,8 +26,9 @@ Delta = dict[str, tuple[torch.Tensor, torch.Tensor]]  # module -> (sorted flat i
 
 class FlatDelta(dict):
     """A Delta whose modules are views into two flat tensors (`flat`: all indices, all values;
-    `layout`: (module, entries) in that order), as decoded from a format-2 file: a reader that
-    wants the flat buffers (the serving cache) takes them without concatenating 2 x 169 pieces."""
+    `layout`: (module, entries) in that order), as decoded from a format-2 file or held by the
+    serving cache: a reader that wants the flat buffers (the serving cache, the slot pool) takes
+    them without concatenating 2 x 169 pieces."""
 
     def __init__(self, idx: torch.Tensor, vals: torch.Tensor, layout: list[tuple[str, int]]):
         super().__init__()

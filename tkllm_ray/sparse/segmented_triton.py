@@ -38,7 +38,15 @@ from tkllm_ray.sparse.sddmm_triton import transpose
 CONFIG = {"csr": {"LINES": 16, "BLOCK_E": 32, "BLOCK_T": 128, "num_warps": 8},
           "sddmm": {"LINES": 16, "BLOCK_E": 64, "BLOCK_T": 32, "SPLIT": 1, "num_warps": 4},
           "decode": {"LINES": 128, "BLOCK_E": 1024, "num_warps": 4},
-          "decode_by_shape": {},  # "<out>x<in>" -> tiles for that layer shape (the sweep's per-shape best)
+          # "<out>x<in>" -> tiles for that layer shape (the sweep's per-shape best; tkllm-s's, H100)
+          "decode_by_shape": {"2048x2048": {"LINES": 128, "BLOCK_E": 1024, "num_warps": 4},
+                              "5632x2048": {"LINES": 256, "BLOCK_E": 256, "num_warps": 2},
+                              "2048x5632": {"LINES": 128, "BLOCK_E": 256, "num_warps": 4},
+                              "32000x2048": {"LINES": 512, "BLOCK_E": 512, "num_warps": 4}},
+          # Line-block tiles for prefill-shaped batches (at most PREFILL_TOKENS tokens per user: a
+          # serving prefill of many accounts' prompts); decode_kernels.py's prefill sweep sets them.
+          # (H100 sweep: 22 ms a 64 x 32-token prefill over the model's layers, 29 ms with "csr"'s tiles)
+          "csr_prefill": {"LINES": 16, "BLOCK_E": 128, "BLOCK_T": 128, "num_warps": 4},
           # The dense-GEMM route (segmented_dense) for a module's batch whose users with entries
           # all have min_tokens tokens and min_density of the module's weights on average; None: never.
           # merge: a frozen plain weight's whole op as one GEMM a user on W + Δ_u (merged_linear).
@@ -46,6 +54,7 @@ CONFIG = {"csr": {"LINES": 16, "BLOCK_E": 32, "BLOCK_T": 128, "num_warps": 8},
           # bound by launches and elementwise ops there), and bf16(W + Δ) rounds small deltas.
           "dense": {"min_tokens": 128, "min_density": 0.002, "merge": False}}
 DECODE_TOKENS = 4  # at most this many tokens per user: the streaming forward kernel
+PREFILL_TOKENS = 64  # at most this many (and more than DECODE_TOKENS): CONFIG["csr_prefill"]'s tiles
 
 
 @triton.jit
@@ -228,7 +237,7 @@ def _csr_into(out: torch.Tensor, srcT: torch.Tensor, values: torch.Tensor, p: di
     over out's width (rows for the forward, columns for dx)."""
     if not _has_work(seg):
         return
-    c, width = CONFIG["csr"], out.shape[1]
+    c, width = CONFIG["csr_prefill" if max(seg.token_counts) <= PREFILL_TOKENS else "csr"], out.shape[1]
     vals = values if p["perm"] is None else values[p["perm"]]
     per_user = triton.cdiv(width, c["LINES"])
     bt = _block_t(seg, c["BLOCK_T"])

@@ -111,18 +111,24 @@ def budget(density: float, entries: int) -> int:
 
 
 def top_k(sc: dict[str, torch.Tensor], k: int) -> dict[str, torch.Tensor]:
-    """The k highest-scoring entries over all modules: module -> sorted flat int64 positions."""
+    """The k highest-scoring entries over all modules: module -> sorted flat int64 positions.
+    Two passes over the scores and two host reads in all (a module's positions come out of a
+    fixed-size nonzero, already sorted), not a sync and a sort per module."""
     threshold = _kth_largest_key(sc, k)
+    flats = {n: s.flatten() for n, s in sc.items()}
+    counts = torch.stack([torch.stack([_where(f, ">=", threshold).sum(), _where(f, ">", threshold).sum()])
+                          for f in flats.values()]).tolist()
     # Entries above the threshold, then ties at it in module order, to exactly k in total.
-    above, ties = {}, {}
-    for n, s in sc.items():
-        key = _order_key(s.flatten())
-        above[n], ties[n] = (key > threshold).nonzero().flatten(), (key == threshold).nonzero().flatten()
-    idx, left = {}, k - sum(a.numel() for a in above.values())
-    for n in sc:
-        tied = ties[n][: max(left, 0)]
-        left -= tied.numel()
-        idx[n] = torch.sort(torch.cat([above[n], tied])).values.to(torch.int64)
+    left, idx = k - sum(gt for _, gt in counts), {}
+    for (n, f), (ge, gt) in zip(flats.items(), counts):
+        keep = min(max(left, 0), ge - gt)
+        left -= keep
+        if keep == ge - gt:  # every tie of this module kept (the usual case: none there)
+            idx[n] = torch.nonzero_static(_where(f, ">=", threshold), size=ge).flatten()
+        else:
+            above = torch.nonzero_static(_where(f, ">", threshold), size=gt).flatten()
+            tied = torch.nonzero_static(_where(f, "==", threshold), size=ge - gt).flatten()[:keep]
+            idx[n] = torch.sort(torch.cat([above, tied])).values
     return idx
 
 
@@ -130,6 +136,24 @@ def _order_key(s: torch.Tensor) -> torch.Tensor:
     """float32 -> int32 with the same order (negatives: flip the magnitude bits)."""
     i = s.float().contiguous().view(torch.int32)
     return torch.where(i < 0, i ^ 0x7FFFFFFF, i)
+
+
+def _key_float(key: int) -> float:
+    """The float32 whose order key is `key` (the inverse of _order_key for one value)."""
+    bits = key if key >= 0 else key ^ 0x7FFFFFFF
+    return torch.tensor([bits], dtype=torch.int32).view(torch.float32).item()
+
+
+_OPS = {">": torch.gt, ">=": torch.ge, "<=": torch.le, "==": torch.eq}
+
+
+def _where(s: torch.Tensor, op: str, key: int) -> torch.Tensor:
+    """`s op x` in the order of the keys, x the float with order key `key`. Above +0 (key > 0) a float
+    comparison is that order for scores without NaN (checked in _kth_largest_key) and costs one
+    kernel instead of four; at or below it, the keys keep -0 below +0 as the radix select does."""
+    if key > 0:
+        return _OPS[op](s if s.dtype == torch.float32 else s.float(), _key_float(key))
+    return _OPS[op](_order_key(s), key)
 
 
 DIGIT_BITS = (11, 11, 10)  # high to low: 2048-bin histograms fit a GPU block's shared memory
@@ -141,31 +165,42 @@ SAMPLE = 1 << 20  # scores sampled to bracket the k-th largest
 def _kth_largest_key(sc: dict[str, torch.Tensor], k: int) -> int:
     """The k-th largest score over all modules, as an order key. Usually one pass: a fixed-seed
     sample of the scores brackets it, one counting pass finds how many lie above the bracket and
-    gathers the few inside it, and a top-k over those gives it exactly. If the bracket misses
+    how many inside it, and a top-k over those inside gives it exactly. If the bracket misses
     (rare; checked, never assumed), the radix select below answers instead."""
     n = sum(s.numel() for s in sc.values())
+    flats = [s.flatten() for s in sc.values()]
+    dev = flats[0].device
     if n <= SAMPLE:
+        _no_nan(torch.stack([f.sum() for f in flats]).tolist())
         return _radix_kth(sc, k)
-    dev = next(iter(sc.values())).device
     gen = torch.Generator(device=dev).manual_seed(0)
-    sample = torch.cat([_order_key(s.flatten()[torch.randint(s.numel(), (max(1, s.numel() * SAMPLE // n),),
-                                                              device=dev, generator=gen)]) for s in sc.values()])
+    sample = torch.cat([_order_key(f[torch.randint(f.numel(), (max(1, f.numel() * SAMPLE // n),),
+                                                   device=dev, generator=gen)]) for f in flats])
     sample = torch.sort(sample, descending=True).values
     rank = k * sample.numel() / n  # where the k-th largest falls in the sample, in expectation
     slack = 8 * rank ** 0.5 + 64  # ~8 standard deviations of a binomial count
-    hi = int(sample[max(0, int(rank - slack))])  # above the k-th largest, almost surely
-    lo = int(sample[min(sample.numel() - 1, int(rank + slack))])  # below it
-    above = torch.zeros((), dtype=torch.int64, device=dev)
-    inside = []
-    for s in sc.values():
-        key = _order_key(s.flatten())
-        above += (key > hi).sum()
-        inside.append(key[(key <= hi) & (key >= lo)])
-    need = k - int(above)
-    inside = torch.cat(inside)
-    if not 1 <= need <= inside.numel():
+    hi, lo = sample[[max(0, int(rank - slack)), min(sample.numel() - 1, int(rank + slack))]].tolist()
+    # above hi: above the k-th largest, almost surely; lo: below it. One host read for every module's counts.
+    counts = torch.stack([torch.stack([f.sum(), _where(f, ">", hi).sum(), _inside(f, lo, hi).sum()])
+                          for f in flats]).tolist()
+    _no_nan([c[0] for c in counts])
+    need = k - sum(int(c[1]) for c in counts)
+    if not 1 <= need <= sum(int(c[2]) for c in counts):
         return _radix_kth(sc, k)
+    inside = torch.cat([_order_key(f[torch.nonzero_static(_inside(f, lo, hi), size=int(c[2])).flatten()])
+                        for f, c in zip(flats, counts) if c[2]])
     return int(torch.topk(inside, need).values[-1])
+
+
+def _inside(f: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
+    return _where(f, "<=", hi) & _where(f, ">=", lo)
+
+
+def _no_nan(sums) -> None:
+    """Scores with a NaN have no order to select by: a NaN or infinite sensitivity or weight."""
+    if not all(s == s and abs(s) != float("inf") for s in sums):
+        raise ValueError("GSPF scores contain NaN or infinite values (a NaN/inf gradient or weight in the "
+                         "warm-up): no top-k to select")
 
 
 def _radix_kth(sc: dict[str, torch.Tensor], k: int) -> int:

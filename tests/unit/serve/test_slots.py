@@ -62,6 +62,20 @@ assert grown is False and table.held[3] is new[0] and table.held[0] is None
 for width in (1, 3, 20):
     view.tokens = width
     check(view, new, width)
+# Accounts as the serving cache holds them (two flat buffers, modules in name order: taken as
+# they are), one in another order and one empty (both laid out the general way).
+from tkllm_ray.sparse.delta_store import FlatDelta
+
+def flat(d, order=("m", "n")):
+    names = [n for n in order if n in d]
+    idx = torch.cat([d[n][0] for n in names]) if names else torch.empty(0, dtype=torch.int64, device=dev)
+    vals = torch.cat([d[n][1] for n in names]) if names else torch.empty(0, device=dev)
+    return FlatDelta(idx, vals, [(n, d[n][0].numel()) for n in names])
+
+deltas = [flat(delta(300)), flat(delta(40), ("n", "m")), None, flat({{}}), flat(delta(9))]
+assert table._flat(deltas[0]) is not None and table._flat(deltas[1]) is None
+assert table.assign(deltas) is False
+check(table, deltas)
 assert table.assign([None] * slots) is False and not table.active
 check(table, [None] * slots)
 print("ok")

@@ -1,5 +1,6 @@
 """Sensitivity, scoring and top-p% selection on the tiny model."""
 
+import pytest
 import torch
 
 from tkllm_ray.models import build_model, fingerprint
@@ -147,3 +148,32 @@ def test_sampled_bracket_and_radix_fallback_agree_with_a_sort(monkeypatch):
         kth = torch.sort(flat, descending=True).values[k - 1].reshape(1)
         want = int(selection._order_key(kth)[0])
         assert selection._kth_largest_key(sc, k) == want == selection._radix_kth(sc, k), k
+
+
+def test_top_k_keeps_exactly_k_with_ties_filled_in_module_order(monkeypatch):
+    from tkllm_ray.sparse import selection
+
+    monkeypatch.setattr(selection, "SAMPLE", 512)  # the sampled bracket, as on a real model
+    g = torch.Generator().manual_seed(2)
+    sc = {"a": torch.randn(40, 50, generator=g), "b": torch.randn(3000, generator=g), "c": torch.randn(900, generator=g)}
+    sc["a"].view(-1)[:30] = 1.25  # positive ties (the float-comparison path) in two modules
+    sc["c"][:50] = 1.25
+    sc["b"][:40] = -0.5  # negative ties (the order-key path)
+    flat = torch.cat([s.flatten() for s in sc.values()])
+    order = torch.sort(flat, descending=True, stable=True).indices  # ties: earlier module, earlier entry first
+    starts = {"a": 0, "b": 2000, "c": 5000}
+    for k in (1, 100, int((flat > 1.25).sum()) + 45, int((flat >= -0.5).sum()) - 7, flat.numel()):
+        got = selection.top_k(sc, k)
+        want = torch.sort(order[:k]).values
+        assert sum(i.numel() for i in got.values()) == k
+        assert torch.equal(torch.cat([got[n] + starts[n] for n in sc]), want), k
+        assert all(i.dtype == torch.int64 and torch.equal(i, torch.sort(i).values) for i in got.values())
+
+
+def test_scores_with_nan_are_refused_with_a_clear_error():
+    from tkllm_ray.sparse.selection import top_k
+
+    sc = {"a": torch.randn(100), "b": torch.randn(50)}
+    sc["b"][3] = float("nan")
+    with pytest.raises(ValueError, match="NaN or infinite"):
+        top_k(sc, 10)
