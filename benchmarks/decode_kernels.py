@@ -52,6 +52,19 @@ def _graph_ms(fn, reps: int = 20) -> float:
     return (time.perf_counter() - t) / (3 * reps) * 1e3
 
 
+def _operands(users: int, tokens: int, din: int, dout: int, density: float) -> tuple:
+    """One layer's random batch: (segments, entries, x, W, values, output, the rows plan)."""
+    from tkllm_ray.sparse import segmented_triton as K
+
+    dtype = torch.bfloat16 if DEV == "cuda" else torch.float32
+    seg, k = _segments(users, tokens, din, dout, density)
+    x = torch.randn(users * tokens, din, device=DEV, dtype=dtype)
+    w = torch.randn(dout, din, device=DEV, dtype=dtype)
+    v = torch.randn(k, device=DEV, dtype=dtype)
+    y = torch.zeros(users * tokens, dout, device=DEV, dtype=dtype)
+    return seg, k, x, w, v, y, K._plan_rows(seg, dout)
+
+
 def sweep(users: int = 64, tokens: int = 1, density: float = 0.003, shapes: dict = SHAPES, grid: list = GRID) -> dict:
     """Time the decode kernel per tile config on every shape (inside CUDA graphs); set
     CONFIG["decode_by_shape"] to each shape's fastest and CONFIG["decode"] to the fastest overall
@@ -60,14 +73,8 @@ def sweep(users: int = 64, tokens: int = 1, density: float = 0.003, shapes: dict
 
     out = {"users": users, "tokens_per_user": tokens, "density": density, "shapes": {}}
     totals: dict[int, float] = {}
-    dtype = torch.bfloat16 if DEV == "cuda" else torch.float32
     for name, ((din, dout), count) in shapes.items():
-        seg, k = _segments(users, tokens, din, dout, density)
-        x = torch.randn(users * tokens, din, device=DEV, dtype=dtype)
-        w = torch.randn(dout, din, device=DEV, dtype=dtype)
-        v = torch.randn(k, device=DEV, dtype=dtype)
-        y = torch.zeros(users * tokens, dout, device=DEV, dtype=dtype)
-        plan = K._plan_rows(seg, dout)
+        seg, k, x, w, v, y, plan = _operands(users, tokens, din, dout, density)
         row = {"entries": k, "gemm_ms": _graph_ms(lambda: torch.nn.functional.linear(x, w)),
                "line_block_ms": _graph_ms(lambda: K._csr_into(y, K.transpose(x), v, plan, seg)), "decode": []}
         for i, cfg in enumerate(grid):
@@ -108,14 +115,8 @@ def prefill_sweep(users: int = 64, tokens: int = 32, density: float = 0.003, sha
     out = {"users": users, "tokens_per_user": tokens, "density": density, "shapes": {}}
     totals: dict[int, float] = {}
     stream, default = 0.0, grid.index(K.CONFIG["csr_prefill"]) if K.CONFIG["csr_prefill"] in grid else None
-    dtype = torch.bfloat16 if DEV == "cuda" else torch.float32
     for name, ((din, dout), count) in shapes.items():
-        seg, k = _segments(users, tokens, din, dout, density)
-        x = torch.randn(users * tokens, din, device=DEV, dtype=dtype)
-        w = torch.randn(dout, din, device=DEV, dtype=dtype)
-        v = torch.randn(k, device=DEV, dtype=dtype)
-        y = torch.zeros(users * tokens, dout, device=DEV, dtype=dtype)
-        plan = K._plan_rows(seg, dout)
+        seg, k, x, w, v, y, plan = _operands(users, tokens, din, dout, density)
         row = {"entries": k, "gemm_ms": _graph_ms(lambda: torch.nn.functional.linear(x, w)),
                "streaming_ms": _graph_ms(lambda: K._decode_into(y, x, v, plan, seg)), "line_block": []}
         stream += row["streaming_ms"] * count
