@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from tkllm_ray.models.fused_norm import fuse_rms_norms
 from tkllm_ray.sparse.delta_op import merged_weight
 from tkllm_ray.sparse.delta_store import Delta, decode, encode
 from tkllm_ray.sparse.model import AppliedDelta
@@ -126,9 +127,11 @@ class PackedGSPF:
         self.ctx: BatchContext | None = None
         self.on_step: Callable | None = None  # called after every train step (progress, fault injection)
         self.device = next(model.parameters()).device
+        if self.device.type == "cuda":  # a GPU's steps are bound by elementwise launches (models/fused_norm.py)
+            fuse_rms_norms(model)
         self.pager = StatePager(self.device, sum(weight_shape(m.weight).numel() for m in self.linears.values()), state_budget,
                                 host_budget)
-        self._rr = 0  # round-robin start: no account waits behind a fixed order
+        self._rr = 0  # round-robin start of warm-up passes: no account waits behind a fixed order
         self._warm_turn = False
         self.stats = {"train_steps": 0, "sensitivity_passes": 0, "rows": 0, "max_resident": 0}
         if lockstep is not None:
@@ -205,7 +208,10 @@ class PackedGSPF:
                 self.pager.prepare([u for u, _ in picked], resident)
                 self._select_round(self._sensitivity_pass(picked))
             else:
-                picked = self._fill(stepping, lambda u: u.pending[1])
+                # oldest first: an account in training finishes as soon as it can (the round-robin of
+                # every resident finished them all late together; no account waits longer than the
+                # older ones' remaining steps)
+                picked = self._fill(stepping, lambda u: u.pending[1], rotate=False)
                 self.pager.prepare([u for u, _ in picked], resident)
                 self._train_step(picked)
                 self._select_round([])  # the others may be selecting
@@ -233,10 +239,10 @@ class PackedGSPF:
         else:
             evals.add(user, key, delta)
 
-    def _fill(self, users: list[UserRun], batch_of) -> list[tuple[UserRun, tuple]]:
-        """Accounts for the next micro-batch, round-robin from a moving start, up to max_rows rows
-        (always at least one account)."""
-        start = self._rr % len(users)
+    def _fill(self, users: list[UserRun], batch_of, rotate: bool = True) -> list[tuple[UserRun, tuple]]:
+        """Accounts for the next micro-batch, up to max_rows rows (always at least one account):
+        round-robin from a moving start, or (`rotate=False`) in the given order (admission order)."""
+        start = self._rr % len(users) if rotate else 0
         order = users[start:] + users[:start]
         self._rr += 1
         out, rows = [], 0
