@@ -53,7 +53,6 @@ class SlotDeltas:
         self.ptr = (torch.arange(self.slots, device=self.device) * cap).repeat_interleave(self.P)
         self.segs = {n: self._segments(n, self.slots, 1, self.tok_off, None) for n in self.names}
 
-
     def _segments(self, name: str, users: int, tokens: int, tok_off: torch.Tensor, umap: torch.Tensor | None):
         """What the segmented op's GPU path reads for module `name` (a Segments' fields and its
         cached rows plan) over `users` rows groups of `tokens` tokens, group u in slot umap[u]. The
