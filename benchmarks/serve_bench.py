@@ -129,7 +129,7 @@ def admission(engine: DeltaBatchEngine, args, deltas: list) -> dict:
         finally:
             engine.ctx = None
 
-    for rep in range(3):  # the last repetition counts (the first ones compile and allocate)
+    for _ in range(3):  # the last repetition counts (the first ones compile and allocate)
         if table is not None:
             table.assign([None] * table.slots)
             sync()
