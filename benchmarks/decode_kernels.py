@@ -75,6 +75,7 @@ def sweep(users: int = 64, tokens: int = 1, density: float = 0.003, shapes: dict
     totals: dict[int, float] = {}
     for name, ((din, dout), count) in shapes.items():
         seg, k, x, w, v, y, plan = _operands(users, tokens, din, dout, density)
+        K.CONFIG["decode_by_shape"].pop(f"{dout}x{din}", None)  # else every grid point would run that shape's tiles
         row = {"entries": k, "gemm_ms": _graph_ms(lambda: torch.nn.functional.linear(x, w)),
                "line_block_ms": _graph_ms(lambda: K._csr_into(y, K.transpose(x), v, plan, seg)), "decode": []}
         for i, cfg in enumerate(grid):

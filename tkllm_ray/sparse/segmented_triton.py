@@ -43,8 +43,9 @@ CONFIG = {"csr": {"LINES": 16, "BLOCK_E": 32, "BLOCK_T": 128, "num_warps": 8},
                               "5632x2048": {"LINES": 256, "BLOCK_E": 256, "num_warps": 2},
                               "2048x5632": {"LINES": 128, "BLOCK_E": 256, "num_warps": 4},
                               "32000x2048": {"LINES": 512, "BLOCK_E": 512, "num_warps": 4}},
-          # Line-block tiles for prefill-shaped batches (at most PREFILL_TOKENS tokens per user: a
-          # serving prefill of many accounts' prompts); decode_kernels.py's prefill sweep sets them.
+          # Line-block tiles for batches of at most PREFILL_TOKENS tokens a user (a serving prefill of
+          # many accounts' prompts; also a training batch that small, forward and dx), set by
+          # decode_kernels.py's prefill sweep.
           # (H100 sweep: 22 ms a 64 x 32-token prefill over the model's layers, 29 ms with "csr"'s tiles)
           "csr_prefill": {"LINES": 16, "BLOCK_E": 128, "BLOCK_T": 128, "num_warps": 4},
           # The dense-GEMM route (segmented_dense) for a module's batch whose users with entries

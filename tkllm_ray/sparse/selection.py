@@ -78,6 +78,7 @@ def select(sensitivity: dict[str, torch.Tensor], weights: dict[str, torch.Tensor
         raise ValueError(f"top_layers must be at least 1, got {top_layers}")
     sc = sensitivity if weights is None else scores(sensitivity, weights, scope, inplace)
     if scope == "per_module":
+        _no_nan(torch.stack([s.sum(dtype=torch.float64) for s in sc.values()]).tolist())
         idx = {n: _top(s.flatten(), budget(density, s.numel())) for n, s in sc.items()}
         if top_layers is not None:
             kept = _favoured_layers(idx, top_layers)
@@ -112,8 +113,8 @@ def budget(density: float, entries: int) -> int:
 
 def top_k(sc: dict[str, torch.Tensor], k: int) -> dict[str, torch.Tensor]:
     """The k highest-scoring entries over all modules: module -> sorted flat int64 positions.
-    Two passes over the scores and two host reads in all (a module's positions come out of a
-    fixed-size nonzero, already sorted), not a sync and a sort per module."""
+    A few host reads in all, with the threshold's (every module's counts at once; a module's
+    positions come out of a fixed-size nonzero, already sorted), not a sync and a sort per module."""
     threshold = _kth_largest_key(sc, k)
     flats = {n: s.flatten() for n, s in sc.items()}
     counts = torch.stack([torch.stack([_where(f, ">=", threshold).sum(), _where(f, ">", threshold).sum()])
@@ -171,7 +172,7 @@ def _kth_largest_key(sc: dict[str, torch.Tensor], k: int) -> int:
     flats = [s.flatten() for s in sc.values()]
     dev = flats[0].device
     if n <= SAMPLE:
-        _no_nan(torch.stack([f.sum() for f in flats]).tolist())
+        _no_nan(torch.stack([f.sum(dtype=torch.float64) for f in flats]).tolist())
         return _radix_kth(sc, k)
     gen = torch.Generator(device=dev).manual_seed(0)
     sample = torch.cat([_order_key(f[torch.randint(f.numel(), (max(1, f.numel() * SAMPLE // n),),
@@ -181,8 +182,9 @@ def _kth_largest_key(sc: dict[str, torch.Tensor], k: int) -> int:
     slack = 8 * rank ** 0.5 + 64  # ~8 standard deviations of a binomial count
     hi, lo = sample[[max(0, int(rank - slack)), min(sample.numel() - 1, int(rank + slack))]].tolist()
     # above hi: above the k-th largest, almost surely; lo: below it. One host read for every module's counts.
-    counts = torch.stack([torch.stack([f.sum(), _where(f, ">", hi).sum(), _inside(f, lo, hi).sum()])
-                          for f in flats]).tolist()
+    # (fp64: counts exact past 2^24, which a float32 stack of them would round; sums without overflow)
+    counts = torch.stack([torch.stack([f.sum(dtype=torch.float64), _where(f, ">", hi).sum().double(),
+                                       _inside(f, lo, hi).sum().double()]) for f in flats]).tolist()
     _no_nan([c[0] for c in counts])
     need = k - sum(int(c[1]) for c in counts)
     if not 1 <= need <= sum(int(c[2]) for c in counts):

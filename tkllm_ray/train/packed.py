@@ -244,7 +244,8 @@ class PackedGSPF:
         round-robin from a moving start, or (`rotate=False`) in the given order (admission order)."""
         start = self._rr % len(users) if rotate else 0
         order = users[start:] + users[:start]
-        self._rr += 1
+        if rotate:  # the start moves with each round-robin fill only
+            self._rr += 1
         out, rows = [], 0
         for u in order:
             b = batch_of(u)

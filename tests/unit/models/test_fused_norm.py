@@ -15,6 +15,7 @@ def test_fused_norms_give_the_modules_outputs_and_gradients():
             norm.weight.data.uniform_(0.5, 1.5)  # not all ones: the weight must be applied
     fused = copy.deepcopy(model)
     assert fuse_rms_norms(fused) == 2 * model.config.num_hidden_layers + 1
+    assert all("forward" in vars(m) for m in fused.modules() if type(m).__name__.endswith("RMSNorm"))
     ids = torch.randint(3, model.config.vocab_size, (2, 12), generator=torch.Generator().manual_seed(0))
     want, got = model(input_ids=ids).logits, fused(input_ids=ids).logits
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)

@@ -16,7 +16,7 @@ dev = "{device}"
 K.CONFIG["decode"] = {{"LINES": 16, "BLOCK_E": 64, "num_warps": 4}}  # line blocks of several runs
 g = torch.Generator().manual_seed(0)
 slots = 5
-lins = {{"m": nn.Linear(64, 40, bias=False).to(dev), "n": nn.Linear(40, 24, bias=False).to(dev)}}
+lins = {{"n": nn.Linear(40, 24, bias=False).to(dev), "m": nn.Linear(64, 40, bias=False).to(dev)}}  # not in name order
 
 def delta(k):  # k entries in m, k // 2 in n (none when that is 0)
     out = {{}}

@@ -170,10 +170,15 @@ def test_top_k_keeps_exactly_k_with_ties_filled_in_module_order(monkeypatch):
         assert all(i.dtype == torch.int64 and torch.equal(i, torch.sort(i).values) for i in got.values())
 
 
-def test_scores_with_nan_are_refused_with_a_clear_error():
-    from tkllm_ray.sparse.selection import top_k
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_scores_with_nan_or_inf_are_refused_with_a_clear_error(bad, monkeypatch):
+    from tkllm_ray.sparse import selection
 
     sc = {"a": torch.randn(100), "b": torch.randn(50)}
-    sc["b"][3] = float("nan")
+    sc["b"][3] = bad
+    for sample in (selection.SAMPLE, 16):  # every score read, and the sampled bracket's counting pass
+        monkeypatch.setattr(selection, "SAMPLE", sample)
+        with pytest.raises(ValueError, match="NaN or infinite"):
+            selection.top_k(sc, 10)
     with pytest.raises(ValueError, match="NaN or infinite"):
-        top_k(sc, 10)
+        selection.select(sc, None, density=0.1, scope="per_module")
