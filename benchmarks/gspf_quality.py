@@ -222,31 +222,44 @@ def _pretrain_record(base_dir: str) -> dict | None:
         return json.load(f)
 
 
-def main(argv=None) -> dict:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def add_harness_args(ap: argparse.ArgumentParser) -> None:
+    """The options every quality harness takes (this script's and ts_peft_quality.py's)."""
     ap.add_argument("--base", default="pretrain:gpu", help="pretrain:gpu|pretrain:cpu (train it now), a named "
                     "pretrained base (smollm2-135m) or a Hugging Face model directory with its tokenizer")
     ap.add_argument("--accounts", type=int, default=None, help="first N accounts of each dataset (default: all)")
-    ap.add_argument("--epochs", type=int, default=6, help="6: one GSPF re-selection (epoch 5)")
     ap.add_argument("--seq-len", type=int, default=128)
     ap.add_argument("--batch-size", type=int, default=8)
-    ap.add_argument("--density", type=float, default=0.003)
-    ap.add_argument("--warmup-steps", type=int, default=4)
     ap.add_argument("--lr-accounts", type=int, default=1, help="accounts per dataset for the lr pick (0: no pick)")
-    ap.add_argument("--methods", nargs="+", default=["full", "lora", "gspf", "gspf_static"],
-                    choices=["full", "lora", "gspf", "gspf_static"], help="full, lora and gspf are required")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--workdir", default="runs/quality")
     ap.add_argument("--reuse-base", action="store_true", help="with pretrain:*, reuse the base a previous run saved")
     ap.add_argument("--procs", type=int, default=1, help="fine-tunes run in N processes sharing the device")
     ap.add_argument("--tag", default="run")
     ap.add_argument("--out", default=os.environ.get("OUT", "benchmarks/results"))
-    args = ap.parse_args(argv)
-    t0 = time.perf_counter()
+
+
+def harness_inputs(args, script: str) -> tuple[str, str]:
+    """(the shared data directory, the base: a directory or name; pretrain:* trained or reused now)."""
     data_dir = shared_data_dir()
     if data_dir is None:
-        raise SystemExit("gspf_quality needs ../shared/data (or TKLLM_SHARED_DATA)")
-    base = _pretrain(args.base.split(":", 1)[1], args.workdir, args.reuse_base) if args.base.startswith("pretrain:") else args.base
+        raise SystemExit(f"{script} needs ../shared/data (or TKLLM_SHARED_DATA)")
+    base = args.base
+    if base.startswith("pretrain:"):
+        base = _pretrain(base.split(":", 1)[1], args.workdir, args.reuse_base)
+    return data_dir, base
+
+
+def main(argv=None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_harness_args(ap)
+    ap.add_argument("--epochs", type=int, default=6, help="6: one GSPF re-selection (epoch 5)")
+    ap.add_argument("--density", type=float, default=0.003)
+    ap.add_argument("--warmup-steps", type=int, default=4)
+    ap.add_argument("--methods", nargs="+", default=["full", "lora", "gspf", "gspf_static"],
+                    choices=["full", "lora", "gspf", "gspf_static"], help="full, lora and gspf are required")
+    args = ap.parse_args(argv)
+    t0 = time.perf_counter()
+    data_dir, base = harness_inputs(args, "gspf_quality")
     runner = Runner(base, base, args)
     accounts = load_accounts(data_dir, args.accounts)
     print(f"base {args.base}: {sum(p.numel() for p in runner.base.parameters()):,} params on {runner.device}; "

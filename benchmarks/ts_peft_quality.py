@@ -37,10 +37,10 @@ import time
 
 import torch
 
-from gspf_quality import Fleet, Runner, _pretrain, _pretrain_record, ci95, load_accounts, pick_lrs, split_accounts
+from gspf_quality import (Fleet, Runner, _pretrain_record, add_harness_args, ci95, harness_inputs, load_accounts,
+                          pick_lrs, split_accounts)
 from tkllm_ray.config.finetune import FinetuneConfig
 from tkllm_ray.data.readers import parse_file
-from tkllm_ray.data.samples import shared_data_dir
 from tkllm_ray.data.synth import generate_records
 from tkllm_ray.data.tokenizer import load_tokenizer
 from tkllm_ray.data.validate import RowRules
@@ -151,38 +151,22 @@ def plot(summary: dict, methods: list[str], target: float, path: str, title: str
 
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--base", default="pretrain:gpu", help="pretrain:gpu|pretrain:cpu (train it now), a named "
-                    "pretrained base (smollm2-135m) or a Hugging Face model directory with its tokenizer")
-    ap.add_argument("--accounts", type=int, default=None, help="first N accounts of each dataset (default: all)")
+    add_harness_args(ap)
     ap.add_argument("--synthetic", type=int, default=8, help="synthetic creators (data/synth.py) added")
     ap.add_argument("--synthetic-posts", type=int, default=120)
     ap.add_argument("--rank", type=int, default=8, help="adapter rank of every method")
     ap.add_argument("--epochs", type=int, default=6)
-    ap.add_argument("--seq-len", type=int, default=128)
-    ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--keep-top", type=float, default=0.0, help="also TS-LoRA on this share of its least sparse "
                     "modules, retrained from scratch (0: off)")
     defaults = FinetuneConfig.model_fields
     for f in TS_FIELDS:
         ap.add_argument("--" + f.replace("_", "-"), type=float, default=None,
                         help=f"default {defaults[f].default}: {defaults[f].description}")
-    ap.add_argument("--lr-accounts", type=int, default=1, help="accounts per dataset for the lr pick (0: no pick)")
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--workdir", default="runs/quality")
-    ap.add_argument("--reuse-base", action="store_true", help="with pretrain:*, reuse the base a previous run saved")
-    ap.add_argument("--procs", type=int, default=1, help="fine-tunes run in N processes sharing the device")
-    ap.add_argument("--tag", default="run")
-    ap.add_argument("--out", default=os.environ.get("OUT", "benchmarks/results"))
     args = ap.parse_args(argv)
     if not 0 <= args.keep_top <= 1:
         raise SystemExit("--keep-top is a share of the modules, in (0, 1] (0: off)")
     t0 = time.perf_counter()
-    data_dir = shared_data_dir()
-    if data_dir is None:
-        raise SystemExit("ts_peft_quality needs ../shared/data (or TKLLM_SHARED_DATA)")
-    base = args.base
-    if base.startswith("pretrain:"):
-        base = _pretrain(base.split(":", 1)[1], args.workdir, args.reuse_base)
+    data_dir, base = harness_inputs(args, "ts_peft_quality")
     runner = TSRunner(base, base, args)
     accounts = load_accounts(data_dir, args.accounts)
     if args.synthetic:
