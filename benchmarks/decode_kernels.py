@@ -1,6 +1,9 @@
 """The segmented forward at decode shape (serving: one token per account, 64 accounts), at tkllm-s's
-module shapes: the streaming decode kernel over a sweep of tile sizes, next to the line-block
-(tensor-core) kernel the training path uses and the base layer's dense GEMM at the same batch.
+module shapes, as the engine runs it: 64 accounts' deltas in the slot pool (serve/slots.py), q/k/v
+and gate/up each one grouped launch over their stacked output, o/down/lm_head one launch each. Each
+kind is timed over all 24 layers' modules in turn (each layer's entries are its own, so they come
+from DRAM, as in a decode step, not from a warm L2), per tile config; the fastest per kind become
+CONFIG["decode_by_shape"] (keyed by the stacked shape), next to the dense GEMM at the same shape.
 
     python benchmarks/decode_kernels.py          # GPU; writes decode-kernels-<device>.json
 
@@ -8,8 +11,8 @@ A second sweep does the same at a prefill's shape (32 prompt tokens per account)
 line-block kernel's tiles.
 
 `serve_bench.py --tune` runs the sweeps first and serves with the fastest tiles. Bandwidth counts the
-entry bytes the kernel reads (int32 column, bf16 value: 6 bytes an entry; the serving pool's int16
-columns make it 4). Times are device times: each call replayed from a CUDA graph, as serving runs it.
+entry bytes the kernel reads (the pool's int16 column and bf16 value: 4 bytes an entry). Times are
+device times: each call replayed from a CUDA graph, as serving runs it.
 """
 
 from __future__ import annotations
@@ -18,16 +21,23 @@ import argparse
 import itertools
 import os
 import time
+from types import SimpleNamespace
 
 import torch
 from packed_kernels import _ms, _segments  # sibling modules: this script's folder is on sys.path
 from results_io import sync, write_result
 
-# (in, out) of tkllm-s's linears, with how many of each the model has
+# (in, out) of tkllm-s's linears, with how many of each the model has (the prefill sweep)
 SHAPES = {"attn": ((2048, 2048), 96), "up_gate": ((2048, 5632), 48), "down": ((5632, 2048), 24),
           "lm_head": ((2048, 32000), 1)}
-GRID = [{"LINES": ln, "BLOCK_E": be, "num_warps": w}
-        for ln, be, w in itertools.product((32, 64, 128, 256, 512), (128, 256, 512, 1024), (2, 4, 8))]
+HIDDEN, INTER, LAYERS, VOCAB = 2048, 5632, 24, 32000
+# a decode step's delta launches by kind: (the modules of one launch in a layer, (out, in) each)
+KINDS = {"qkv": ((("self_attn.q_proj", HIDDEN), ("self_attn.k_proj", HIDDEN), ("self_attn.v_proj", HIDDEN)), HIDDEN),
+         "o": ((("self_attn.o_proj", HIDDEN),), HIDDEN),
+         "gate_up": ((("mlp.gate_proj", INTER), ("mlp.up_proj", INTER)), HIDDEN),
+         "down": ((("mlp.down_proj", HIDDEN),), INTER)}
+GRID = [{"LINES": ln, "BLOCK_E": be, "num_warps": w, "PREFETCH": pf}
+        for ln, be, w, pf in itertools.product((64, 128, 256, 512), (256, 512, 1024), (2, 4), (False, True))]
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 
 
@@ -65,38 +75,88 @@ def _operands(users: int, tokens: int, din: int, dout: int, density: float) -> t
     return seg, k, x, w, v, y, K._plan_rows(seg, dout)
 
 
-def sweep(users: int = 64, tokens: int = 1, density: float = 0.003, shapes: dict = SHAPES, grid: list = GRID) -> dict:
-    """Time the decode kernel per tile config on every shape (inside CUDA graphs); set
-    CONFIG["decode_by_shape"] to each shape's fastest and CONFIG["decode"] to the fastest overall
-    (per-layer time weighted by how many such layers the model has); return the table."""
+def _pool(users: int, density: float, layers: int):
+    """A slot pool of `users` random accounts over tkllm-s's linears (`layers` of its layers and
+    lm_head; only the shapes are needed, so the linears are shapes on the meta device)."""
+    from tkllm_ray.serve.slots import SlotDeltas
+
+    dtype = torch.bfloat16 if DEV == "cuda" else torch.float32
+    shapes = {f"model.layers.{i}.{n}": (o, KINDS[k][1]) for i in range(layers) for k in KINDS for n, o in KINDS[k][0]}
+    shapes["lm_head"] = (VOCAB, HIDDEN)
+    lins = {n: SimpleNamespace(weight=torch.empty(s, device="meta")) for n, s in shapes.items()}
+    table = SlotDeltas(users, lins, dtype, torch.device(DEV))
+    g = torch.Generator(device=DEV).manual_seed(0)
+    accounts = []
+    for _ in range(users):
+        d = {}
+        for n, (o, i) in shapes.items():
+            idx = torch.randint(0, o * i, (round(density * o * i),), device=DEV, generator=g).unique()
+            d[n] = (idx, torch.randn(idx.numel(), device=DEV, generator=g).to(dtype))
+        accounts.append(d)
+    table.assign(accounts)
+    return table, shapes, sum(table._entries(d) for d in accounts)
+
+
+def _module_entries(table, name: str) -> int:
+    """Entries of module `name` over every slot of the pool."""
+    ptr = table.ptr.view(table.slots, table.P)
+    off = table.offsets[table.module_index[name]]
+    return int((ptr[:, off + table.shapes[name][0]] - ptr[:, off]).sum())
+
+
+def sweep(users: int = 64, density: float = 0.003, layers: int = LAYERS, grid: list = GRID) -> dict:
+    """Time each kind of decode launch per tile config over `layers` layers in turn (inside CUDA
+    graphs); set CONFIG["decode_by_shape"] to each kind's fastest (the stacked shape for a group:
+    "6144x2048" for q/k/v) and CONFIG["decode"] to the fastest overall; return the table."""
     from tkllm_ray.sparse import segmented_triton as K
 
-    out = {"users": users, "tokens_per_user": tokens, "density": density, "shapes": {}}
+    table, _, total = _pool(users, density, layers)
+    dtype = table.vals.dtype
+    out = {"users": users, "tokens_per_user": 1, "density": density, "layers": layers, "entries": total, "kinds": {}}
     totals: dict[int, float] = {}
-    for name, ((din, dout), count) in shapes.items():
-        seg, k, x, w, v, y, plan = _operands(users, tokens, din, dout, density)
-        K.CONFIG["decode_by_shape"].pop(f"{dout}x{din}", None)  # else every grid point would run that shape's tiles
-        row = {"entries": k, "gemm_ms": _graph_ms(lambda: torch.nn.functional.linear(x, w)),
-               "line_block_ms": _graph_ms(lambda: K._csr_into(y, K.transpose(x), v, plan, seg)), "decode": []}
+    kinds = {**KINDS, "lm_head": ((("lm_head", VOCAB),), HIDDEN)}
+    for kind, (members, din) in kinds.items():
+        width = sum(o for _, o in members)
+        key = f"{width}x{din}"
+        x = torch.randn(users, din, device=DEV, dtype=dtype)
+        y = torch.zeros(users, width, device=DEV, dtype=dtype)
+        w = torch.randn(width, din, device=DEV, dtype=dtype)
+        prefixes = [""] if kind == "lm_head" else [f"model.layers.{i}." for i in range(layers)]
+        cols = [sum(o for _, o in members[:j]) for j in range(len(members))]
+        row = {"shape": key, "entries_per_layer": sum(_module_entries(table, p + n) for p in prefixes
+                                                      for n, _ in members) // len(prefixes),
+               "gemm_ms": _graph_ms(lambda: torch.nn.functional.linear(x, w)), "decode": []}
         for i, cfg in enumerate(grid):
-            K.CONFIG["decode"] = cfg
-            ms = _graph_ms(lambda: K._decode_into(y, x, v, plan, seg))
-            row["decode"].append({**cfg, "ms": ms, "entry_gb_per_s": k * 6 / ms / 1e6})
-            totals[i] = totals.get(i, 0.0) + ms * count
+            K.CONFIG["decode_by_shape"][key] = cfg
+            table._groups.clear()  # a group's tiles are read when it is added
+            groups = [table.add_group(tuple((p + n, c) for (n, _), c in zip(members, cols))) for p in prefixes]
+            single = [table.segs[p + members[0][0]] for p in prefixes]
+
+            def launch():
+                if len(members) > 1:
+                    for grp in groups:
+                        table.group_add(y, x, grp)
+                else:
+                    for seg in single:
+                        K._decode_into(y, x, table.vals, seg._plans[f"rows{width}"], seg)
+
+            ms = _graph_ms(launch, reps=max(1, 20 // len(prefixes))) / len(prefixes)
+            row["decode"].append({**cfg, "ms": ms, "entry_gb_per_s": row["entries_per_layer"] * 4 / ms / 1e6})
+            totals[i] = totals.get(i, 0.0) + ms * len(prefixes)
         best = min(row["decode"], key=lambda r: r["ms"])
         row["best_decode_ms"], row["best_decode_gb_per_s"] = best["ms"], best["entry_gb_per_s"]
-        K.CONFIG["decode_by_shape"][f"{dout}x{din}"] = {c: best[c] for c in ("LINES", "BLOCK_E", "num_warps")}
-        out["shapes"][name] = row
-        print(f"{name}: gemm {row['gemm_ms']:.3f} ms, line-block {row['line_block_ms']:.3f} ms, "
-              f"decode best {best['ms']:.3f} ms ({best['entry_gb_per_s']:.0f} GB/s)", flush=True)
+        K.CONFIG["decode_by_shape"][key] = {c: best[c] for c in ("LINES", "BLOCK_E", "num_warps", "PREFETCH")}
+        out["kinds"][kind] = row
+        print(f"{kind} ({key}): gemm {row['gemm_ms']:.4f} ms, decode best {best['ms']:.4f} ms "
+              f"({best['entry_gb_per_s']:.0f} GB/s) {K.CONFIG['decode_by_shape'][key]}", flush=True)
     best = min(totals, key=totals.get)
-    K.CONFIG["decode"] = grid[best]
     out["chosen"], out["chosen_by_shape"] = grid[best], dict(K.CONFIG["decode_by_shape"])
-    out["model_ms_per_step"] = {"decode": totals[best],
-                                "decode_per_shape_best": sum(r["best_decode_ms"] * shapes[n][1]
-                                                             for n, r in out["shapes"].items()),
-                                "line_block": sum(r["line_block_ms"] * shapes[n][1] for n, r in out["shapes"].items()),
-                                "gemm": sum(r["gemm_ms"] * shapes[n][1] for n, r in out["shapes"].items())}
+    K.CONFIG["decode"] = dict(grid[best])
+    out["model_ms_per_step"] = {"decode_one_config": totals[best],
+                                "decode_per_kind_best": sum(r["best_decode_ms"] * (1 if k == "lm_head" else layers)
+                                                            for k, r in out["kinds"].items()),
+                                "gemm": sum(r["gemm_ms"] * (1 if k == "lm_head" else layers)
+                                            for k, r in out["kinds"].items())}
     return out
 
 
@@ -147,7 +207,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--prefill-tokens", type=int, default=32, help="prompt tokens per account in the prefill sweep")
     ap.add_argument("--out", default=os.environ.get("OUT", "benchmarks/results"))
     args = ap.parse_args(argv)
-    res = sweep(args.users, 1, args.density)
+    res = sweep(args.users, args.density)
     res["prefill"] = prefill_sweep(args.users, args.prefill_tokens, args.density)
     res["device"] = torch.cuda.get_device_name(0) if DEV == "cuda" else "cpu"
     write_result(args.out, "decode-kernels", res["device"], res)

@@ -62,34 +62,51 @@ def _greedy(args) -> dict:
     return dict(max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens, do_sample=False, pad_token_id=0)
 
 
-def timed_generate(engine: DeltaBatchEngine, reqs: list[GenRequest], reps: int = 5) -> dict:
-    """End to end (admission, prefill, every decode step) and the median decode step (each step
-    ends in a host copy of the picked tokens, so its wall time is the device's): the median of
-    `reps` runs (one run of 64 requests lasts a few tenths of a second: single runs vary by 20%)."""
-    runs = []
+def _timed_once(engine: DeltaBatchEngine, reqs: list[GenRequest]) -> dict:
+    """One end-to-end run (admission, prefill, every decode step) and its median decode step (each
+    step ends in a host copy of the picked tokens, so its wall time is the device's)."""
+    # Warm-up: the full batch's prefill shape on the base (first-call GEMM/attention set-up for a
+    # new shape is not the engine's cost; it also empties the slots, so every run lays out its
+    # deltas), then two of the requests (kernels compiled, decode graphs captured, a single
+    # account merged in).
+    engine.generate([GenRequest(r.prompt, None, 2) for r in reqs])
+    engine.generate(reqs[:2])
+    sync()
+    captures = engine.stats["graph_captures"]
+    t = time.perf_counter()
+    out, steps = [[] for _ in reqs], []
+    for updates in engine.stream(reqs):
+        steps.append(time.perf_counter())
+        for i, tokens, _ in updates:
+            out[i] = tokens
+    sync()
+    wall = time.perf_counter() - t
+    step_s = statistics.median(b - a for a, b in zip(steps[1:], steps[2:]))  # after the admitting step
+    return {"tokens_per_s": sum(len(o) for o in out) / wall, "wall_s": wall, "batch": len(reqs),
+            "decode_step_ms_median": 1e3 * step_s, "decode_tokens_per_s": len(reqs) / step_s,
+            "graph_captures": engine.stats["graph_captures"] - captures}
+
+
+def timed_together(runs: dict[str, tuple[DeltaBatchEngine, list[GenRequest]]], reps: int = 5) -> dict:
+    """Each (engine, requests) of `runs` end to end, `reps` times, taking turns: run r of every one
+    comes before run r + 1 of any, so a drift of the device's clocks over the section reaches all
+    of them alike (their ratios are the point). Per run: the median of its `reps` by tokens/s
+    (one run of 64 requests lasts a few tenths of a second: single runs vary by 20%)."""
+    got: dict[str, list[dict]] = {name: [] for name in runs}
     for _ in range(reps):
-        # Warm-up: the full batch's prefill shape on the base (first-call GEMM/attention set-up
-        # for a new shape is not the engine's cost; it also empties the slots, so every run lays
-        # out its deltas), then two of the requests (kernels compiled, decode graphs captured, a
-        # single account merged in).
-        engine.generate([GenRequest(r.prompt, None, 2) for r in reqs])
-        engine.generate(reqs[:2])
-        sync()
-        captures = engine.stats["graph_captures"]
-        t = time.perf_counter()
-        out, steps = [[] for _ in reqs], []
-        for updates in engine.stream(reqs):
-            steps.append(time.perf_counter())
-            for i, tokens, _ in updates:
-                out[i] = tokens
-        sync()
-        wall = time.perf_counter() - t
-        step_s = statistics.median(b - a for a, b in zip(steps[1:], steps[2:]))  # after the admitting step
-        runs.append({"tokens_per_s": sum(len(o) for o in out) / wall, "wall_s": wall, "batch": len(reqs),
-                     "decode_step_ms_median": 1e3 * step_s, "decode_tokens_per_s": len(reqs) / step_s,
-                     "graph_captures": engine.stats["graph_captures"] - captures})
-    median = sorted(runs, key=lambda r: r["tokens_per_s"])[len(runs) // 2]
-    return {**median, "tokens_per_s_runs": [r["tokens_per_s"] for r in runs]}
+        for name, (engine, reqs) in runs.items():
+            got[name].append(_timed_once(engine, reqs))
+    out = {}
+    for name, rs in got.items():
+        median = sorted(rs, key=lambda r: r["tokens_per_s"])[len(rs) // 2]
+        out[name] = {**median, "tokens_per_s_runs": [r["tokens_per_s"] for r in rs],
+                     "decode_step_ms_runs": [r["decode_step_ms_median"] for r in rs]}
+    return out
+
+
+def timed_generate(engine: DeltaBatchEngine, reqs: list[GenRequest], reps: int = 5) -> dict:
+    """`timed_together` of one engine and request list."""
+    return timed_together({"run": (engine, reqs)}, reps)["run"]
 
 
 def profile_decode(engine: DeltaBatchEngine, reqs: list[GenRequest], out_dir: str, steps: int = 10) -> dict:
@@ -311,6 +328,9 @@ def main(argv=None) -> dict:
         eager = DeltaBatchEngine(copy.deepcopy(base), slots=args.batch, max_len=args.prompt + args.new_tokens,
                                  cuda_graphs=False)
         spare = copy.deepcopy(base)  # copied before `engine` swaps the base's linears for its own
+        # The engine as it was before stacking q/k/v and gate/up (one GEMM and delta launch per linear)
+        separate = DeltaBatchEngine(copy.deepcopy(base), slots=args.batch, max_len=args.prompt + args.new_tokens,
+                                    stack=False)
         engine = DeltaBatchEngine(base, slots=args.batch, max_len=args.prompt + args.new_tokens)
         made: list = []
 
@@ -321,10 +341,14 @@ def main(argv=None) -> dict:
             return made[0]
         # Our engine first, the slow baselines last; the JSON is rewritten after every section so a
         # run cut short by its time limit still reports what it measured.
-        sections = [("ours_base", lambda: timed_generate(engine, _requests(args, [None] * args.batch))),
-                    ("ours_mixed", lambda: timed_generate(engine, _requests(args, deltas))),
+        # "decode": the runs the headline ratios compare, taking turns (timed_together)
+        sections = [("decode", lambda: timed_together({
+                        "ours_base": (engine, _requests(args, [None] * args.batch)),
+                        "ours_mixed": (engine, _requests(args, deltas)),
+                        "ours_single_account": (engine, _requests(args, [deltas[0]] * args.batch)),
+                        "ours_base_separate": (separate, _requests(args, [None] * args.batch)),
+                        "ours_mixed_separate": (separate, _requests(args, deltas))})),
                     ("admission", lambda: admission(engine, args, deltas)),
-                    ("ours_single_account", lambda: timed_generate(engine, _requests(args, [deltas[0]] * args.batch))),
                     ("ours_single_account_segmented", lambda: unmerged(
                         engine, lambda: timed_generate(engine, _requests(args, [deltas[0]] * args.batch)))),
                     ("ours_mixed_churn", lambda: churn(engine, args, deltas)),
@@ -343,9 +367,10 @@ def main(argv=None) -> dict:
             if name in args.skip or (name in ("profile", "admission") and not args.profile):
                 continue
             t = time.perf_counter()
-            res[name] = run()
-            res[name]["section_s"] = time.perf_counter() - t
-            print(f"{name}: {json.dumps(res[name])}", flush=True)
+            got = run()
+            for key, r in (got.items() if name == "decode" else [(name, got)]):
+                res[key] = {**r, "section_s": time.perf_counter() - t}
+                print(f"{key}: {json.dumps(res[key])}", flush=True)
             write_result(args.out, "serving", res["device"], res)
         swap_out(base)
     try:
@@ -357,11 +382,21 @@ def main(argv=None) -> dict:
     base_tps = res.get("ours_base", {}).get("tokens_per_s")
     if base_tps:
         res["base_decode_tokens_per_s_b64"] = base_tps
-        for key, section in (("mixed64_throughput_ratio_vs_base", "ours_mixed"),
-                             ("single_account_throughput_ratio_vs_base", "ours_single_account"),
-                             ("single_account_segmented_ratio_vs_base", "ours_single_account_segmented")):
+        # end to end (admission, prefill and decode), then over decode steps alone (their medians)
+        for key, step_key, section in (
+                ("mixed64_throughput_ratio_vs_base", "mixed64_decode_step_ratio_vs_base", "ours_mixed"),
+                ("single_account_throughput_ratio_vs_base", "single_account_decode_step_ratio_vs_base",
+                 "ours_single_account"),
+                ("single_account_segmented_ratio_vs_base", None, "ours_single_account_segmented")):
             if section in res:
                 res[key] = res[section]["tokens_per_s"] / base_tps
+                if step_key:
+                    res[step_key] = res["ours_base"]["decode_step_ms_median"] / res[section]["decode_step_ms_median"]
+        # stacked q/k/v and gate/up vs one GEMM and delta launch per linear (the same run)
+        for key, new, old in (("stacked_vs_separate_base", "ours_base", "ours_base_separate"),
+                              ("stacked_vs_separate_mixed", "ours_mixed", "ours_mixed_separate")):
+            if new in res and old in res:
+                res[key] = res[new]["tokens_per_s"] / res[old]["tokens_per_s"]
     for key, section in (("mixed64_compiled_ratio_vs_compiled_base", "ours_mixed_compiled"),
                          ("single_account_compiled_ratio_vs_compiled_base", "ours_single_account_compiled")):
         if section in res and "ours_base_compiled" in res:

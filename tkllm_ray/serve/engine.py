@@ -31,8 +31,10 @@ from torch.nn import functional as F
 
 from tkllm_ray.serve.adapters import Adapters
 from tkllm_ray.serve.slots import SlotDeltas
+from tkllm_ray.serve.stacked import layer_stacks
 from tkllm_ray.sparse.delta_store import Delta
 from tkllm_ray.sparse.mixed import rows_inputs, swap_in
+from tkllm_ray.sparse.segmented import add_delta_term
 from tkllm_ray.sparse.model import AppliedDelta
 from tkllm_ray.sparse.sensitivity import target_linears
 
@@ -56,17 +58,33 @@ class _RowDeltas:
 
     def __init__(self, deltas: list[Delta | None], dtype: torch.dtype, adapters: list | None = None):
         self.deltas, self.dtype = deltas, dtype
+        # no account's delta: every module's inputs are (None, None), read without the dict (a
+        # compiled decode step would guard on the dict's keys and recompile once they change)
+        self.any = any(d is not None for d in deltas)
         # (request index, Adapters) of the requests whose account has token-selective adapters
         self.adapters = [(i, a) for i, a in enumerate(adapters or []) if a is not None]
         self.tokens = 1
         self._inputs: dict[tuple[str, int], tuple] = {}
 
     def module_inputs(self, name: str, lin: nn.Linear):
+        if not self.any:
+            return None, None
         key = (name, self.tokens)
         if key not in self._inputs:  # built once per slot assignment: every decode step reuses it
             parts = [d.get(name) if d is not None else None for d in self.deltas]
             self._inputs[key] = rows_inputs(parts, [self.tokens] * len(self.deltas), lin, self.dtype)
         return self._inputs[key]
+
+
+@dataclass
+class _Projection:
+    """A stack of linears (serve/stacked.py) as the engine runs it: the stacked weight, each
+    member's (name, the module the model now holds, first column, size), and the member modules'
+    group in the slot pool (None: none of them is in it, or no pool)."""
+    weight: torch.Tensor
+    members: list[tuple[str, nn.Module, int, int]]
+    sizes: list[int]
+    group: tuple | None = None
 
 
 @dataclass
@@ -80,7 +98,7 @@ class _Live:
 class DeltaBatchEngine:
     def __init__(self, model: nn.Module, pad_id: int = 0, target_modules: list[str] | None = None,
                  slots: int = 64, max_len: int | None = None, bucket: int = 64, cuda_graphs: bool = True,
-                 merge_single: bool = True, compile: bool = False):
+                 merge_single: bool = True, compile: bool = False, stack: bool = True):
         self.model, self.pad_id, self.bucket = model.eval(), pad_id, bucket
         # A decode batch of one account only runs on the base with its delta scattered into the
         # weights (restored exactly when another account joins): the plain base step, no delta term.
@@ -111,12 +129,15 @@ class DeltaBatchEngine:
         self.stats = {"graph_captures": 0, "merges": 0}
         self._static = (torch.zeros(slots, dtype=torch.long, device=self.device),
                         torch.zeros(slots, dtype=torch.long, device=self.device))
+        # q/k/v and gate/up as one GEMM (and one delta launch) each (serve/stacked.py)
+        stacks = layer_stacks(model) if stack else [(None, None)] * len(self.layers)
         linears = target_linears(model, target_modules)
         # On a GPU, decode reads the deltas from per-slot regions (serve/slots.py): a request joining
         # or leaving rewrites its slot only, and the captured graphs stay valid.
         self._table = SlotDeltas(slots, linears, self.dtype, self.device) if self.device.type == "cuda" else None
         self._no_deltas = _RowDeltas([None] * slots, self.dtype)
         swap_in(model, linears, self)
+        self._stacks = [tuple(None if st is None else self._projection(st) for st in pair) for pair in stacks]
 
     # ---- requests in, tokens out -------------------------------------------------------------
     def submit(self, req: GenRequest) -> int:
@@ -284,18 +305,49 @@ class DeltaBatchEngine:
 
         n, length = h.shape[:2]
         cos, sin = self.model.model.rotary_emb(h, pos)
-        for i, layer in enumerate(self.layers):
-            a = layer.self_attn
+        for i, (layer, (qkv, gate_up)) in enumerate(zip(self.layers, self._stacks)):
+            a, mlp = layer.self_attn, layer.mlp
             r = layer.input_layernorm(h)
-            q = a.q_proj(r).view(n, length, -1, a.head_dim).transpose(1, 2)
-            k = a.k_proj(r).view(n, length, -1, a.head_dim).transpose(1, 2)
-            v = a.v_proj(r).view(n, length, -1, a.head_dim).transpose(1, 2)
+            q, k, v = (t.view(n, length, -1, a.head_dim).transpose(1, 2)
+                       for t in self._project(qkv, (a.q_proj, a.k_proj, a.v_proj), r))
             q, k = apply_rotary_pos_emb(q, k, cos, sin)
             write(i, k, v)
             o = attend(i, q, k, v, a.scaling)
             h = h + a.o_proj(o.transpose(1, 2).reshape(n, length, -1))
-            h = h + layer.mlp(layer.post_attention_layernorm(h))
+            r = layer.post_attention_layernorm(h)
+            if gate_up is None:
+                h = h + mlp(r)
+            else:
+                g, u = self._project(gate_up, (mlp.gate_proj, mlp.up_proj), r)
+                h = h + mlp.down_proj(mlp.act_fn(g) * u)
         return h
+
+    def _projection(self, stack) -> _Projection:
+        proj = _Projection(stack.weight, [(n, self.model.get_submodule(n), c, k) for n, c, k in
+                                          zip(stack.names, stack.columns, stack.sizes)], stack.sizes)
+        pooled = tuple((n, c) for n, _, c, _ in proj.members if self._table is not None and n in self._table.shapes)
+        if pooled:
+            proj.group = self._table.add_group(pooled)
+        return proj
+
+    def _project(self, stack: _Projection | None, modules: tuple, x: torch.Tensor) -> list[torch.Tensor]:
+        """The outputs of linears that read x, with each row's delta term: one GEMM over their
+        stack and, from the slot pool, one delta launch (else one delta term per linear)."""
+        ctx = self.ctx
+        if stack is None or getattr(ctx, "adapters", None):  # token-selective rows: each linear's own path
+            return [m(x) for m in modules]
+        y = F.linear(x, stack.weight)
+        if ctx is not None:
+            y2, x2 = y.view(-1, y.shape[-1]), x.reshape(-1, x.shape[-1])
+            if ctx is self._table:
+                if stack.group is not None:
+                    self._table.group_add(y2, x2, stack.group)
+            else:
+                for name, mod, col, size in stack.members:
+                    seg, values = ctx.module_inputs(name, getattr(mod, "base", mod))
+                    if seg is not None:
+                        add_delta_term(y2[:, col:col + size], x2, values, seg)
+        return y.split(stack.sizes, -1)
 
     def _prefill(self, ids: torch.Tensor, slots: torch.Tensor, lens: torch.Tensor) -> torch.Tensor:
         """New prompts (right-padded) into their slots -> logits at each prompt's last token."""

@@ -148,6 +148,13 @@ def _add_delta(out: torch.Tensor, x: torch.Tensor, values: torch.Tensor, seg: Se
     return add(out.view(-1, out.shape[-1]), x.reshape(-1, x.shape[-1]), values, seg, keep)
 
 
+def add_delta_term(out2: torch.Tensor, x2: torch.Tensor, values: torch.Tensor, seg: Segments) -> None:
+    """out2 (tokens, out) += the delta term of x2 (tokens, in), in place, without autograd (serving);
+    out2 may be a column slice of a wider output (a stacked projection's)."""
+    add, _ = _kernels(x2)
+    add(out2, x2, values, seg, False)
+
+
 class SegmentedDeltaAddFn(torch.autograd.Function):
     """Adds the per-user delta term into `base`, the base module's output, in place: any base (a
     plain nn.Linear, one whose weight DeepSpeed ZeRO-3 gathers in its own forward, a quantized one)

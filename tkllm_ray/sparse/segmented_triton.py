@@ -37,12 +37,13 @@ from tkllm_ray.sparse.sddmm_triton import transpose
 # Defaults: the H100 sweeps' best (packed-kernels- and decode-kernels-nvidia-h100-80gb-hbm3.json).
 CONFIG = {"csr": {"LINES": 16, "BLOCK_E": 32, "BLOCK_T": 128, "num_warps": 8},
           "sddmm": {"LINES": 16, "BLOCK_E": 64, "BLOCK_T": 32, "SPLIT": 1, "num_warps": 4},
-          "decode": {"LINES": 128, "BLOCK_E": 1024, "num_warps": 4},
-          # "<out>x<in>" -> tiles for that layer shape (the sweep's per-shape best; tkllm-s's, H100)
-          "decode_by_shape": {"2048x2048": {"LINES": 128, "BLOCK_E": 1024, "num_warps": 4},
-                              "5632x2048": {"LINES": 256, "BLOCK_E": 256, "num_warps": 2},
-                              "2048x5632": {"LINES": 128, "BLOCK_E": 256, "num_warps": 4},
-                              "32000x2048": {"LINES": 512, "BLOCK_E": 512, "num_warps": 4}},
+          # decode: the sweep over the serving pool, each kind of launch over all 24 layers in turn
+          # (entries from DRAM, as in a step); one config is within 5% of each kind's best but o's.
+          # PREFETCH (the next chunk's entries loaded before this one's sums) was 5-20% faster.
+          "decode": {"LINES": 128, "BLOCK_E": 256, "num_warps": 2, "PREFETCH": True},
+          # "<out>x<in>" -> tiles for that layer shape (a grouped launch's stacked shape, e.g.
+          # "6144x2048" for q/k/v), where its best differs from "decode"'s (tkllm-s's, H100)
+          "decode_by_shape": {"2048x2048": {"LINES": 64, "BLOCK_E": 256, "num_warps": 2, "PREFETCH": True}},
           # Line-block tiles for batches of at most PREFILL_TOKENS tokens a user (a serving prefill of
           # many accounts' prompts; also a training batch that small, forward and dx), set by
           # decode_kernels.py's prefill sweep.
@@ -107,8 +108,9 @@ def _csr_add(srcT, out, src, dst, vals, ptr, tok_off, umap, lines, blocks_per_us
 
 
 @triton.jit
-def _csr_decode(x, out, src, vals, ptr, tok_off, umap, lines, blocks_per_user, stride_x, stride_out, stride_ptr,
-                LINES: tl.constexpr, BLOCK_E: tl.constexpr, MAPPED: tl.constexpr):
+def _csr_decode(x, out, src, vals, ptr, tok_off, umap, meta, lines, blocks_per_user, stride_x, stride_out, stride_ptr,
+                LINES: tl.constexpr, BLOCK_E: tl.constexpr, MAPPED: tl.constexpr, GROUP: tl.constexpr,
+                PREFETCH: tl.constexpr):
     # Program (user u, lines [l0, l0 + LINES)), for each of u's few tokens t:
     # out[t, l] += Σ_{entries e of (u, l)} v_e · x[t, src_e], the entries read BLOCK_E at a time.
     # Lines are runs of the sorted entries, so a chunk's per-line sums are differences of its
@@ -116,9 +118,23 @@ def _csr_decode(x, out, src, vals, ptr, tok_off, umap, lines, blocks_per_user, s
     # pointers start at ptr[u' · stride_ptr]: u' = u and stride `lines` for one CSR over the
     # (user, line) grid; serving's slot pool has a pointer run per slot (stride P) and maps a
     # batch's users to their slots (umap).
+    # GROUP > 0: one launch for GROUP modules that read the same x (q/k/v, gate/up), each
+    # writing its own columns of one stacked output. meta[j] = (first block of module j among a
+    # user's blocks, offset of its pointers in the user's run, its lines, its first output column).
+    # PREFETCH: the next chunk's entries are loaded before this chunk's sums (more bytes in flight).
     b = tl.program_id(0)
     u = b // blocks_per_user
-    l0 = (b % blocks_per_user) * LINES
+    r = b % blocks_per_user
+    col = 0
+    if GROUP > 0:
+        j = 0
+        for jj in tl.static_range(1, GROUP):
+            j = tl.where(r >= tl.load(meta + 4 * jj), jj, j)
+        r = r - tl.load(meta + 4 * j)
+        ptr += tl.load(meta + 4 * j + 1)
+        lines = tl.load(meta + 4 * j + 2)
+        col = tl.load(meta + 4 * j + 3)
+    l0 = r * LINES
     t0 = tl.load(tok_off + u)
     t1 = tl.load(tok_off + u + 1)
     if MAPPED:
@@ -134,19 +150,32 @@ def _csr_decode(x, out, src, vals, ptr, tok_off, umap, lines, blocks_per_user, s
     p0 = tl.min(lo, axis=0)
     for t in range(t0, t1):
         acc = tl.zeros((LINES,), dtype=tl.float32)
-        for e0 in range(p0, p1, BLOCK_E):
-            e = e0 + tl.arange(0, BLOCK_E)
+        if PREFETCH:
+            e = p0 + tl.arange(0, BLOCK_E)
             em = e < p1
             s = tl.load(src + e, mask=em, other=0)
-            v = tl.load(vals + e, mask=em, other=0.0).to(tl.float32)
+            v = tl.load(vals + e, mask=em, other=0.0)
+        for e0 in range(p0, p1, BLOCK_E):
+            if PREFETCH:
+                en = e0 + BLOCK_E + tl.arange(0, BLOCK_E)
+                enm = en < p1
+                s_next = tl.load(src + en, mask=enm, other=0)
+                v_next = tl.load(vals + en, mask=enm, other=0.0)
+            else:
+                e = e0 + tl.arange(0, BLOCK_E)
+                em = e < p1
+                s = tl.load(src + e, mask=em, other=0)
+                v = tl.load(vals + e, mask=em, other=0.0)
             xv = tl.load(x + t * stride_x + s, mask=em, other=0.0).to(tl.float32)
-            run = tl.cumsum(v * xv, axis=0)  # run[i] = Σ of the chunk's first i + 1 products
+            run = tl.cumsum(v.to(tl.float32) * xv, axis=0)  # run[i] = Σ of the chunk's first i + 1 products
             a = tl.minimum(tl.maximum(lo - e0, 0), BLOCK_E)  # line l's part of the chunk: [a, b)
             z = tl.minimum(tl.maximum(hi - e0, 0), BLOCK_E)
             upto_z = tl.where(z > 0, tl.gather(run, tl.maximum(z - 1, 0).to(tl.int32), 0), 0.0)
             upto_a = tl.where(a > 0, tl.gather(run, tl.maximum(a - 1, 0).to(tl.int32), 0), 0.0)
             acc += upto_z - upto_a
-        o = out + t * stride_out + l0 + ls
+            if PREFETCH:
+                s, v, em = s_next, v_next, enm
+        o = out + t * stride_out + col + l0 + ls
         cur = tl.load(o, mask=lm, other=0.0)
         tl.store(o, (cur.to(tl.float32) + acc).to(cur.dtype), mask=lm)
 
@@ -265,32 +294,52 @@ def sampled_grad_T(dyT: torch.Tensor, xT: torch.Tensor, seg, out_features: int) 
     return out
 
 
+def decode_tiles(*shapes: tuple[int, int]) -> dict:
+    """The decode kernel's tiles: those swept for the first of `shapes` ((out, in); a grouped
+    launch gives its stacked shape, then its first module's) that CONFIG has, else the default."""
+    c = next((CONFIG["decode_by_shape"][k] for k in (f"{o}x{i}" for o, i in shapes) if k in CONFIG["decode_by_shape"]),
+             CONFIG["decode"])
+    return {"PREFETCH": False, **c}
+
+
 def _decode_into(out: torch.Tensor, x: torch.Tensor, values: torch.Tensor, p: dict, seg) -> None:
     """out (tokens, out_features) += the delta term for decode-shaped batches, reading x (tokens, in)."""
     if not _has_work(seg):
         return
     width = out.shape[1]
-    c = CONFIG["decode_by_shape"].get(f"{width}x{x.shape[1]}", CONFIG["decode"])
-    decode_add(out, x, p["src"], values.contiguous(), p["ptr"], seg.token_offsets, p.get("map"), seg.users,
-               p.get("stride", width), c["LINES"], c["BLOCK_E"], c["num_warps"])
+    c = decode_tiles((width, x.shape[1]))
+    decode_add(out, x, p["src"], values.contiguous(), p["ptr"], seg.token_offsets, p.get("map"), None, seg.users,
+               triton.cdiv(width, c["LINES"]), p.get("stride", width), c["LINES"], c["BLOCK_E"], c["num_warps"],
+               c["PREFETCH"])
+
+
+def group_blocks(lines: list[int], lines_per_block: int) -> list[int]:
+    """Where each module's line blocks start among a user's blocks in a grouped launch (and, last,
+    how many blocks a user has)."""
+    starts = [0]
+    for n in lines:
+        starts.append(starts[-1] + triton.cdiv(n, lines_per_block))
+    return starts
 
 
 @torch.library.custom_op("tkllm::decode_add", mutates_args=("out",))
 def decode_add(out: torch.Tensor, x: torch.Tensor, src: torch.Tensor, vals: torch.Tensor, ptr: torch.Tensor,
-               tok_off: torch.Tensor, umap: Optional[torch.Tensor], users: int, stride_ptr: int, lines_per_block: int,
-               block_e: int, num_warps: int) -> None:
+               tok_off: torch.Tensor, umap: Optional[torch.Tensor], meta: Optional[torch.Tensor], users: int,
+               blocks_per_user: int, stride_ptr: int, lines_per_block: int, block_e: int, num_warps: int,
+               prefetch: bool) -> None:
     """The decode kernel as a torch op (out += the delta term, in place), so a compiled decode
-    step keeps it as one opaque call among the ops torch.compile fuses."""
-    width = out.shape[1]
-    per_user = triton.cdiv(width, lines_per_block)
-    _csr_decode[(users * per_user,)](
-        x, out, src, vals, ptr, tok_off, tok_off if umap is None else umap, width, per_user, x.stride(0),
-        out.stride(0), stride_ptr, LINES=lines_per_block, BLOCK_E=block_e, MAPPED=umap is not None,
-        num_warps=num_warps)
+    step keeps it as one opaque call among the ops torch.compile fuses. `meta` (modules, 4) int64:
+    several modules that read x in one launch (see _csr_decode); None: one module, all of out."""
+    group = 0 if meta is None else meta.shape[0]
+    _csr_decode[(users * blocks_per_user,)](
+        x, out, src, vals, ptr, tok_off, tok_off if umap is None else umap, tok_off if meta is None else meta,
+        out.shape[1], blocks_per_user, x.stride(0), out.stride(0), stride_ptr, LINES=lines_per_block,
+        BLOCK_E=block_e, MAPPED=umap is not None, GROUP=group, PREFETCH=prefetch, num_warps=num_warps)
 
 
 @decode_add.register_fake
-def _(out, x, src, vals, ptr, tok_off, umap, users, stride_ptr, lines_per_block, block_e, num_warps) -> None:
+def _(out, x, src, vals, ptr, tok_off, umap, meta, users, blocks_per_user, stride_ptr, lines_per_block, block_e,
+      num_warps, prefetch) -> None:
     return None
 
 

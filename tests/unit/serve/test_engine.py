@@ -64,6 +64,21 @@ def test_a_mixed_batch_gives_each_request_its_solo_tokens(base):
     assert batch[0] == batch[4]
 
 
+def test_stacked_projections_share_the_base_weights_and_decode_as_the_separate_linears(base):
+    stacked = DeltaBatchEngine(copy.deepcopy(base))
+    separate = DeltaBatchEngine(copy.deepcopy(base), stack=False)
+    qkv, gate_up = stacked._stacks[0]
+    attn, mlp = stacked.layers[0].self_attn, stacked.layers[0].mlp
+    assert qkv.sizes == [64, 32, 32] and [c for _, _, c, _ in qkv.members] == [0, 64, 96]  # tkllm-tiny: 2 of 4 kv heads
+    assert gate_up.sizes == [176, 176]
+    for lin, stack, col in ((attn.k_proj, qkv, 64), (mlp.up_proj, gate_up, 176)):  # views of the stack, same values
+        assert lin.weight.data_ptr() == stack.weight[col].data_ptr()
+    assert torch.equal(attn.k_proj.weight, base.model.layers[0].self_attn.k_proj.weight)
+    assert all(s == (None, None) for s in separate._stacks)
+    reqs = [GenRequest(_prompt(i, 5 + i), _delta(base, 20 + i) if i != 1 else None, max_tokens=7) for i in range(3)]
+    assert stacked.generate(reqs) == separate.generate(reqs)
+
+
 def test_one_accounts_batch_decodes_merged_and_the_base_comes_back_bit_exact(base):
     engine = DeltaBatchEngine(copy.deepcopy(base))
     before = {n: p.clone() for n, p in engine.model.named_parameters()}
@@ -186,6 +201,8 @@ def test_on_cuda_a_compiled_decode_step_decodes_the_same_tokens(base):
     assert compiled.generate(reqs) == plain.generate(reqs)
     assert compiled.generate(solo) == plain.generate(solo) and compiled.stats["merges"] == 1
     assert compiled.generate(mixed) == plain.generate(mixed)  # the delta kernel inside the compiled step
+    # the compiled steps were captured as graphs (a recompile inside a capture makes it fall back)
+    assert {k[0] for k in compiled._graphs} == {"base", "deltas"} and compiled.cuda_graphs
 
 
 def _ts_account(model, kind: str, seed: int, prompt: list[int]):

@@ -82,8 +82,65 @@ print("ok")
 """
 
 
+GROUP_CHECK = r"""
+import torch
+from torch import nn
+from tkllm_ray.serve.slots import SlotDeltas
+from tkllm_ray.sparse import segmented_triton as K
+dev = "{device}"
+g = torch.Generator().manual_seed(1)
+slots = 4
+# q/k/v of a GQA layer (24, 8, 8 lines) read one input; o reads another. Pool order: k, o, q, v.
+lins = {{"q": nn.Linear(40, 24, bias=False), "k": nn.Linear(40, 8, bias=False), "v": nn.Linear(40, 8, bias=False),
+         "o": nn.Linear(24, 40, bias=False)}}
+lins = {{n: m.to(dev) for n, m in lins.items()}}
+
+def delta(k):
+    out = {{}}
+    for name, lin in lins.items():
+        kk = min(k, lin.weight.numel())
+        if kk and name != "v":  # v without entries for these accounts
+            idx = torch.sort(torch.randperm(lin.weight.numel(), generator=g)[:kk]).values
+            out[name] = (idx.to(dev), torch.randn(kk, generator=g).to(dev))
+    return out
+
+table = SlotDeltas(slots, lins, torch.float32, torch.device(dev))
+deltas = [delta(120), None, delta(3), delta(200)]
+table.assign(deltas)
+members = (("q", 0), ("k", 24), ("v", 32))
+x = torch.randn(slots, 40, generator=g).to(dev)
+y0 = torch.randn(slots, 40, generator=g).to(dev)
+want = y0.clone()
+for s, d in enumerate(deltas):
+    for name, col in members:
+        if d is not None and name in d:
+            dout = lins[name].weight.shape[0]
+            w = torch.zeros(dout * 40, device=dev)
+            w[d[name][0]] = d[name][1]
+            want[s, col:col + dout] += x[s] @ w.view(dout, 40).T
+for tiles in ({{"LINES": 16, "BLOCK_E": 64, "num_warps": 4}},  # q in two line blocks
+              {{"LINES": 8, "BLOCK_E": 32, "num_warps": 2, "PREFETCH": True}}):  # lines over several chunks
+    K.CONFIG["decode"] = tiles
+    table._groups.clear()
+    group = table.add_group(members)
+    y = y0.clone()
+    table.group_add(y, x, group)
+    torch.testing.assert_close(y, want, rtol=1e-4, atol=1e-4)
+try:
+    table.add_group((("q", 0), ("o", 24)))
+    raise SystemExit("o reads another input: refused")
+except ValueError as e:
+    assert "read one input" in str(e)
+print("ok")
+"""
+
+
 def test_slot_regions_decode_each_rows_own_delta(kernel_check):
     kernel_check(CHECK)
+
+
+def test_a_group_of_modules_decodes_in_one_launch(kernel_check):
+    kernel_check(GROUP_CHECK)
 
 
 def test_assign_needs_one_delta_per_slot():
