@@ -62,7 +62,7 @@ def _greedy(args) -> dict:
     return dict(max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens, do_sample=False, pad_token_id=0)
 
 
-def _timed_once(engine: DeltaBatchEngine, reqs: list[GenRequest]) -> dict:
+def _timed_once(engine: DeltaBatchEngine, reqs: list[GenRequest], before=None) -> dict:
     """One end-to-end run (admission, prefill, every decode step) and its median decode step (each
     step ends in a host copy of the picked tokens, so its wall time is the device's)."""
     # Warm-up: the full batch's prefill shape on the base (first-call GEMM/attention set-up for a
@@ -71,6 +71,8 @@ def _timed_once(engine: DeltaBatchEngine, reqs: list[GenRequest]) -> dict:
     # account merged in).
     engine.generate([GenRequest(r.prompt, None, 2) for r in reqs])
     engine.generate(reqs[:2])
+    if before is not None:
+        before()
     sync()
     captures = engine.stats["graph_captures"]
     t = time.perf_counter()
@@ -87,15 +89,16 @@ def _timed_once(engine: DeltaBatchEngine, reqs: list[GenRequest]) -> dict:
             "graph_captures": engine.stats["graph_captures"] - captures}
 
 
-def timed_together(runs: dict[str, tuple[DeltaBatchEngine, list[GenRequest]]], reps: int = 5) -> dict:
-    """Each (engine, requests) of `runs` end to end, `reps` times, taking turns: run r of every one
+def timed_together(runs: dict[str, tuple], reps: int = 5) -> dict:
+    """Each (engine, requests[, what to do just before timing]) of `runs` end to end, `reps` times,
+    taking turns: run r of every one
     comes before run r + 1 of any, so a drift of the device's clocks over the section reaches all
     of them alike (their ratios are the point). Per run: the median of its `reps` by tokens/s
     (one run of 64 requests lasts a few tenths of a second: single runs vary by 20%)."""
     got: dict[str, list[dict]] = {name: [] for name in runs}
     for _ in range(reps):
-        for name, (engine, reqs) in runs.items():
-            got[name].append(_timed_once(engine, reqs))
+        for name, run in runs.items():
+            got[name].append(_timed_once(*run))
     out = {}
     for name, rs in got.items():
         median = sorted(rs, key=lambda r: r["tokens_per_s"])[len(rs) // 2]
@@ -133,7 +136,8 @@ def profile_decode(engine: DeltaBatchEngine, reqs: list[GenRequest], out_dir: st
 
 def admission(engine: DeltaBatchEngine, args, deltas: list) -> dict:
     """Diagnostics: where a full batch's admission goes (device-synced phases): laying out and
-    copying 64 accounts' deltas into slots, then the prefill forward with and without deltas."""
+    copying 64 accounts' deltas into slots (anew, then from the kept layouts), then the prefill
+    forward with and without deltas."""
     out, table = {}, engine._table
     ids = torch.randint(3, args.vocab, (len(deltas), args.prompt), generator=torch.Generator().manual_seed(2)).to(DEV)
     slots = torch.arange(len(deltas), device=DEV)
@@ -148,12 +152,15 @@ def admission(engine: DeltaBatchEngine, args, deltas: list) -> dict:
 
     for _ in range(3):  # the last repetition counts (the first ones compile and allocate)
         if table is not None:
-            table.assign([None] * table.slots)
-            sync()
-            t = time.perf_counter()
-            ctx, _ = table.prefill(list(range(len(deltas))), deltas)
-            sync()
-            out["layout_and_copy_ms"] = 1e3 * (time.perf_counter() - t)
+            for key, clear in (("layout_and_copy_ms", True), ("copy_kept_layouts_ms", False)):
+                table.assign([None] * table.slots)
+                if clear:  # laid out anew, as accounts not served lately
+                    table.clear_layouts()
+                sync()
+                t = time.perf_counter()
+                ctx, _ = table.prefill(list(range(len(deltas))), deltas)
+                sync()
+                out[key] = 1e3 * (time.perf_counter() - t)
             t = time.perf_counter()
             forward(ctx)
             sync()
@@ -344,7 +351,10 @@ def main(argv=None) -> dict:
         # "decode": the runs the headline ratios compare, taking turns (timed_together)
         sections = [("decode", lambda: timed_together({
                         "ours_base": (engine, _requests(args, [None] * args.batch)),
-                        "ours_mixed": (engine, _requests(args, deltas)),
+                        "ours_mixed": (engine, _requests(args, deltas)),  # their layouts kept from earlier runs
+                        # the same accounts laid out anew in every run (as accounts not served lately)
+                        "ours_mixed_new_layouts": (engine, _requests(args, deltas), engine._table and
+                                                   engine._table.clear_layouts),
                         "ours_single_account": (engine, _requests(args, [deltas[0]] * args.batch)),
                         "ours_base_separate": (separate, _requests(args, [None] * args.batch)),
                         "ours_mixed_separate": (separate, _requests(args, deltas))})),
@@ -387,7 +397,8 @@ def main(argv=None) -> dict:
                 ("mixed64_throughput_ratio_vs_base", "mixed64_decode_step_ratio_vs_base", "ours_mixed"),
                 ("single_account_throughput_ratio_vs_base", "single_account_decode_step_ratio_vs_base",
                  "ours_single_account"),
-                ("single_account_segmented_ratio_vs_base", None, "ours_single_account_segmented")):
+                ("single_account_segmented_ratio_vs_base", None, "ours_single_account_segmented"),
+                ("mixed64_new_layouts_ratio_vs_base", None, "ours_mixed_new_layouts")):
             if section in res:
                 res[key] = res[section]["tokens_per_s"] / base_tps
                 if step_key:

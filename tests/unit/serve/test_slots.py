@@ -147,3 +147,37 @@ def test_assign_needs_one_delta_per_slot():
     table = SlotDeltas(3, {"m": torch.nn.Linear(4, 4)}, torch.float32, torch.device("cpu"))
     with pytest.raises(ValueError, match="one delta .or None. per slot: 3 slots, 2 given"):
         table.assign([None, None])
+
+
+def test_layouts_of_served_accounts_are_kept_for_their_next_admission_within_a_budget():
+    from tkllm_ray.sparse.delta_store import FlatDelta
+
+    lins = {"a": torch.nn.Linear(8, 6), "b": torch.nn.Linear(8, 4)}
+    g = torch.Generator().manual_seed(0)
+
+    def account(k: int) -> FlatDelta:
+        parts = [(n, torch.sort(torch.randperm(lins[n].weight.numel(), generator=g)[:k]).values) for n in ("a", "b")]
+        return FlatDelta(torch.cat([i for _, i in parts]), torch.randn(2 * k, generator=g), [(n, k) for n, _ in parts])
+
+    accounts = [account(5), account(7), account(9)]
+    fresh = SlotDeltas(2, lins, torch.float32, torch.device("cpu"))  # no cache: laid out every time
+    size = [sum(t.numel() * t.element_size() for t in fresh._layout(a)) for a in accounts]
+    budget = size[1] + size[2]  # room for the two larger ones
+    table = SlotDeltas(2, lins, torch.float32, torch.device("cpu"), layout_cache_bytes=budget)
+    table.assign(accounts[:2])
+    table.assign([None, None])
+    table.assign(accounts[:2])  # both again: taken from the cache, the same pool contents
+    assert table.stats == {"layouts": 2, "layout_hits": 2}
+    fresh.assign(accounts[:2])
+    for t in ("rows", "cols", "vals", "ptr"):
+        assert torch.equal(getattr(table, t), getattr(fresh, t))
+    table.assign([accounts[2], None])  # a third does not fit beside two: the least recent goes
+    assert list(table._laid) == [id(accounts[1]), id(accounts[2])] and table.layout_bytes == budget
+    table.assign([None, None])
+    del accounts[2]  # the serving cache let it go: its layout goes with it
+    import gc
+
+    gc.collect()
+    assert list(table._laid) == [id(accounts[1])]
+    table.assign([{"a": (torch.tensor([1, 3]), torch.ones(2))}, None])  # a plain dict is laid out, not kept
+    assert list(table._laid) == [id(accounts[1])]
