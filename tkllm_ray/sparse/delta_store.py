@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import threading
 import time
 from typing import Any
 
@@ -15,7 +14,7 @@ from safetensors.torch import save as st_save
 
 from tkllm_ray.data.schema import validate_account_id
 from tkllm_ray.errors import TkllmError
-from tkllm_ray.storage import exists, join, list_dirs, publish, read_bytes, read_latest, remove, write_bytes
+from tkllm_ray.storage import exists, join, list_dirs, publish, read_bytes, read_hashed, read_latest, remove, write_bytes
 
 FORMAT_VERSION = 2  # 2: all modules in two flat tensors (1: two tensors per module; still read)
 DELTA, ADAPTERS = "sparse-delta", "ts-adapters"  # what a version holds (manifest "artifact")
@@ -54,11 +53,12 @@ def encode(delta: Delta, value_dtype: str = "bf16") -> bytes:
                    metadata={"tkllm_delta_format": "2", "layout": json.dumps(layout)})
 
 
-def decode(data: bytes, index_dtype: torch.dtype | None = torch.int64) -> Delta:
+def decode(data: bytes | bytearray, index_dtype: torch.dtype | None = torch.int64) -> Delta:
     """`index_dtype=None`: indices as stored (int32 below 2^31: no widening copy for a reader
-    that wants int32, e.g. a serving cache). Format 2 gives a FlatDelta; format 1 a plain dict."""
+    that wants int32, e.g. a serving cache). Format 2 gives a FlatDelta; format 1 a plain dict.
+    From a writable buffer (`read_hashed`) the tensors are views of it, not copies."""
     meta = _metadata(data)
-    tensors = st_load(data)
+    tensors = _views(data) if isinstance(data, bytearray) else st_load(data)
     if meta.get("tkllm_delta_format") == "2":
         idx = tensors["indices"] if index_dtype is None else tensors["indices"].to(index_dtype)
         layout = [(n, int(k)) for n, k in json.loads(meta["layout"])]
@@ -70,10 +70,50 @@ def decode(data: bytes, index_dtype: torch.dtype | None = torch.int64) -> Delta:
                 tensors[f"{n}.values"]) for n in names}
 
 
-def _metadata(data: bytes) -> dict:
-    """The safetensors header's string metadata (8-byte little-endian header size, JSON header)."""
+_DTYPES = {"BOOL": torch.bool, "U8": torch.uint8, "I8": torch.int8, "I16": torch.int16, "I32": torch.int32,
+           "I64": torch.int64, "F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32,
+           "F64": torch.float64}
+
+
+def _views(data: bytearray) -> dict[str, torch.Tensor]:
+    """A safetensors file's tensors as views of its buffer: each checked to lie inside the data
+    and to fill its byte range exactly, as safetensors' own loader checks."""
+    header = _header(data)
+    start, out = 8 + int.from_bytes(data[:8], "little"), {}
+    try:
+        entries = [(name, _DTYPES.get(t["dtype"]), list(t["shape"]), *t["data_offsets"], t["dtype"])
+                   for name, t in header.items() if name != "__metadata__"]
+    except (KeyError, TypeError, ValueError) as e:
+        raise ValueError(f"malformed safetensors header ({e})") from None
+    for name, dtype, shape, b, e, kind in entries:
+        if dtype is None:
+            return st_load(bytes(data))  # a dtype this reader does not map: safetensors decodes it
+        numel = 1
+        for d in shape:
+            numel *= d
+        if not 0 <= b <= e <= len(data) - start or e - b != numel * dtype.itemsize:
+            raise ValueError(f"tensor {name!r}: its bytes [{b}, {e}) do not hold {shape} of {kind}")
+        flat = torch.frombuffer(data, dtype=dtype, count=numel, offset=start + b) if numel else \
+            torch.empty(0, dtype=dtype)
+        out[name] = flat.view(shape)
+    return out
+
+
+def _header(data: bytes | bytearray) -> dict:
+    """The safetensors header (8-byte little-endian size, then a JSON object)."""
     n = int.from_bytes(data[:8], "little")
-    return json.loads(bytes(data[8:8 + n])).get("__metadata__") or {}
+    try:
+        header = json.loads(bytes(data[8:8 + n]))
+    except ValueError as e:
+        raise ValueError(f"malformed safetensors header ({e})") from None
+    if not isinstance(header, dict):
+        raise ValueError("malformed safetensors header (not a JSON object)")
+    return header
+
+
+def _metadata(data: bytes | bytearray) -> dict:
+    """The safetensors header's string metadata."""
+    return _header(data).get("__metadata__") or {}
 
 
 def save_delta(store: str, account_id: str, delta: Delta, base_model: str, base_fingerprint: str,
@@ -168,27 +208,18 @@ def load_delta(store: str, account_id: str, version: str | None = None, base_fin
                manifest: dict | None = None) -> tuple[Delta, dict]:
     """Load a published delta; refuse a corrupt file or one trained on another base. The returned
     manifest carries the resolved `version`; a caller that already read it (`read_version`) passes
-    it with its version. The checksum is computed on a second thread while the tensors decode
-    (hashlib releases the GIL), and checked before anything is returned."""
+    it with its version. The checksum is computed while the file is read (`read_hashed`) and
+    checked before the tensors are decoded, as views of the checked bytes."""
     root = join(store, validate_account_id(account_id))
     if manifest is None:
         version, manifest = read_version(store, account_id, version, options)
     if manifest.get("artifact") == ADAPTERS:
         raise TkllmError(f"{account_id}/{version} holds {manifest['method']} adapters, not a sparse delta "
                          "(load_adapters / ts_artifacts.load_ts read it)")
-    blob = read_bytes(join(root, version, "delta.safetensors"), options)
-    digest: list[str] = []
-    hasher = threading.Thread(target=lambda: digest.append(hashlib.sha256(blob).hexdigest()))
-    hasher.start()
-    try:
-        delta = decode(blob, index_dtype)
-    except Exception:
-        delta = None  # a corrupt file may not even decode: the checksum below names it
-    hasher.join()
-    if digest[0] != manifest["files"]["delta.safetensors"]:
+    blob, digest = read_hashed(join(root, version, "delta.safetensors"), options)
+    if digest != manifest["files"]["delta.safetensors"]:
         raise TkllmError(f"delta {account_id}/{version} is corrupt (sha256 mismatch): republish it")
-    if delta is None:
-        delta = decode(blob, index_dtype)  # intact but unreadable: its own error
+    delta = decode(blob, index_dtype)  # views of the checked bytes
     _check_base(account_id, version, manifest, base_fingerprint)
     return delta, {**manifest, "version": version}
 

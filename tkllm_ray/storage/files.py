@@ -6,9 +6,12 @@ renamed over the target; on S3 a PUT becomes visible whole or not at all.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import posixpath
+import queue
 import shutil
+import threading
 import uuid
 from functools import lru_cache
 
@@ -75,6 +78,51 @@ def read_bytes(uri: str, options: StorageOptions | None = None) -> bytes:
         if "NoSuchKey" in str(e) or "not found" in str(e).lower():
             raise TkllmError(f"no such object: {uri}") from None
         raise
+
+
+def read_hashed(uri: str, options: StorageOptions | None = None, chunk: int = 4 << 20) -> tuple[bytearray, str]:
+    """The object's bytes, in one writable buffer (a reader can view tensors in it without a copy),
+    and their sha256. The hash runs on a second thread over each chunk as soon as it is read
+    (hashlib releases the GIL), so hashing overlaps the read instead of following it."""
+    fs, path = filesystem_for(uri, options)
+    local = isinstance(fs, pafs.LocalFileSystem)
+    try:
+        size = os.stat(path).st_size if local else fs.get_file_info(path).size
+        if size is None:
+            raise FileNotFoundError(path)
+        f = open(path, "rb", buffering=0) if local else fs.open_input_stream(path)
+    except FileNotFoundError:
+        raise TkllmError(f"no such object: {uri}") from None
+    buf = bytearray(size)
+    view, digest, parts = memoryview(buf), hashlib.sha256(), queue.SimpleQueue()
+
+    def hash_parts():
+        while (part := parts.get()) is not None:
+            digest.update(part)
+
+    hasher = threading.Thread(target=hash_parts, daemon=True)
+    hasher.start()
+    at = 0
+    try:
+        with f:
+            while at < size:
+                end = min(size, at + chunk)
+                if local:
+                    n = f.readinto(view[at:end])
+                else:  # Arrow's stream hands out its own buffers: one copy a chunk
+                    piece = f.read(end - at)
+                    n = len(piece)
+                    view[at:at + n] = piece
+                if not n:
+                    break
+                parts.put(view[at:at + n])
+                at += n
+    finally:
+        parts.put(None)
+        hasher.join()
+    if at != size:
+        raise OSError(f"{uri}: read {at} of {size} bytes (changed while being read?)")
+    return buf, digest.hexdigest()
 
 
 def read_text(uri: str, options: StorageOptions | None = None) -> str:

@@ -109,7 +109,10 @@ def test_loads_from_s3(s3_server, s3_bucket):
     cache.close()
 
 
-def test_deltas_that_do_not_fit_the_served_base_are_refused(tmp_path):
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=[
+    pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")])])
+def test_deltas_that_do_not_fit_the_served_base_are_refused(tmp_path, device):
+    """(The entries are checked where the delta lands: on a GPU, after its copy there.)"""
     store = str(tmp_path / "deltas")
     name = "model.layers.0.mlp.up_proj"
     idx = torch.tensor([5, 3, 9])
@@ -118,7 +121,7 @@ def test_deltas_that_do_not_fit_the_served_base_are_refused(tmp_path):
                            "unknown_module": {"model.layers.9.foo": (torch.tensor([1]), torch.ones(1))},
                            "fits": {name: (torch.tensor([0, 64 * 64 - 1]), torch.ones(2))}}.items():
         save_delta(store, account, delta, "tkllm-tiny", FP, "gspf", 0.003, value_dtype="fp32")
-    cache = DeltaCache(store, base_fingerprint=FP, shapes={name: 64 * 64})
+    cache = DeltaCache(store, device, base_fingerprint=FP, shapes={name: 64 * 64})
     for account, message in [("unsorted", "must be sorted and unique"), ("out_of_range", "outside its 4096 weights"),
                              ("unknown_module", "not a target linear of the served base")]:
         with pytest.raises(DeltaLoadError, match=f"account '{account}': .*{message}"):
@@ -186,3 +189,32 @@ def test_format_2_is_flat_and_format_1_files_still_load(tmp_path):
 
     cached = CachedDelta.of("x", "v", decode(encode(delta, "fp32"), None), {}, torch.float32)
     assert cached.flat[0].numel() == 307 and cached.delta["c.proj"][1].data_ptr() == cached.flat[1].data_ptr() + 7 * 4
+
+
+def test_a_delta_read_into_a_buffer_decodes_as_views_of_it_and_a_malformed_header_is_refused():
+    """What the serving cache reads (`read_hashed`: a bytearray) decodes to tensors that are views
+    of the checked bytes, equal to safetensors' own decoding; offsets that do not fit are refused."""
+    import json
+
+    from tkllm_ray.sparse.delta_store import decode, encode
+
+    g = torch.Generator().manual_seed(4)
+    delta = {name: (torch.sort(torch.randperm(4096, generator=g)[:k]).values, torch.randn(k, generator=g))
+             for name, k in (("b.proj", 7), ("a.proj", 0), ("c.proj", 300))}
+    blob = encode(delta, "bf16")
+    buf = bytearray(blob)
+    got, want = decode(buf, None), decode(blob, None)
+    assert got.layout == want.layout
+    for a, b in zip(got.flat, want.flat):
+        assert a.dtype == b.dtype and torch.equal(a, b)
+    start = torch.frombuffer(buf, dtype=torch.uint8).data_ptr()
+    assert start <= got.flat[0].data_ptr() < start + len(buf)  # no copy
+    n = int.from_bytes(blob[:8], "little")
+    header = json.loads(blob[8:8 + n])
+    header["values"]["data_offsets"][1] += 2  # one value more than its bytes hold
+    text = json.dumps(header).encode()
+    bad = bytearray(len(text).to_bytes(8, "little") + text + blob[8 + n:])
+    with pytest.raises(ValueError, match="tensor 'values': its bytes"):
+        decode(bad, None)
+    with pytest.raises(ValueError, match="malformed safetensors header"):
+        decode(bytearray((5).to_bytes(8, "little") + b"[1,2]" + blob[8 + n:]), None)

@@ -13,7 +13,7 @@ from torch import nn
 from tkllm_ray.serve.slots import SlotDeltas
 from tkllm_ray.sparse import segmented_triton as K
 dev = "{device}"
-K.CONFIG["decode"] = {{"LINES": 16, "BLOCK_E": 64, "num_warps": 4}}  # line blocks of several runs
+K.CONFIG["decode"] = {{"LINES": 16, "BLOCK_E": 64, "num_warps": 4, "PREFETCH": PREFETCH}}  # blocks of several runs
 g = torch.Generator().manual_seed(0)
 slots = 5
 lins = {{"n": nn.Linear(40, 24, bias=False).to(dev), "m": nn.Linear(64, 40, bias=False).to(dev)}}  # not in name order
@@ -135,8 +135,11 @@ print("ok")
 """
 
 
-def test_slot_regions_decode_each_rows_own_delta(kernel_check):
-    kernel_check(CHECK)
+@pytest.mark.parametrize("prefetch", [False, True])
+def test_slot_regions_decode_each_rows_own_delta(kernel_check, prefetch):
+    code = CHECK.replace('"PREFETCH": PREFETCH', f'"PREFETCH": {prefetch}')
+    assert code != CHECK
+    kernel_check(code)
 
 
 def test_a_group_of_modules_decodes_in_one_launch(kernel_check):

@@ -1,7 +1,10 @@
+import hashlib
+
 import pytest
 
 from tkllm_ray.errors import TkllmError
-from tkllm_ray.storage import exists, join, list_files, read_bytes, read_text, remove, write_bytes, write_text
+from tkllm_ray.storage import (exists, join, list_files, read_bytes, read_hashed, read_text, remove, write_bytes,
+                               write_text)
 
 pytestmark = pytest.mark.s3
 
@@ -13,6 +16,8 @@ def test_roundtrip_and_listing_on_real_s3(s3_server, s3_bucket):
     write_text(join(root, "b.txt"), "héllo 🔥", opts)
     write_text(join(root, "_hidden"), "skip me", opts)
     assert read_bytes(join(root, "a/x.bin"), opts) == b"\x00\x01payload"
+    buf, digest = read_hashed(join(root, "a/x.bin"), opts, chunk=3)  # Arrow's stream, in chunks
+    assert bytes(buf) == b"\x00\x01payload" and digest == hashlib.sha256(b"\x00\x01payload").hexdigest()
     assert read_text(join(root, "b.txt"), opts) == "héllo 🔥"
     assert list_files(root, opts) == [f"{root}/a/x.bin", f"{root}/b.txt"]
     # The object really is in the server, as boto3 sees it.
@@ -26,6 +31,8 @@ def test_missing_object_and_prefix_give_clear_errors(s3_server, s3_bucket):
     opts = s3_server.options()
     with pytest.raises(TkllmError, match="no such object"):
         read_bytes(f"s3://{s3_bucket}/nope.bin", opts)
+    with pytest.raises(TkllmError, match="no such object"):
+        read_hashed(f"s3://{s3_bucket}/nope.bin", opts)
     with pytest.raises(TkllmError, match="no such file or directory"):
         list_files(f"s3://{s3_bucket}/no/such/prefix", opts)
 
