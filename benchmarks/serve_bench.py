@@ -67,9 +67,9 @@ def _timed_once(engine: DeltaBatchEngine, reqs: list[GenRequest], before=None) -
     """One end-to-end run (admission, prefill, every decode step) and its median decode step (each
     step ends in a host copy of the picked tokens, so its wall time is the device's)."""
     # Warm-up: the full batch's prefill shape on the base (first-call GEMM/attention set-up for a
-    # new shape is not the engine's cost; it also empties the slots, so every run lays out its
-    # deltas), then two of the requests (kernels compiled, decode graphs captured, a single
-    # account merged in).
+    # new shape is not the engine's cost; it also empties the slots, so every run places its
+    # deltas again: from the pool's kept layouts unless `before` drops them), then two of the
+    # requests (kernels compiled, decode graphs captured, a single account merged in).
     engine.generate([GenRequest(r.prompt, None, 2) for r in reqs])
     engine.generate(reqs[:2])
     if before is not None:
@@ -92,10 +92,10 @@ def _timed_once(engine: DeltaBatchEngine, reqs: list[GenRequest], before=None) -
 
 def timed_together(runs: dict[str, tuple], reps: int = 5) -> dict:
     """Each (engine, requests[, what to do just before timing]) of `runs` end to end, `reps` times,
-    taking turns: run r of every one
-    comes before run r + 1 of any, so a drift of the device's clocks over the section reaches all
-    of them alike (their ratios are the point). Per run: the median of its `reps` by tokens/s
-    (one run of 64 requests lasts a few tenths of a second: single runs vary by 20%)."""
+    taking turns: run r of every one comes before run r + 1 of any, so a drift of the device's
+    clocks over the section reaches all of them alike (their ratios are the point). Per run: the
+    median of its `reps` by tokens/s (one run of 64 requests lasts a few tenths of a second:
+    single runs vary by 20%)."""
     got: dict[str, list[dict]] = {name: [] for name in runs}
     for _ in range(reps):
         for name, run in runs.items():

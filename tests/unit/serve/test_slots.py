@@ -2,6 +2,8 @@
 W + Δ (interpreter on CPU, real GPU if present); reassigning slots rewrites regions in place (the
 tensors a CUDA graph reads keep their addresses) until an account needs more room."""
 
+import gc
+
 import pytest
 import torch
 
@@ -178,8 +180,6 @@ def test_layouts_of_served_accounts_are_kept_for_their_next_admission_within_a_b
     assert list(table._laid) == [id(accounts[1]), id(accounts[2])] and table.layout_bytes == budget
     table.assign([None, None])
     del accounts[2]  # the serving cache let it go: its layout goes with it
-    import gc
-
     gc.collect()
     assert list(table._laid) == [id(accounts[1])]
     table.assign([{"a": (torch.tensor([1, 3]), torch.ones(2))}, None])  # a plain dict is laid out, not kept
