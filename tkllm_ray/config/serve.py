@@ -26,6 +26,8 @@ class ServeConfig(ConfigModel):
                                                           "replica (auto: bfloat16 on cuda, float32 on cpu)")
     device_cache_mb: int = Field(1024, ge=1, description="per replica: deltas kept on the device")
     host_cache_mb: int = Field(4096, ge=1, description="per replica: deltas kept in host memory")
+    layout_cache_mb: int = Field(2048, ge=0, description="per replica, on a GPU: recent accounts' deltas as the "
+                                 "decode slots lay them out, kept for their next request (0: lay out every time)")
     max_batch: int = Field(16, ge=1, le=1024, description="requests decoding at once (KV-cache slots per replica)")
     max_seq_len: int | None = Field(None, ge=8, description="tokens per request (prompt + generated) the KV cache "
                                     "holds; default: the base's context length")

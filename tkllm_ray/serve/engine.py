@@ -98,7 +98,7 @@ class _Live:
 class DeltaBatchEngine:
     def __init__(self, model: nn.Module, pad_id: int = 0, target_modules: list[str] | None = None,
                  slots: int = 64, max_len: int | None = None, bucket: int = 64, cuda_graphs: bool = True,
-                 merge_single: bool = True, compile: bool = False, stack: bool = True, layout_cache_gb: float = 2.0):
+                 merge_single: bool = True, compile: bool = False, stack: bool = True, layout_cache_mb: int = 2048):
         self.model, self.pad_id, self.bucket = model.eval(), pad_id, bucket
         # A decode batch of one account only runs on the base with its delta scattered into the
         # weights (restored exactly when another account joins): the plain base step, no delta term.
@@ -134,8 +134,8 @@ class DeltaBatchEngine:
         linears = target_linears(model, target_modules)
         # On a GPU, decode reads the deltas from per-slot regions (serve/slots.py): a request joining
         # or leaving rewrites its slot only, and the captured graphs stay valid.
-        # (its layouts of recent accounts kept for their next admission, up to layout_cache_gb)
-        self._table = SlotDeltas(slots, linears, self.dtype, self.device, int(layout_cache_gb * 2**30)) \
+        # (its layouts of recent accounts kept for their next admission, up to layout_cache_mb)
+        self._table = SlotDeltas(slots, linears, self.dtype, self.device, layout_cache_mb << 20) \
             if self.device.type == "cuda" else None
         self._no_deltas = _RowDeltas([None] * slots, self.dtype)
         swap_in(model, linears, self)
