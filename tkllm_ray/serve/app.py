@@ -208,11 +208,16 @@ class DeltaModel:
         return self.combined[key]
 
     async def _refresher(self) -> None:
-        """Pick up newly published versions: each loads beside the one serving, then replaces it."""
+        """Pick up newly published versions: each loads beside the one serving, then replaces it.
+        Ends when the replica's event loop is shutting down (its thread pool takes no more work)."""
         while True:
             await asyncio.sleep(self.refresh_s)
             try:
                 await asyncio.to_thread(self.cache.refresh)
+            except RuntimeError as e:
+                if "shutdown" in str(e):  # the loop's thread pool is shut: the replica is stopping
+                    return
+                print(f"delta refresh failed: {e}")
             except Exception as e:  # a store hiccup: keep serving what is loaded, try again later
                 print(f"delta refresh failed: {e}")
             self.metrics.cache(self.cache.stats)
