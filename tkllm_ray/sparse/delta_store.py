@@ -57,8 +57,9 @@ def decode(data: bytes | bytearray, index_dtype: torch.dtype | None = torch.int6
     """`index_dtype=None`: indices as stored (int32 below 2^31: no widening copy for a reader
     that wants int32, e.g. a serving cache). Format 2 gives a FlatDelta; format 1 a plain dict.
     From a writable buffer (`read_hashed`) the tensors are views of it, not copies."""
-    meta = _metadata(data)
-    tensors = _views(data) if isinstance(data, bytearray) else st_load(data)
+    header = _header(data)
+    meta = header.get("__metadata__") or {}
+    tensors = _views(data, header) if isinstance(data, bytearray) else st_load(data)
     if meta.get("tkllm_delta_format") == "2":
         idx = tensors["indices"] if index_dtype is None else tensors["indices"].to(index_dtype)
         layout = [(n, int(k)) for n, k in json.loads(meta["layout"])]
@@ -75,10 +76,10 @@ _DTYPES = {"BOOL": torch.bool, "U8": torch.uint8, "I8": torch.int8, "I16": torch
            "F64": torch.float64}
 
 
-def _views(data: bytearray) -> dict[str, torch.Tensor]:
-    """A safetensors file's tensors as views of its buffer: each checked to lie inside the data
-    and to fill its byte range exactly, as safetensors' own loader checks."""
-    header = _header(data)
+def _views(data: bytearray, header: dict) -> dict[str, torch.Tensor]:
+    """A safetensors file's tensors (`header`: its parsed header) as views of its buffer: each
+    checked to lie inside the data and to fill its byte range exactly, as safetensors' own loader
+    checks."""
     start, out = 8 + int.from_bytes(data[:8], "little"), {}
     try:
         entries = [(name, _DTYPES.get(t["dtype"]), list(t["shape"]), *t["data_offsets"], t["dtype"])
@@ -109,11 +110,6 @@ def _header(data: bytes | bytearray) -> dict:
     if not isinstance(header, dict):
         raise ValueError("malformed safetensors header (not a JSON object)")
     return header
-
-
-def _metadata(data: bytes | bytearray) -> dict:
-    """The safetensors header's string metadata."""
-    return _header(data).get("__metadata__") or {}
 
 
 def save_delta(store: str, account_id: str, delta: Delta, base_model: str, base_fingerprint: str,
