@@ -31,7 +31,7 @@ from torch.nn import functional as F
 
 from tkllm_ray.serve.adapters import Adapters
 from tkllm_ray.serve.slots import SlotDeltas
-from tkllm_ray.serve.stacked import layer_stacks
+from tkllm_ray.serve.stacked import Stack, layer_stacks
 from tkllm_ray.sparse.delta_store import Delta
 from tkllm_ray.sparse.mixed import rows_inputs, swap_in
 from tkllm_ray.sparse.segmented import add_delta_term
@@ -78,12 +78,9 @@ class _RowDeltas:
 
 @dataclass
 class _Projection:
-    """A stack of linears (serve/stacked.py) as the engine runs it: the stacked weight, each
-    member's (name, the module the model now holds, first column, size), and the member modules'
-    group in the slot pool (None: none of them is in it, or no pool)."""
-    weight: torch.Tensor
-    members: list[tuple[str, nn.Module, int, int]]
-    sizes: list[int]
+    """A stack of linears (serve/stacked.py) as the engine runs it, with the member modules' group
+    in the slot pool (None: none of them is in it, or no pool)."""
+    stack: Stack
     group: tuple | None = None
 
 
@@ -324,28 +321,27 @@ class DeltaBatchEngine:
                 h = h + mlp.down_proj(mlp.act_fn(g) * u)
         return h
 
-    def _projection(self, stack) -> _Projection:
-        proj = _Projection(stack.weight, [(n, self.model.get_submodule(n), c, k) for n, c, k in
-                                          zip(stack.names, stack.columns, stack.sizes)], stack.sizes)
-        pooled = tuple((n, c) for n, _, c, _ in proj.members if self._table is not None and n in self._table.shapes)
-        if pooled:
-            proj.group = self._table.add_group(pooled)
-        return proj
+    def _projection(self, stack: Stack) -> _Projection:
+        pooled = tuple((n, c) for n, c in zip(stack.names, stack.columns)
+                       if self._table is not None and n in self._table.shapes)
+        return _Projection(stack, self._table.add_group(pooled) if pooled else None)
 
-    def _project(self, stack: _Projection | None, modules: tuple, x: torch.Tensor) -> list[torch.Tensor]:
-        """The outputs of linears that read x, with each row's delta term: one GEMM over their
-        stack and, from the slot pool, one delta launch (else one delta term per linear)."""
+    def _project(self, proj: _Projection | None, modules: tuple, x: torch.Tensor) -> list[torch.Tensor]:
+        """The outputs of `modules` (the linears of `proj`'s stack, in its order), which read x, with
+        each row's delta term: one GEMM over their stack and, from the slot pool, one delta launch
+        (else one delta term per linear)."""
         ctx = self.ctx
-        if stack is None or getattr(ctx, "adapters", None):  # token-selective rows: each linear's own path
+        if proj is None or getattr(ctx, "adapters", None):  # token-selective rows: each linear's own path
             return [m(x) for m in modules]
+        stack = proj.stack
         y = F.linear(x, stack.weight)
         if ctx is not None:
             y2, x2 = y.view(-1, y.shape[-1]), x.reshape(-1, x.shape[-1])
             if ctx is self._table:
-                if stack.group is not None:
-                    self._table.group_add(y2, x2, stack.group)
+                if proj.group is not None:
+                    self._table.group_add(y2, x2, proj.group)
             else:
-                for name, mod, col, size in stack.members:
+                for name, mod, col, size in zip(stack.names, modules, stack.columns, stack.sizes):
                     seg, values = ctx.module_inputs(name, getattr(mod, "base", mod))
                     if seg is not None:
                         add_delta_term(y2[:, col:col + size], x2, values, seg)

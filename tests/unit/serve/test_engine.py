@@ -67,9 +67,9 @@ def test_a_mixed_batch_gives_each_request_its_solo_tokens(base):
 def test_stacked_projections_share_the_base_weights_and_decode_as_the_separate_linears(base):
     stacked = DeltaBatchEngine(copy.deepcopy(base))
     separate = DeltaBatchEngine(copy.deepcopy(base), stack=False)
-    qkv, gate_up = stacked._stacks[0]
+    qkv, gate_up = (p.stack for p in stacked._stacks[0])
     attn, mlp = stacked.layers[0].self_attn, stacked.layers[0].mlp
-    assert qkv.sizes == [64, 32, 32] and [c for _, _, c, _ in qkv.members] == [0, 64, 96]  # tkllm-tiny: 2 of 4 kv heads
+    assert qkv.sizes == [64, 32, 32] and qkv.columns == [0, 64, 96]  # tkllm-tiny: 2 of 4 kv heads
     assert gate_up.sizes == [176, 176]
     for lin, stack, col in ((attn.k_proj, qkv, 64), (mlp.up_proj, gate_up, 176)):  # views of the stack, same values
         assert lin.weight.data_ptr() == stack.weight[col].data_ptr()
