@@ -214,12 +214,10 @@ class DeltaModel:
             await asyncio.sleep(self.refresh_s)
             try:
                 await asyncio.to_thread(self.cache.refresh)
-            except RuntimeError as e:
-                if "shutdown" in str(e):  # the loop's thread pool is shut: the replica is stopping
+            except Exception as e:
+                if isinstance(e, RuntimeError) and "shutdown" in str(e):  # the loop's pool is shut: stopping
                     return
-                print(f"delta refresh failed: {e}")
-            except Exception as e:  # a store hiccup: keep serving what is loaded, try again later
-                print(f"delta refresh failed: {e}")
+                print(f"delta refresh failed: {e}")  # a store hiccup: keep serving what is loaded, retry later
             self.metrics.cache(self.cache.stats)
 
 

@@ -78,7 +78,7 @@ def select(sensitivity: dict[str, torch.Tensor], weights: dict[str, torch.Tensor
         raise ValueError(f"top_layers must be at least 1, got {top_layers}")
     sc = sensitivity if weights is None else scores(sensitivity, weights, scope, inplace)
     if scope == "per_module":
-        _no_nan(torch.stack([s.sum(dtype=torch.float64) for s in sc.values()]).tolist())
+        _no_nan_in(sc.values())
         idx = {n: _top(s.flatten(), budget(density, s.numel())) for n, s in sc.items()}
         if top_layers is not None:
             kept = _favoured_layers(idx, top_layers)
@@ -172,7 +172,7 @@ def _kth_largest_key(sc: dict[str, torch.Tensor], k: int) -> int:
     flats = [s.flatten() for s in sc.values()]
     dev = flats[0].device
     if n <= SAMPLE:
-        _no_nan(torch.stack([f.sum(dtype=torch.float64) for f in flats]).tolist())
+        _no_nan_in(flats)
         return _radix_kth(sc, k)
     gen = torch.Generator(device=dev).manual_seed(0)
     sample = torch.cat([_order_key(f[torch.randint(f.numel(), (max(1, f.numel() * SAMPLE // n),),
@@ -196,6 +196,11 @@ def _kth_largest_key(sc: dict[str, torch.Tensor], k: int) -> int:
 
 def _inside(f: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
     return _where(f, "<=", hi) & _where(f, ">=", lo)
+
+
+def _no_nan_in(tensors) -> None:
+    """`_no_nan` over the tensors' sums (fp64: no overflow to inf from large finite scores), in one host read."""
+    _no_nan(torch.stack([t.sum(dtype=torch.float64) for t in tensors]).tolist())
 
 
 def _no_nan(sums) -> None:
