@@ -176,7 +176,7 @@ class DeltaCache:
             try:
                 host = self._read(account, version)
                 hot = host.to(self.device)  # from pageable memory: pinning first would cost more than it saves
-                # checked where it now lives: on a GPU in well under a millisecond, ~10 ms of CPU for tkllm-s
+                # checked where it now lives: on a GPU, one pass over the flat indices there, not on the CPU
                 # (its result is read back, so the copy is done before any request reads the delta)
                 self._check_entries(hot)
             except TkllmError as e:
