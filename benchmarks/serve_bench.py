@@ -25,7 +25,7 @@ from concurrent.futures import ThreadPoolExecutor
 import torch
 
 from tkllm_ray.models import build_model, fingerprint
-from tkllm_ray.serve.delta_cache import DeltaCache
+from tkllm_ray.serve.delta_cache import CachedDelta, DeltaCache
 from tkllm_ray.serve.engine import DeltaBatchEngine, GenRequest
 from tkllm_ray.sparse.delta_store import save_delta
 from tkllm_ray.sparse.mixed import swap_out
@@ -263,6 +263,36 @@ def _drop_page_cache() -> bool:
         return False
 
 
+def _cold_phases(store: str, fp: str, accounts: list[str]) -> dict:
+    """Diagnostics: where a cold load's time goes, phase by phase (device-synced), over accounts
+    whose files the cache has not read: manifest (LATEST and manifest.json), the file read with
+    its hash, decoding the views, the copy to the device, the entries check there."""
+    from tkllm_ray.sparse.delta_store import decode, read_version
+    from tkllm_ray.storage import join, read_hashed
+
+    probe = DeltaCache(store, DEV, device_budget=1 << 40, host_budget=1, base_fingerprint=fp,
+                       dtype=torch.bfloat16 if CUDA else torch.float32)
+    phases: dict[str, list[float]] = {}
+
+    def timed(name, fn):
+        sync()
+        t = time.perf_counter()
+        out = fn()
+        sync()
+        phases.setdefault(name, []).append((time.perf_counter() - t) * 1e3)
+        return out
+
+    for a in accounts:
+        version, _ = timed("manifest", lambda: read_version(store, a))
+        blob, _ = timed("read_and_hash", lambda: read_hashed(join(store, a, version, "delta.safetensors")))
+        delta = timed("decode", lambda: decode(blob, None))
+        (idx, vals), layout = delta.flat, delta.layout
+        hot = timed("to_device", lambda: CachedDelta._views(a, version, {}, idx.to(DEV), vals.to(DEV), layout))
+        timed("check", lambda: probe._check_entries(hot))
+    probe.close()
+    return {k: _pct(v, 0.5) for k, v in phases.items()}
+
+
 def cache_latency(args, engine: DeltaBatchEngine, store: str, fp: str, accounts: list[str], nbytes: int) -> dict:
     """Cold loads (from the disk where the page cache can be dropped), then TTFT (cache lookup +
     prefill + first token) over a random request stream whose working set fits the device cache
@@ -277,6 +307,7 @@ def cache_latency(args, engine: DeltaBatchEngine, store: str, fp: str, accounts:
         loads.append((time.perf_counter() - t) * 1e3)
     out["cold_load_p50_ms"], out["cold_load_p99_ms"] = _pct(loads, 0.5), _pct(loads, 0.99)
     cold.close()
+    out["cold_load_phases_p50_ms"] = _cold_phases(store, fp, accounts[args.cold_loads: 2 * args.cold_loads])
     cached = max(2, len(accounts) // 4)
     g = torch.Generator().manual_seed(1)
     warm = _requests(args, [None])[0]

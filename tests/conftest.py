@@ -1,3 +1,4 @@
+import copy
 import importlib.util
 import os
 import subprocess
@@ -80,7 +81,18 @@ def kernel_check(request):
 
     def run(code: str) -> None:
         if request.param == "cuda":
-            exec(code.format(device="cuda"), {})
+            # In this process: the tunables a check sets (kernel tiles, forced routes) go back
+            # afterwards, else later tests would run with them (e.g. train through a dense route
+            # forced for every batch, and fail their tolerances).
+            from tkllm_ray.sparse import segmented_dense, segmented_triton
+
+            saved = copy.deepcopy(segmented_triton.CONFIG), segmented_dense.MAX_BYTES
+            try:
+                exec(code.format(device="cuda"), {})
+            finally:
+                segmented_triton.CONFIG.clear()
+                segmented_triton.CONFIG.update(saved[0])
+                segmented_dense.MAX_BYTES = saved[1]
             return
         env = {**os.environ, "TRITON_INTERPRET": "1"}
         out = subprocess.run([sys.executable, "-c", code.format(device="cpu")], env=env, capture_output=True,

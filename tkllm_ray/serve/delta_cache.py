@@ -193,8 +193,11 @@ class DeltaCache:
                 self.stats["store_loads"] += 1
                 self.stats["load_ms"].append((time.perf_counter() - t0) * 1e3)
                 self.host.put(host)
+                kept = self.host.items.get(account) is host  # not when larger than the host tier
                 self._promote(hot)
-            if self.pin:  # the host copy is pinned after the request has its delta (fast promotions later)
+            # the host copy is pinned after the request has its delta (fast promotions later); a copy
+            # the host tier did not keep is not (pinning it only slowed the next load beside it)
+            if self.pin and kept:
                 self._pool.submit(self._pin, host)
             return hot
         finally:

@@ -29,7 +29,7 @@ from tkllm_ray.sparse.delta_op import merged_weight
 from tkllm_ray.sparse.delta_store import Delta, decode, encode
 from tkllm_ray.sparse.model import AppliedDelta
 from tkllm_ray.sparse.mixed import MixedDeltaLinear, rows_inputs, swap_in
-from tkllm_ray.sparse.selection import select, standardize, weigh
+from tkllm_ray.sparse.selection import select, weigh, zstats
 from tkllm_ray.sparse.sensitivity import add_abs_grad, grads_from_embeddings, target_linears
 from tkllm_ray.sparse.state import SparseState
 from tkllm_ray.train.checkpoints import UserCheckpoints
@@ -331,18 +331,19 @@ class PackedGSPF:
                 return
         elif not ready:
             return
-        learned = {}
+        learned, stats = {}, {}
         for u in ready:
             for s in u.sens.values():
                 s.div_(u.warm_done)
-            standardize(u.sens, u.job.cfg.scope, inplace=True)
+            stats[id(u)] = zstats(u.sens, u.job.cfg.scope)  # standardized as each module is weighed
             learned[id(u)] = {n: (i, v.detach()) for n, (i, v) in u.state.live().items()}
         for name, lin in self.linears.items():  # the same order on every worker
             with gathered([lin.weight]):
                 for u in ready:
                     if name in u.sens:
                         have = learned[id(u)].get(name)
-                        weigh(u.sens[name], merged_weight(lin.weight, *have) if have else lin.weight)
+                        weigh(u.sens[name], merged_weight(lin.weight, *have) if have else lin.weight,
+                              *stats[id(u)][name])
         for u in ready:
             cfg = u.job.cfg
             sel = select(u.sens, None, cfg.density, cfg.scope, cfg.top_layers, inplace=True)
