@@ -25,12 +25,13 @@ from concurrent.futures import ThreadPoolExecutor
 import torch
 
 from tkllm_ray.models import build_model, fingerprint
-from tkllm_ray.serve.delta_cache import CachedDelta, DeltaCache
+from tkllm_ray.serve.delta_cache import DeltaCache, _Encoded
 from tkllm_ray.serve.engine import DeltaBatchEngine, GenRequest
 from tkllm_ray.sparse.delta_store import save_delta
 from tkllm_ray.sparse.mixed import swap_out
 from tkllm_ray.sparse.model import AppliedDelta
 from tkllm_ray.sparse.sensitivity import target_linears
+from tkllm_ray.storage import read_latest
 from results_io import sync, write_result  # sibling module: this script's folder is on sys.path
 
 CUDA = torch.cuda.is_available()
@@ -282,18 +283,47 @@ def _cold_phases(store: str, fp: str, accounts: list[str]) -> dict:
         phases.setdefault(name, []).append((time.perf_counter() - t) * 1e3)
         return out
 
+    dtype = torch.bfloat16 if CUDA else torch.float32
     for a in accounts:
-        version, _ = timed("manifest", lambda: read_version(store, a))
+        version, manifest = timed("manifest", lambda: read_version(store, a))
         blob, _ = timed("read_and_hash", lambda: read_hashed(join(store, a, version, "delta.safetensors")))
-        delta = timed("decode", lambda: decode(blob, None))
-        (idx, vals), layout = delta.flat, delta.layout
-        hot = timed("to_device", lambda: CachedDelta._views(a, version, {}, idx.to(DEV), vals.to(DEV), layout))
+        enc = timed("decode", lambda: decode(blob, None, expand=False))
+        # format 3: copied as stored and expanded there (int64 until checked), as the cache does
+        hot = timed("to_device_and_expand", lambda: _Encoded(a, version, manifest, enc).expand(DEV, dtype))
         timed("check", lambda: probe._check_entries(hot))
     probe.close()
     return {k: _pct(v, 0.5) for k, v in phases.items()}
 
 
-def cache_latency(args, engine: DeltaBatchEngine, store: str, fp: str, accounts: list[str], nbytes: int) -> dict:
+def _by_format(args, shapes: dict, fp: str, root: str) -> dict:
+    """Cold loads of the same deltas stored in format 2 (int32 indices) and format 3 (16-bit gaps),
+    from the disk, the two taking turns account by account, each through its own cache."""
+    accounts = [f"fmt{a:04d}" for a in range(args.format_accounts)]
+    stores = {v: os.path.join(root, f"format{v}") for v in (2, 3)}
+    with ThreadPoolExecutor(min(8, os.cpu_count() or 1)) as pool:
+        list(pool.map(lambda av: save_delta(stores[av[1]], accounts[av[0]], random_delta(shapes, args.density, av[0]),
+                                            args.model, fp, "gspf", args.density, format_version=av[1]),
+                      [(a, v) for a in range(len(accounts)) for v in stores]))
+    out = {"page_cache_dropped": _drop_page_cache()}
+    caches = {v: DeltaCache(st, DEV, device_budget=1 << 40, host_budget=1, base_fingerprint=fp,
+                            dtype=torch.bfloat16 if CUDA else torch.float32) for v, st in stores.items()}
+    loads: dict[int, list[float]] = {v: [] for v in stores}
+    for a in accounts:
+        for v, cache in caches.items():
+            t = time.perf_counter()
+            cache.get(a)
+            loads[v].append((time.perf_counter() - t) * 1e3)
+    for v, cache in caches.items():
+        out[f"format{v}_file_mb"] = os.path.getsize(os.path.join(
+            stores[v], accounts[0], read_latest(os.path.join(stores[v], accounts[0])), "delta.safetensors")) / 2**20
+        out[f"format{v}_cold_load_p50_ms"], out[f"format{v}_cold_load_p99_ms"] = _pct(loads[v], 0.5), _pct(loads[v], 0.99)
+        cache.close()
+    out["p50_ratio_format3_vs_2"] = out["format3_cold_load_p50_ms"] / out["format2_cold_load_p50_ms"]
+    return out
+
+
+def cache_latency(args, engine: DeltaBatchEngine, store: str, fp: str, accounts: list[str], nbytes: int,
+                  shapes: dict) -> dict:
     """Cold loads (from the disk where the page cache can be dropped), then TTFT (cache lookup +
     prefill + first token) over a random request stream whose working set fits the device cache
     vs one 4x larger."""
@@ -308,6 +338,8 @@ def cache_latency(args, engine: DeltaBatchEngine, store: str, fp: str, accounts:
     out["cold_load_p50_ms"], out["cold_load_p99_ms"] = _pct(loads, 0.5), _pct(loads, 0.99)
     cold.close()
     out["cold_load_phases_p50_ms"] = _cold_phases(store, fp, accounts[args.cold_loads: 2 * args.cold_loads])
+    if args.format_accounts:
+        out["cold_load_by_format"] = _by_format(args, shapes, fp, os.path.dirname(store))
     cached = max(2, len(accounts) // 4)
     g = torch.Generator().manual_seed(1)
     warm = _requests(args, [None])[0]
@@ -347,6 +379,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--cold-loads", type=int, default=32)
     ap.add_argument("--ttft-requests", type=int, default=100)
+    ap.add_argument("--format-accounts", type=int, default=32, help="latency: cold loads of this many deltas "
+                    "stored in format 2 and in format 3, taking turns (0: none)")
     ap.add_argument("--skip", nargs="*", default=[], help="sections not to run (e.g. peft_mixed merge_restore)")
     ap.add_argument("--profile", action="store_true", help="diagnostics: profile 10 mixed decode steps "
                     "and time an admission's phases")
@@ -417,7 +451,7 @@ def main(argv=None) -> dict:
                     ("ours_mixed_eager", lambda: timed_generate(eager, _requests(args, deltas))),
                     ("hf_generate_base", lambda: hf_generate(base, args)),
                     ("merge_restore", lambda: merge_restore(base, args, deltas[: min(16, len(deltas))])),
-                    ("latency", lambda: cache_latency(args, engine, store, fp, accounts, nbytes)),
+                    ("latency", lambda: cache_latency(args, engine, store, fp, accounts, nbytes, shapes)),
                     ("peft_mixed", lambda: peft_mixed(base, args)),
                     ("profile", lambda: profile_decode(engine, _requests(args, deltas), args.out))]
         for name, run in sections:

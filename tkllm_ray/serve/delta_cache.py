@@ -11,6 +11,10 @@ On the device a delta is what the serving op reads: per module, int32 row-major 
 values in the base's dtype (3.9M entries of tkllm-s at 0.3%: ~23 MB in bf16). In every tier the
 modules are views into two flat buffers (all indices, all values), so moving a delta between
 tiers is two copies, and pinning it two page-locked allocations, not two per module.
+
+A format-3 file (sparse/delta_store.py: 16-bit gaps for the indices) is read as stored, 4 bytes
+an entry, copied to the device that way, and its indices expanded there (a running sum); with a
+GPU the host tier's copy is then made from the device's, in the background.
 """
 
 from __future__ import annotations
@@ -28,7 +32,8 @@ from tkllm_ray.data.schema import validate_account_id
 from tkllm_ray.errors import TkllmError
 from tkllm_ray.sparse.delta_op import check_sorted
 from tkllm_ray.serve.adapters import Adapters
-from tkllm_ray.sparse.delta_store import ADAPTERS, Delta, FlatDelta, load_adapters, load_delta, read_version
+from tkllm_ray.sparse.delta_store import (ADAPTERS, Delta, EncodedDelta, FlatDelta, load_adapters, load_delta,
+                                          read_version)
 from tkllm_ray.storage import join, read_latest
 
 
@@ -68,17 +73,41 @@ class CachedDelta:
         # views into the flat buffers, which a reader that wants them whole (the slot pool) takes
         return cls(account, version, FlatDelta(idx, vals, layout), manifest, (idx, vals), layout, adapters)
 
+    def narrowed(self) -> "CachedDelta":
+        """The same delta with int32 indices (what the serving op reads), once they are checked."""
+        return self._views(self.account, self.version, self.manifest, self.flat[0].to(torch.int32), self.flat[1],
+                           self.layout, self.adapters)
+
     @property
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.flat) + (self.adapters.nbytes if self.adapters else 0)
 
     def to(self, device: torch.device, pin: bool = False) -> "CachedDelta":
         if pin and device.type == "cpu":
-            idx, vals = (t.pin_memory() for t in self.flat)
+            idx, vals = (_pinned(t) for t in self.flat)
         else:
             idx, vals = (t.to(device, non_blocking=True) for t in self.flat)
         adapters = self.adapters.to(device, pin) if self.adapters else None
         return self._views(self.account, self.version, self.manifest, idx, vals, self.layout, adapters)
+
+
+def _pinned(t: torch.Tensor) -> torch.Tensor:
+    if t.device.type == "cpu":
+        return t.pin_memory()
+    return torch.empty(t.shape, dtype=t.dtype, pin_memory=True).copy_(t)
+
+
+@dataclass
+class _Encoded:
+    """A format-3 delta as read from the store: its indices expand where it lands."""
+    account: str
+    version: str
+    manifest: dict
+    delta: EncodedDelta
+
+    def expand(self, device: torch.device, dtype: torch.dtype) -> CachedDelta:
+        flat = self.delta.expand(device, dtype, torch.int64)
+        return CachedDelta._views(self.account, self.version, self.manifest, *flat.flat, flat.layout)
 
 
 class _Tier:
@@ -175,10 +204,16 @@ class DeltaCache:
         try:
             try:
                 host = self._read(account, version)
-                hot = host.to(self.device)  # from pageable memory: pinning first would cost more than it saves
+                if isinstance(host, _Encoded):  # format 3: 4 bytes an entry copied, indices expanded there
+                    hot = host.expand(self.device, self.dtype)  # int64 indices: checked before narrowing
+                else:  # from pageable memory: pinning first would cost more than it saves
+                    hot = host.to(self.device)
                 # checked where it now lives: on a GPU, one pass over the flat indices there, not on the CPU
                 # (its result is read back, so the copy is done before any request reads the delta)
                 self._check_entries(hot)
+                if isinstance(host, _Encoded):
+                    hot = hot.narrowed()
+                    host = hot if self.device.type == "cpu" else None  # a GPU's host copy: made from `hot`
             except TkllmError as e:
                 if "no delta published" in str(e):
                     raise UnknownAccount(f"unknown account {account!r}: no delta is published for it") from None
@@ -192,20 +227,24 @@ class DeltaCache:
             with self._lock:
                 self.stats["store_loads"] += 1
                 self.stats["load_ms"].append((time.perf_counter() - t0) * 1e3)
-                self.host.put(host)
-                kept = self.host.items.get(account) is host  # not when larger than the host tier
+                if host is not None:
+                    self.host.put(host)
+                kept = host is not None and self.host.items.get(account) is host  # not when larger than the tier
                 self._promote(hot)
             # the host copy is pinned after the request has its delta (fast promotions later); a copy
             # the host tier did not keep is not (pinning it only slowed the next load beside it)
             if self.pin and kept:
                 self._pool.submit(self._pin, host)
+            elif self.pin and host is None and hot.nbytes <= self.host.budget:
+                self._pool.submit(self._pin_from_device, hot)
             return hot
         finally:
             with self._lock:
                 self._loading.pop((account, version), None)
 
-    def _read(self, account: str, version: str | None) -> CachedDelta:
-        """The version from the store, checked: a sparse delta, or token-selective adapters."""
+    def _read(self, account: str, version: str | None) -> "CachedDelta | _Encoded":
+        """The version from the store, checked: a sparse delta (format 3: its indices still encoded),
+        or token-selective adapters."""
         version, manifest = read_version(self.store, account, version, self.options)
         if manifest.get("artifact") == ADAPTERS:
             tensors, meta = load_adapters(self.store, account, version, manifest, self.base_fingerprint, self.options)
@@ -214,7 +253,10 @@ class DeltaCache:
                 adapters.check(self.shapes)
             return CachedDelta.of(account, version, {}, {**manifest, "version": version}, self.dtype, adapters)
         delta, manifest = load_delta(self.store, account, version, self.base_fingerprint, self.options,
-                                     index_dtype=None, manifest=manifest)
+                                     index_dtype=None, manifest=manifest, expand=False)
+        if isinstance(delta, EncodedDelta):
+            self._check_layout(delta.layout, delta.index_dtype)
+            return _Encoded(account, manifest["version"], manifest, delta)
         self._check_modules(delta)
         return CachedDelta.of(account, manifest["version"], delta, manifest, self.dtype)
 
@@ -223,6 +265,21 @@ class DeltaCache:
         with self._lock:
             if self.host.items.get(item.account) is item:  # not replaced or evicted meanwhile
                 self.host.items[item.account] = pinned
+
+    def _pin_from_device(self, hot: CachedDelta) -> None:
+        """The host tier's copy of a delta loaded encoded: its expanded buffers, copied back from
+        the device into pinned memory (what a promotion copies from)."""
+        pinned = hot.to(torch.device("cpu"), pin=True)
+        with self._lock:
+            if self.hot.items.get(hot.account) is hot:  # still the served version (not replaced or evicted)
+                self.host.put(pinned)
+
+    def _check_layout(self, layout: list[tuple[str, int]], index_dtype: torch.dtype) -> None:
+        for name, _ in layout:
+            if self.shapes is not None and name not in self.shapes:
+                raise ValueError(f"module {name} is not a target linear of the served base")
+        if index_dtype == torch.int64:  # stored wide: a huge module
+            raise ValueError("indices past 2^31 (the cache keeps int32 indices)")
 
     def _check_modules(self, delta: Delta) -> None:
         for name, (idx, vals) in delta.items():
@@ -248,12 +305,12 @@ class DeltaCache:
         if not bool(rising.all()):
             bad = spans[int(torch.searchsorted(starts, (~rising).nonzero()[0, 0] + 1, right=True)) - 1][0]
             check_sorted(item.delta[bad][0], f"module {bad}'s indices")
-        if self.shapes is not None:
-            limit = torch.tensor([self.shapes[n] for n, _ in spans], device=flat.device)
-            out = (nonempty[starts] < 0) | (nonempty[starts + counts - 1] >= limit)
-            if bool(out.any()):
-                name = spans[int(out.nonzero()[0, 0])][0]
-                raise ValueError(f"module {name}: an index is outside its {self.shapes[name]} weights")
+        # without the base's shapes: inside int32 (what the cache narrows the indices to)
+        sizes = [self.shapes[n] if self.shapes is not None else 2**31 for n, _ in spans]
+        out = (nonempty[starts] < 0) | (nonempty[starts + counts - 1] >= torch.tensor(sizes, device=flat.device))
+        if bool(out.any()):
+            i = int(out.nonzero()[0, 0])
+            raise ValueError(f"module {spans[i][0]}: an index is outside its {sizes[i]} weights")
 
     # -- new versions -------------------------------------------------------------------------------
     def refresh(self) -> list[Future]:

@@ -116,13 +116,19 @@ def test_deltas_that_do_not_fit_the_served_base_are_refused(tmp_path, device):
     store = str(tmp_path / "deltas")
     name = "model.layers.0.mlp.up_proj"
     idx = torch.tensor([5, 3, 9])
-    for account, delta in {"unsorted": {name: (idx, torch.ones(3))},
-                           "out_of_range": {name: (torch.tensor([1, 64 * 64]), torch.ones(2))},
+    with pytest.raises(ValueError, match="must be sorted and unique within each module"):  # refused by the writer
+        save_delta(store, "unsorted", {name: (idx, torch.ones(3))}, "tkllm-tiny", FP, "gspf", 0.003)
+    # and by the reader, in the format before, which could hold them
+    save_delta(store, "unsorted", {name: (idx, torch.ones(3))}, "tkllm-tiny", FP, "gspf", 0.003, format_version=2)
+    save_delta(store, "out_of_range_2", {name: (torch.tensor([1, 64 * 64]), torch.ones(2))}, "tkllm-tiny", FP,
+               "gspf", 0.003, format_version=2)
+    for account, delta in {"out_of_range": {name: (torch.tensor([1, 64 * 64]), torch.ones(2))},
                            "unknown_module": {"model.layers.9.foo": (torch.tensor([1]), torch.ones(1))},
                            "fits": {name: (torch.tensor([0, 64 * 64 - 1]), torch.ones(2))}}.items():
         save_delta(store, account, delta, "tkllm-tiny", FP, "gspf", 0.003, value_dtype="fp32")
     cache = DeltaCache(store, device, base_fingerprint=FP, shapes={name: 64 * 64})
     for account, message in [("unsorted", "must be sorted and unique"), ("out_of_range", "outside its 4096 weights"),
+                             ("out_of_range_2", "outside its 4096 weights"),
                              ("unknown_module", "not a target linear of the served base")]:
         with pytest.raises(DeltaLoadError, match=f"account '{account}': .*{message}"):
             cache.get(account)
@@ -208,7 +214,9 @@ def test_a_delta_read_into_a_buffer_decodes_as_views_of_it_and_a_malformed_heade
     for a, b in zip(got.flat, want.flat):
         assert a.dtype == b.dtype and torch.equal(a, b)
     start = torch.frombuffer(buf, dtype=torch.uint8).data_ptr()
-    assert start <= got.flat[0].data_ptr() < start + len(buf)  # no copy
+    assert start <= got.flat[1].data_ptr() < start + len(buf)  # the values: no copy (the indices are expanded)
+    enc = decode(buf, None, expand=False)  # the gaps, as the serving cache reads them: views too
+    assert start <= enc.gaps.data_ptr() < start + len(buf) and enc.gaps.dtype == torch.int16
     n = int.from_bytes(blob[:8], "little")
     header = json.loads(blob[8:8 + n])
     header["values"]["data_offsets"][1] += 2  # one value more than its bytes hold
