@@ -8,8 +8,9 @@ on one device, same synthetic accounts (issue 4's benchmark).
 Each account: `--captions` captions of `--tokens` random token ids, `--epochs` epochs, GSPF at
 `--density`, static mask. Modes: `packed` (max-resident accounts in flight, mixed micro-batches),
 `unpacked` (the same engine, one account at a time, base loaded once), `hf_peft` (per account:
-load the base from local disk, peft LoRA, transformers Trainer, save), `resident` (1,000 accounts
-in flight, states paged to pinned host memory). Each mode runs for at most its wall budget (a
+load the base from local disk, peft LoRA, transformers Trainer, save; peft_job.py), `hf_peft_jobs`
+(the same as a fresh process per account: a job per account), `resident` (1,000 accounts in
+flight, states paged to pinned host memory). Each mode runs for at most its wall budget (a
 command has 10 minutes); accounts/hour counts the accounts finished in that window (ramp-up
 included), the steady rate those between the first and the last completion, and a cross-check
 from the tokens trained. MFU counts 4·N FLOPs per trained token (forward 2N + input-gradient 2N
@@ -22,6 +23,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import subprocess
+import sys
 import tempfile
 import time
 
@@ -34,7 +37,8 @@ from tkllm_ray.config.finetune import FinetuneConfig
 from tkllm_ray.models import build_model
 from tkllm_ray.sparse.mixed import swap_out
 from tkllm_ray.train.packed import AccountJob, PackedGSPF
-from results_io import sync, write_result  # sibling module: this script's folder is on sys.path
+import peft_job  # sibling modules: this script's folder is on sys.path
+from results_io import sync, write_result
 
 PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}
 
@@ -155,27 +159,27 @@ def _host_available() -> int:
         return next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable"))
 
 
-def run_hf_peft(args, base, n: int) -> dict:
-    """What a user does today: per account, load the base from local disk, wrap it in peft LoRA,
-    train with transformers.Trainer, save the adapter."""
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM, Trainer, TrainingArguments
-
+def run_hf_peft(args, base, n: int, jobs: bool = False) -> dict:
+    """What a user does today (peft_job.py): per account, load the base from local disk, wrap it
+    in peft LoRA, train with transformers.Trainer, save the adapter; in this process, or
+    (`jobs`) as a fresh process per account, which also pays the imports and CUDA start-up."""
     dtype = next(base.parameters()).dtype
+    batch = args.batch_size * args.seq_len // (args.tokens + 1)  # the rows of our batches, as captions
     with tempfile.TemporaryDirectory() as d:
         base.save_pretrained(os.path.join(d, "base"))
         t0, done = time.perf_counter(), 0
         for job in make_jobs(args, n, offset=10_000):
-            model = AutoModelForCausalLM.from_pretrained(os.path.join(d, "base"), dtype=dtype).to(base.device)
-            model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, target_modules="all-linear",
-                                                     task_type="CAUSAL_LM"))
-            ds = [{"input_ids": p + [0], "labels": p + [0]} for p in job.train_posts]  # a caption + EOS a row
-            targs = TrainingArguments(output_dir=os.path.join(d, "run"), num_train_epochs=args.epochs,
-                                      per_device_train_batch_size=args.batch_size * args.seq_len // (args.tokens + 1),
-                                      learning_rate=1e-3, logging_strategy="no", save_strategy="no", report_to=[],
-                                      bf16=dtype == torch.bfloat16, use_cpu=not torch.cuda.is_available())
-            Trainer(model=model, args=targs, train_dataset=ds).train()
-            model.save_pretrained(os.path.join(d, "adapters", job.cfg.account))
+            out = os.path.join(d, "adapters", job.cfg.account)
+            if jobs:
+                posts = os.path.join(d, f"{job.cfg.account}.json")
+                with open(posts, "w") as f:
+                    json.dump(job.train_posts, f)
+                subprocess.run([sys.executable, os.path.join(os.path.dirname(__file__), "peft_job.py"), "--base",
+                                os.path.join(d, "base"), "--posts", posts, "--out", out, "--epochs", str(args.epochs),
+                                "--batch", str(batch)], check=True, stdout=subprocess.DEVNULL)
+            else:
+                peft_job.train_one(os.path.join(d, "base"), job.train_posts, out, args.epochs, batch, dtype,
+                                   str(base.device))
             done += 1
             if time.perf_counter() - t0 > args.seconds:
                 break
@@ -205,8 +209,9 @@ def main(argv=None) -> dict:
     ap.add_argument("--seconds", type=float, default=180, help="wall budget of the packed mode")
     ap.add_argument("--other-seconds", type=float, default=90, help="wall budget of each other mode")
     ap.add_argument("--hf-accounts", type=int, default=5)
-    ap.add_argument("--modes", nargs="+", default=["packed", "resident", "unpacked", "hf_peft"],
-                    choices=["packed", "resident", "unpacked", "hf_peft"])
+    ap.add_argument("--modes", nargs="+", default=["packed", "resident", "unpacked", "hf_peft", "hf_peft_jobs"],
+                    choices=["packed", "resident", "unpacked", "hf_peft", "hf_peft_jobs"],
+                    help="hf_peft: the peft baseline in this process; hf_peft_jobs: a process per account")
     ap.add_argument("--phase-times", action="store_true", help="diagnostics: time each engine phase (syncs)")
     ap.add_argument("--profile", type=int, default=0, help="diagnostics: profile N packed train steps")
     ap.add_argument("--profile-from", type=int, default=3, help="diagnostics: the train step the profile starts at "
@@ -229,8 +234,8 @@ def main(argv=None) -> dict:
     results = {}
     for mode in args.modes:
         t0 = time.perf_counter()
-        if mode == "hf_peft":
-            results[mode] = run_hf_peft(args, base, args.hf_accounts)
+        if mode.startswith("hf_peft"):
+            results[mode] = run_hf_peft(args, base, args.hf_accounts, jobs=mode == "hf_peft_jobs")
         elif mode == "resident":  # paging: far more accounts in flight than device memory holds
             results[mode] = run_engine(args, base, make_jobs(args, args.resident_accounts), args.other_seconds,
                                        args.resident_accounts, budget or host, host)
@@ -255,7 +260,9 @@ def _write(args, results: dict, n_params: int) -> dict:
     out = {"device": name, "config": vars(args), "kernel_tiles": CONFIG, "params": n_params,
            "accounts_per_hour": packed.get("accounts_per_hour"),
            "steady_accounts_per_hour": packed.get("steady_accounts_per_hour"),
-           "speedup_vs_hf_peft": _ratio(packed, results.get("hf_peft")),
+           # against the peft workflow as jobs (a process per account) where measured, else in this process
+           "speedup_vs_hf_peft": _ratio(packed, results.get("hf_peft_jobs") or results.get("hf_peft")),
+           "speedup_vs_hf_peft_in_process": _ratio(packed, results.get("hf_peft")),
            "speedup_vs_unpacked": _ratio(packed, results.get("unpacked")),
            # accounts in flight that held a selected, training state at once (admitted-only don't count)
            "max_resident_accounts": max((r.get("max_resident_with_state") or 0) for r in results.values()) or None,
