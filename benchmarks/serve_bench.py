@@ -351,16 +351,22 @@ def cache_latency(args, engine: DeltaBatchEngine, store: str, fp: str, accounts:
                            base_fingerprint=fp, dtype=torch.bfloat16 if CUDA else torch.float32)
         for a in accounts[:cached]:
             cache.get(a)  # warm: the all-hit stream never misses
-        ttft = []
+        ttft, slowest = [], []
         for k in torch.randint(0, working_set, (args.ttft_requests,), generator=g).tolist():
             req = _requests(args, [None])[0]
             req.max_tokens = 1
+            loads = cache.stats["store_loads"]
             t = time.perf_counter()
             req.delta = cache.get(accounts[k]).delta
             engine.generate([req])
             sync()
             ttft.append((time.perf_counter() - t) * 1e3)
+            # where a slow request's time went: its store load (and the read within it), if it had one
+            loaded = cache.stats["store_loads"] > loads
+            slowest.append({"ttft_ms": ttft[-1], "load_ms": cache.stats["load_ms"][-1] if loaded else None,
+                            "read_ms": cache.stats["read_ms"][-1] if loaded else None})
         out[f"ttft_{name}_p50_ms"], out[f"ttft_{name}_p99_ms"] = _pct(ttft, 0.5), _pct(ttft, 0.99)
+        out[f"ttft_{name}_slowest"] = sorted(slowest, key=lambda r: -r["ttft_ms"])[:3]
         out[f"misses_{name}"] = cache.stats["misses"]
         cache.close()
     out["ttft_p99_ratio_4x_working_set"] = out["ttft_4x_working_set_p99_ms"] / out["ttft_all_hit_p99_ms"]

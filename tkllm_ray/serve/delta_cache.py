@@ -155,7 +155,8 @@ class DeltaCache:
         self._loading: dict[tuple[str, str | None], Future] = {}
         self._pool = ThreadPoolExecutor(loader_threads, thread_name_prefix="delta-load")
         self.stats = {"hits": 0, "host_hits": 0, "misses": 0, "evictions": 0, "store_loads": 0, "swaps": 0,
-                      "load_errors": 0, "load_ms": deque(maxlen=1024)}  # the recent loads' times
+                      "load_errors": 0, "load_ms": deque(maxlen=1024),  # the recent loads' times
+                      "read_ms": deque(maxlen=1024)}  # of which reading the store (manifest, file, hash)
 
     # -- lookups ----------------------------------------------------------------------------------
     def get(self, account: str) -> CachedDelta:
@@ -204,6 +205,7 @@ class DeltaCache:
         try:
             try:
                 host = self._read(account, version)
+                read_ms = (time.perf_counter() - t0) * 1e3
                 if isinstance(host, _Encoded):  # format 3: 4 bytes an entry copied, indices expanded there
                     hot = host.expand(self.device, self.dtype)  # int64 indices: checked before narrowing
                 else:  # from pageable memory: pinning first would cost more than it saves
@@ -227,6 +229,7 @@ class DeltaCache:
             with self._lock:
                 self.stats["store_loads"] += 1
                 self.stats["load_ms"].append((time.perf_counter() - t0) * 1e3)
+                self.stats["read_ms"].append(read_ms)
                 if host is not None:
                     self.host.put(host)
                 kept = host is not None and self.host.items.get(account) is host  # not when larger than the tier
