@@ -60,7 +60,7 @@ class CachedDelta:
     @classmethod
     def of(cls, account: str, version: str, delta: Delta, manifest: dict, dtype: torch.dtype,
            adapters=None) -> "CachedDelta":
-        if isinstance(delta, FlatDelta):  # decoded from a format-2 file: already flat
+        if isinstance(delta, FlatDelta):  # decoded from a format-2 or -3 file: already flat
             (idx, vals), layout = delta.flat, delta.layout
             return cls._views(account, version, manifest, idx.to(torch.int32), vals.to(dtype), layout, adapters)
         layout = [(n, i.numel()) for n, (i, _) in delta.items()]
@@ -154,9 +154,10 @@ class DeltaCache:
         self._lock = threading.Lock()
         self._loading: dict[tuple[str, str | None], Future] = {}
         self._pool = ThreadPoolExecutor(loader_threads, thread_name_prefix="delta-load")
+        self._served: dict[str, str] = {}  # account -> the version loaded last (what a host copy may hold)
         self.stats = {"hits": 0, "host_hits": 0, "misses": 0, "evictions": 0, "store_loads": 0, "swaps": 0,
                       "load_errors": 0, "load_ms": deque(maxlen=1024),  # the recent loads' times
-                      "read_ms": deque(maxlen=1024)}  # of which reading the store (manifest, file, hash)
+                      "read_ms": deque(maxlen=1024)}  # of which the store's part (manifest, file, hash, decode)
 
     # -- lookups ----------------------------------------------------------------------------------
     def get(self, account: str) -> CachedDelta:
@@ -215,13 +216,13 @@ class DeltaCache:
                 self._check_entries(hot)
                 if isinstance(host, _Encoded):
                     hot = hot.narrowed()
-                    host = hot if self.device.type == "cpu" else None  # a GPU's host copy: made from `hot`
+                    host = None if self.pin else hot  # a GPU's host copy: made from `hot`, pinned
             except TkllmError as e:
                 if "no delta published" in str(e):
                     raise UnknownAccount(f"unknown account {account!r}: no delta is published for it") from None
                 self._count("load_errors")
                 raise DeltaLoadError(f"account {account!r}: {e}") from None
-            except (OSError, ValueError, KeyError, RuntimeError) as e:  # unreadable manifest or tensors
+            except (OSError, ValueError, KeyError, IndexError, RuntimeError) as e:  # unreadable manifest or tensors
                 self._count("load_errors")
                 raise DeltaLoadError(f"account {account!r}: its delta cannot be read ({e})") from None
             if self.device.type == "cuda":
@@ -230,8 +231,11 @@ class DeltaCache:
                 self.stats["store_loads"] += 1
                 self.stats["load_ms"].append((time.perf_counter() - t0) * 1e3)
                 self.stats["read_ms"].append(read_ms)
+                self._served[account] = hot.version
                 if host is not None:
                     self.host.put(host)
+                else:  # an older version's host copy must not outlive this one: its own copy follows
+                    self.host.drop(account)
                 kept = host is not None and self.host.items.get(account) is host  # not when larger than the tier
                 self._promote(hot)
             # the host copy is pinned after the request has its delta (fast promotions later); a copy
@@ -274,7 +278,9 @@ class DeltaCache:
         the device into pinned memory (what a promotion copies from)."""
         pinned = hot.to(torch.device("cpu"), pin=True)
         with self._lock:
-            if self.hot.items.get(hot.account) is hot:  # still the served version (not replaced or evicted)
+            # unless a newer version has loaded since (evicted from the device meanwhile or not: the
+            # host tier is where a delta evicted from the device stays)
+            if self._served.get(hot.account) == hot.version:
                 self.host.put(pinned)
 
     def _check_layout(self, layout: list[tuple[str, int]], index_dtype: torch.dtype) -> None:

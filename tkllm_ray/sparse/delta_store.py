@@ -16,7 +16,8 @@ from tkllm_ray.data.schema import validate_account_id
 from tkllm_ray.errors import TkllmError
 from tkllm_ray.storage import exists, join, list_dirs, publish, read_bytes, read_hashed, read_latest, remove, write_bytes
 
-FORMAT_VERSION = 3  # 3: indices as 16-bit gaps; 2: all modules in two flat tensors; 1: two tensors per module (all read)
+# 3: indices as 16-bit gaps; 2: all modules in two flat tensors; 1: two tensors per module (all read)
+FORMAT_VERSION = 3
 DELTA, ADAPTERS = "sparse-delta", "ts-adapters"  # what a version holds (manifest "artifact")
 VALUE_DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 
@@ -25,7 +26,7 @@ Delta = dict[str, tuple[torch.Tensor, torch.Tensor]]  # module -> (sorted flat i
 
 class FlatDelta(dict):
     """A Delta whose modules are views into two flat tensors (`flat`: all indices, all values;
-    `layout`: (module, entries) in that order), as decoded from a format-2 file or held by the
+    `layout`: (module, entries) in that order), as decoded from a format-2 or -3 file or held by the
     serving cache: a reader that wants the flat buffers (the serving cache, the slot pool) takes
     them without concatenating 2 x 169 pieces."""
 
@@ -101,7 +102,9 @@ class EncodedDelta:
     def __init__(self, gaps: torch.Tensor, jumps: torch.Tensor, values: torch.Tensor,
                  layout: list[tuple[str, int]], index_dtype: torch.dtype):
         n = gaps.numel()
-        if sum(k for _, k in layout) != n or values.numel() != n or jumps.dim() != 2 or jumps.shape[1] != 2:
+        if (gaps.dim() != 1 or gaps.dtype != torch.int16 or values.dim() != 1 or values.numel() != n
+                or jumps.dim() != 2 or jumps.shape[1] != 2 or jumps.dtype != torch.int64
+                or any(k < 0 for _, k in layout) or sum(k for _, k in layout) != n):
             raise ValueError("delta layout does not match its tensors")
         if jumps.numel() and not bool(((jumps[:, 0] >= 0) & (jumps[:, 0] < n) & (jumps[:, 1] > 0)).all()):
             raise ValueError("delta gap table points outside its entries")
@@ -113,15 +116,18 @@ class EncodedDelta:
         counts = torch.tensor([k for _, k in self.layout], dtype=torch.int64).to(device, non_blocking=True)
         gaps, jumps = (t.to(device, non_blocking=True) for t in (self.gaps, self.jumps))
         vals = self.values.to(device, value_dtype or self.values.dtype, non_blocking=True)
+        if vals.data_ptr() == self.values.data_ptr():  # still a view of the file's bytes: not kept alive whole
+            vals = vals.clone()
         return FlatDelta(expand_indices(gaps, jumps, counts, index_dtype or self.index_dtype), vals, self.layout)
 
 
 def decode(data: bytes | bytearray, index_dtype: torch.dtype | None = torch.int64,
            expand: bool = True) -> Delta | EncodedDelta:
-    """`index_dtype=None`: indices as stored (int32 below 2^31: no widening copy for a reader
-    that wants int32, e.g. a serving cache). Formats 3 and 2 give a FlatDelta; format 1 a plain
-    dict; `expand=False` leaves a format-3 file's indices encoded (an EncodedDelta). From a
-    writable buffer (`read_hashed`) the tensors are views of it, not copies."""
+    """`index_dtype=None`: indices in the width they were written (int32 below 2^31). Formats 3
+    and 2 give a FlatDelta; format 1 a plain dict; `expand=False` leaves a format-3 file's indices
+    encoded (an EncodedDelta: what a serving cache reads, to expand them on its device). From a
+    writable buffer (`read_hashed`) the stored tensors are views of it, not copies (format 3's
+    expanded indices are computed)."""
     header = _header(data)
     meta = header.get("__metadata__") or {}
     tensors = _views(data, header) if isinstance(data, bytearray) else st_load(data)
@@ -207,8 +213,9 @@ def save_adapters(store: str, account_id: str, blob: bytes, meta: dict, base_mod
     """Publish token-selective adapters (train/ts_peft.py: adapter.safetensors + ts_config.json
     `meta`) as a version of the account, beside or instead of sparse deltas: the same manifest,
     LATEST, registry, retraining and serving cache; `artifact` says which it is."""
-    fields = {"artifact": ADAPTERS, "method": meta["method"], "trained_as": meta.get("trained_as"),
-              "rank": meta["rank"], "modules": list(meta["modules"])}
+    # format 2: adapter files did not change with format 3 (a format-2 reader still reads them)
+    fields = {"format_version": 2, "artifact": ADAPTERS, "method": meta["method"],
+              "trained_as": meta.get("trained_as"), "rank": meta["rank"], "modules": list(meta["modules"])}
     files = {"ts_config.json": json.dumps(meta, indent=1).encode(), **(extra_files or {})}
     return _publish_version(store, account_id, fields, "adapter.safetensors", blob, base_model, base_fingerprint,
                             metrics, data_watermark, None, files, run_id, options)

@@ -3,6 +3,7 @@ account, and a new version picked up while the old one serves."""
 
 import asyncio
 import json
+import threading
 
 import pytest
 import torch
@@ -27,6 +28,49 @@ def _publish(store, account: str, seed: int, fp: str = FP, options=None) -> str:
 
 def _bytes() -> int:
     return 500 * 4 + 500 * 4  # int32 indices + fp32 values
+
+
+def test_a_delta_loaded_encoded_gets_its_host_copy_from_the_device_and_never_an_older_one(tmp_path, monkeypatch):
+    """With a GPU, the host tier's copy of a format-3 delta is made from the device's copy, in the
+    background. A newer version's load drops the older host copy at once. A copy is kept even if
+    the device tier no longer holds the delta when it is made. (The GPU's path, run on the CPU:
+    a clone stands in for the pinned copy.)"""
+    from tkllm_ray.serve import delta_cache
+
+    monkeypatch.setattr(delta_cache, "_pinned", lambda t: t.clone())
+    store = str(tmp_path / "deltas")
+    v1 = _publish(store, "a1", seed=1)
+    cache = DeltaCache(store, base_fingerprint=FP, loader_threads=1)  # one thread: its queue runs in order
+    cache.pin = True
+
+    def settled():  # every background copy queued so far has run
+        cache._pool.submit(lambda: None).result()
+
+    hot = cache.get("a1")
+    settled()
+    assert cache.host.items["a1"].version == v1 and cache.host.items["a1"].flat[0] is not hot.flat[0]
+    v2 = _publish(store, "a1", seed=2)
+    go, copy_may_run = threading.Event(), threading.Event()
+    cache._pool.submit(go.wait)
+    [fut] = cache.refresh()  # queued behind `go`
+    cache._pool.submit(copy_may_run.wait)  # v2's host copy gets queued behind this: look in between
+    go.set()
+    fut.result()
+    assert "a1" not in cache.host.items  # v1's copy dropped at once; v2's is queued
+    copy_may_run.set()
+    settled()
+    assert cache.host.items["a1"].version == v2 and cache.hot.items["a1"].version == v2
+    cache.close()
+
+    _publish(store, "a2", seed=3)
+    small = DeltaCache(store, base_fingerprint=FP, device_budget=1, loader_threads=1)  # the device keeps nothing
+    small.pin = True
+    small.get("a2")
+    small._pool.submit(lambda: None).result()
+    assert "a2" not in small.hot.items and "a2" in small.host.items
+    small.get("a2")
+    assert small.stats["host_hits"] == 1 and small.stats["store_loads"] == 1
+    small.close()
 
 
 def test_tiers_evict_lru_and_promote_from_host(tmp_path):
@@ -214,9 +258,12 @@ def test_a_delta_read_into_a_buffer_decodes_as_views_of_it_and_a_malformed_heade
     for a, b in zip(got.flat, want.flat):
         assert a.dtype == b.dtype and torch.equal(a, b)
     start = torch.frombuffer(buf, dtype=torch.uint8).data_ptr()
-    assert start <= got.flat[1].data_ptr() < start + len(buf)  # the values: no copy (the indices are expanded)
-    enc = decode(buf, None, expand=False)  # the gaps, as the serving cache reads them: views too
-    assert start <= enc.gaps.data_ptr() < start + len(buf) and enc.gaps.dtype == torch.int16
+    enc = decode(buf, None, expand=False)  # as the serving cache reads it: gaps and values are views, no copy
+    for t in (enc.gaps, enc.values):
+        assert start <= t.data_ptr() < start + len(buf)
+    assert enc.gaps.dtype == torch.int16
+    # expanded on the CPU, nothing keeps the file's buffer alive: the values are their own copy
+    assert not start <= got.flat[1].data_ptr() < start + len(buf)
     n = int.from_bytes(blob[:8], "little")
     header = json.loads(blob[8:8 + n])
     header["values"]["data_offsets"][1] += 2  # one value more than its bytes hold

@@ -73,10 +73,11 @@ def test_a_gap_table_pointing_outside_the_entries_is_refused():
     text = json.dumps(header).encode()
     with pytest.raises(ValueError, match="gap table points outside its entries"):
         decode(bytes(len(text).to_bytes(8, "little") + text + body))
-    header["__metadata__"]["layout"] = json.dumps([["m", 3]])
-    text = json.dumps(header).encode()
-    with pytest.raises(ValueError, match="layout does not match its tensors"):
-        decode(bytes(len(text).to_bytes(8, "little") + text + blob[8 + n:]))
+    for layout in ([["m", 3]], [["m", 3], ["n", -1]]):  # more entries than stored; counts that sum but go negative
+        header["__metadata__"]["layout"] = json.dumps(layout)
+        text = json.dumps(header).encode()
+        with pytest.raises(ValueError, match="layout does not match its tensors"):
+            decode(bytes(len(text).to_bytes(8, "little") + text + blob[8 + n:]))
 
 
 def test_expansion_restarts_at_each_module():
