@@ -16,6 +16,7 @@ class ServeMetrics:
         self.cache_stats = {k: Gauge(f"tkllm_delta_cache_{k}", f"delta cache: {k} so far")
                             for k in ("hits", "host_hits", "misses", "evictions", "store_loads", "swaps", "load_errors")}
         self.load_ms = Gauge("tkllm_delta_load_ms", "delta load time (store to device) of the last load, ms")
+        self.read_ms = Gauge("tkllm_delta_read_ms", "of the last load, the store's part (manifest, file, hash), ms")
 
     def step(self, rows: int, finished: int, seconds: float) -> None:
         """One engine step: `rows` requests each got a token, `finished` of them completed."""
@@ -31,3 +32,5 @@ class ServeMetrics:
             g.set(stats[k])
         if stats["load_ms"]:
             self.load_ms.set(stats["load_ms"][-1])
+        if stats.get("read_ms"):
+            self.read_ms.set(stats["read_ms"][-1])
