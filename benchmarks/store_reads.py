@@ -1,0 +1,84 @@
+"""How long the store's part of a cold delta load takes on this machine's disk: LATEST, the
+manifest and the delta file read with its hash (what `DeltaCache` does before any device work),
+for files never read since they were written and then for the same files read again, the page
+cache dropped before each pass. No GPU needed; the tail is the disk's.
+
+    python benchmarks/store_reads.py --files 200 [--settle 90] [--model tkllm-s]
+
+Writes store-reads-<host>.json: p50/p90/p99/max per pass and the reads over 100 ms (with when
+they started after the drop).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import torch
+from results_io import write_result  # sibling modules: this script's folder is on sys.path
+from serve_bench import _drop_page_cache, _pct, random_delta
+from transformers import LlamaForCausalLM
+
+from tkllm_ray.models.presets import preset_config
+from tkllm_ray.sparse.delta_store import read_version, save_delta
+from tkllm_ray.sparse.sensitivity import target_linears
+from tkllm_ray.storage import join, read_hashed
+
+
+def shapes_of(model: str, vocab: int) -> dict[str, int]:
+    """Target linears' weight sizes, from the config alone (a meta-device model: no weights made)."""
+    cfg = preset_config(model)
+    cfg.vocab_size = vocab
+    with torch.device("meta"):
+        return {n: m.weight.numel() for n, m in target_linears(LlamaForCausalLM(cfg)).items()}
+
+
+def read_pass(store: str, accounts: list[str]) -> dict:
+    """One pass over the accounts after the page cache is dropped; the slow reads with when they
+    started (s after the drop)."""
+    _drop_page_cache()
+    t0, times, slow = time.perf_counter(), [], []
+    for i, a in enumerate(accounts):
+        t = time.perf_counter()
+        version, _ = read_version(store, a)
+        read_hashed(join(store, a, version, "delta.safetensors"))
+        times.append((time.perf_counter() - t) * 1e3)
+        if times[-1] > 100:
+            slow.append({"read": i, "ms": round(times[-1], 1), "started_s": round(t - t0, 2)})
+    return {"p50_ms": _pct(times, 0.5), "p90_ms": _pct(times, 0.9), "p99_ms": _pct(times, 0.99), "max_ms": max(times),
+            "over_100ms": slow}
+
+
+def main(argv=None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default="tkllm-s")
+    ap.add_argument("--vocab", type=int, default=32000)
+    ap.add_argument("--density", type=float, default=0.003)
+    ap.add_argument("--files", type=int, default=200)
+    ap.add_argument("--settle", type=float, default=0.0, help="seconds to wait after the writes are flushed")
+    ap.add_argument("--dir", default=None, help="where the store goes (default: a temporary directory)")
+    ap.add_argument("--out", default=os.environ.get("OUT", "benchmarks/results"))
+    args = ap.parse_args(argv)
+    shapes = shapes_of(args.model, args.vocab)
+    accounts = [f"acct{a:05d}" for a in range(args.files)]
+    with tempfile.TemporaryDirectory(dir=args.dir) as tmp:
+        store = os.path.join(tmp, "deltas")
+        with ThreadPoolExecutor(min(8, os.cpu_count() or 1)) as pool:
+            list(pool.map(lambda a: save_delta(store, accounts[a], random_delta(shapes, args.density, a), args.model,
+                                               "sha256:" + "0" * 64, "gspf", args.density), range(args.files)))
+        os.sync()
+        time.sleep(args.settle)
+        size = os.path.getsize(join(store, accounts[0], read_version(store, accounts[0])[0], "delta.safetensors"))
+        res = {"host": platform.node(), "config": vars(args), "file_mb": size / 2**20,
+               "first_reads": read_pass(store, accounts), "second_reads": read_pass(store, accounts)}
+    print(res, flush=True)
+    write_result(args.out, "store-reads", "cpu-" + platform.machine(), res)
+    return res
+
+
+if __name__ == "__main__":
+    main()
