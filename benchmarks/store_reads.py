@@ -3,7 +3,7 @@ manifest and the delta file read with its hash (what `DeltaCache` does before an
 for files never read since they were written and then for the same files read again, the page
 cache dropped before each pass. No GPU needed; the tail is the disk's.
 
-    python benchmarks/store_reads.py --files 200 [--settle 90] [--model tkllm-s]
+    python benchmarks/store_reads.py --files 400 --direct [--settle 90] [--model tkllm-s]
 
 Writes store-reads-<host>.json: p50/p90/p99/max per pass and the reads over 100 ms (with when
 they started after the drop).
@@ -12,6 +12,7 @@ they started after the drop).
 from __future__ import annotations
 
 import argparse
+import mmap
 import os
 import platform
 import tempfile
@@ -37,15 +38,30 @@ def shapes_of(model: str, vocab: int) -> dict[str, int]:
         return {n: m.weight.numel() for n, m in target_linears(LlamaForCausalLM(cfg)).items()}
 
 
-def read_pass(store: str, accounts: list[str]) -> dict:
+def read_direct(path: str) -> int:
+    """The file's bytes with O_DIRECT (past the page cache) into a page-aligned buffer; no hash."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECT)
+    try:
+        size = os.fstat(fd).st_size
+        buf = mmap.mmap(-1, max(4096, -(-size // 4096) * 4096))  # anonymous maps are page-aligned
+        got = 0
+        while got < size and (n := os.preadv(fd, [memoryview(buf)[got:]], got)):
+            got += n
+        return got
+    finally:
+        os.close(fd)
+
+
+def read_pass(store: str, accounts: list[str], direct: bool = False) -> dict:
     """One pass over the accounts after the page cache is dropped; the slow reads with when they
-    started (s after the drop)."""
+    started (s after the drop). `direct`: the files read with O_DIRECT instead of `read_hashed`."""
     _drop_page_cache()
     t0, times, slow = time.perf_counter(), [], []
     for i, a in enumerate(accounts):
         t = time.perf_counter()
         version, _ = read_version(store, a)
-        read_hashed(join(store, a, version, "delta.safetensors"))
+        path = join(store, a, version, "delta.safetensors")
+        read_direct(path) if direct else read_hashed(path)
         times.append((time.perf_counter() - t) * 1e3)
         if times[-1] > 100:
             slow.append({"read": i, "ms": round(times[-1], 1), "started_s": round(t - t0, 2)})
@@ -61,6 +77,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--files", type=int, default=200)
     ap.add_argument("--settle", type=float, default=0.0, help="seconds to wait after the writes are flushed")
     ap.add_argument("--dir", default=None, help="where the store goes (default: a temporary directory)")
+    ap.add_argument("--direct", action="store_true", help="a third pass reading with O_DIRECT (past the page cache)")
     ap.add_argument("--out", default=os.environ.get("OUT", "benchmarks/results"))
     args = ap.parse_args(argv)
     shapes = shapes_of(args.model, args.vocab)
@@ -75,6 +92,8 @@ def main(argv=None) -> dict:
         size = os.path.getsize(join(store, accounts[0], read_version(store, accounts[0])[0], "delta.safetensors"))
         res = {"host": platform.node(), "config": vars(args), "file_mb": size / 2**20,
                "first_reads": read_pass(store, accounts), "second_reads": read_pass(store, accounts)}
+        if args.direct:
+            res["direct_reads"] = read_pass(store, accounts, direct=True)
     print(res, flush=True)
     write_result(args.out, "store-reads", "cpu-" + platform.machine(), res)
     return res
