@@ -2,7 +2,8 @@
 our engine on the base alone, on 64 requests of 64 distinct accounts, on 64 requests of one
 account; `transformers` generate on the base; `peft` serving 64 LoRA adapters in one mixed batch
 (`adapter_names=`); per-request merge/restore of deltas. Then cold delta loads (store -> device)
-and time to first token when the working set is 4x the device cache vs when it all fits.
+and time to first token when the working set is 4x the device cache vs when it all fits
+(serve_latency.py).
 
     python benchmarks/serve_bench.py                     # GPU: tkllm-s bf16
     python benchmarks/serve_bench.py --model tkllm-tiny --accounts 16 --batch 8 --new-tokens 8   # CPU smoke
@@ -20,43 +21,19 @@ import os
 import statistics
 import tempfile
 import time
-from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
 from tkllm_ray.models import build_model, fingerprint
-from tkllm_ray.serve.delta_cache import DeltaCache, _Encoded
+from tkllm_ray.serve.delta_cache import DeltaCache
 from tkllm_ray.serve.engine import DeltaBatchEngine, GenRequest
-from tkllm_ray.sparse.delta_store import save_delta
 from tkllm_ray.sparse.mixed import swap_out
 from tkllm_ray.sparse.model import AppliedDelta
 from tkllm_ray.sparse.sensitivity import target_linears
-from tkllm_ray.storage import read_latest
-from results_io import sync, write_result  # sibling module: this script's folder is on sys.path
-
-CUDA = torch.cuda.is_available()
-DEV = "cuda" if CUDA else "cpu"
-
-
-def _pct(xs: list[float], q: float) -> float:
-    xs = sorted(xs)
-    return xs[min(len(xs) - 1, int(q * len(xs)))]
-
-
-def random_delta(shapes: dict, density: float, seed: int) -> dict:
-    """Sorted unique random entries per module (a few duplicates drawn are dropped)."""
-    g = torch.Generator().manual_seed(seed)
-    out = {}
-    for name, numel in shapes.items():
-        idx = torch.unique(torch.randint(0, numel, (max(1, round(density * numel)),), generator=g))
-        out[name] = (idx, (torch.randn(idx.numel(), generator=g) * 1e-2).to(torch.bfloat16))
-    return out
-
-
-def _requests(args, deltas: list, seed: int = 0) -> list[GenRequest]:
-    g = torch.Generator().manual_seed(seed)
-    return [GenRequest(torch.randint(3, args.vocab, (args.prompt,), generator=g).tolist(), d, args.new_tokens)
-            for d in deltas]
+# sibling modules: this script's folder is on sys.path
+from results_io import sync, write_result
+from serve_common import CUDA, DEV, DTYPE, publish_random, requests
+from serve_latency import cache_latency
 
 
 def _greedy(args) -> dict:
@@ -234,7 +211,7 @@ def peft_mixed(model, args) -> dict:
 
 def merge_restore(model, args, deltas: list) -> dict:
     """One request at a time: scatter its delta into the weights, generate, restore exactly."""
-    reqs = _requests(args, [None] * len(deltas))
+    reqs = requests(args, [None] * len(deltas))
     kw = _greedy(args)
     sync()
     t, scatter = time.perf_counter(), []
@@ -249,128 +226,6 @@ def merge_restore(model, args, deltas: list) -> dict:
     sync()
     wall = time.perf_counter() - t
     return {"tokens_per_s": len(reqs) * args.new_tokens / wall, "scatter_ms_p50": 1e3 * statistics.median(scatter)}
-
-
-def _drop_page_cache() -> bool:
-    """Flush the store's fresh writes (else the cold loads below read beside their writeback), then
-    drop the page cache where this process may (root on Linux), so a cold load reads the disk.
-    Returns whether the cache was dropped."""
-    os.sync()
-    try:
-        with open("/proc/sys/vm/drop_caches", "w") as f:
-            f.write("3\n")
-        return True
-    except OSError:
-        return False
-
-
-def _cold_phases(store: str, fp: str, accounts: list[str]) -> dict:
-    """Diagnostics: where a cold load's time goes, phase by phase (device-synced), over accounts
-    whose files the cache has not read: manifest (LATEST and manifest.json), the file read with
-    its hash, decoding the views, the copy to the device, the entries check there."""
-    from tkllm_ray.sparse.delta_store import decode, read_version
-    from tkllm_ray.storage import join, read_hashed
-
-    probe = DeltaCache(store, DEV, device_budget=1 << 40, host_budget=1, base_fingerprint=fp,
-                       dtype=torch.bfloat16 if CUDA else torch.float32)
-    phases: dict[str, list[float]] = {}
-
-    def timed(name, fn):
-        sync()
-        t = time.perf_counter()
-        out = fn()
-        sync()
-        phases.setdefault(name, []).append((time.perf_counter() - t) * 1e3)
-        return out
-
-    dtype = torch.bfloat16 if CUDA else torch.float32
-    for a in accounts:
-        version, manifest = timed("manifest", lambda: read_version(store, a))
-        blob, _ = timed("read_and_hash", lambda: read_hashed(join(store, a, version, "delta.safetensors")))
-        enc = timed("decode", lambda: decode(blob, None, expand=False))
-        # format 3: copied as stored and expanded there (int64 until checked), as the cache does
-        hot = timed("to_device_and_expand", lambda: _Encoded(a, version, manifest, enc).expand(DEV, dtype))
-        timed("check", lambda: probe._check_entries(hot))
-    probe.close()
-    return {k: _pct(v, 0.5) for k, v in phases.items()}
-
-
-def _by_format(args, shapes: dict, fp: str, root: str) -> dict:
-    """Cold loads of the same deltas stored in format 2 (int32 indices) and format 3 (16-bit gaps),
-    from the disk, the two taking turns account by account, each through its own cache."""
-    accounts = [f"fmt{a:04d}" for a in range(args.format_accounts)]
-    stores = {v: os.path.join(root, f"format{v}") for v in (2, 3)}
-    with ThreadPoolExecutor(min(8, os.cpu_count() or 1)) as pool:
-        list(pool.map(lambda av: save_delta(stores[av[1]], accounts[av[0]], random_delta(shapes, args.density, av[0]),
-                                            args.model, fp, "gspf", args.density, format_version=av[1]),
-                      [(a, v) for a in range(len(accounts)) for v in stores]))
-    out = {"page_cache_dropped": _drop_page_cache()}
-    caches = {v: DeltaCache(st, DEV, device_budget=1 << 40, host_budget=1, base_fingerprint=fp,
-                            dtype=torch.bfloat16 if CUDA else torch.float32) for v, st in stores.items()}
-    loads: dict[int, list[float]] = {v: [] for v in stores}
-    for a in accounts:
-        for v, cache in caches.items():
-            t = time.perf_counter()
-            cache.get(a)
-            loads[v].append((time.perf_counter() - t) * 1e3)
-    for v, cache in caches.items():
-        out[f"format{v}_file_mb"] = os.path.getsize(os.path.join(
-            stores[v], accounts[0], read_latest(os.path.join(stores[v], accounts[0])), "delta.safetensors")) / 2**20
-        out[f"format{v}_cold_load_p50_ms"], out[f"format{v}_cold_load_p99_ms"] = _pct(loads[v], 0.5), _pct(loads[v], 0.99)
-        cache.close()
-    out["p50_ratio_format3_vs_2"] = out["format3_cold_load_p50_ms"] / out["format2_cold_load_p50_ms"]
-    return out
-
-
-def cache_latency(args, engine: DeltaBatchEngine, store: str, fp: str, accounts: list[str], nbytes: int,
-                  shapes: dict) -> dict:
-    """Cold loads (from the disk where the page cache can be dropped), then TTFT (cache lookup +
-    prefill + first token) over a random request stream whose working set fits the device cache
-    vs one 4x larger."""
-    out = {"page_cache_dropped": _drop_page_cache()}
-    cold = DeltaCache(store, DEV, device_budget=nbytes * len(accounts) * 2, host_budget=1, base_fingerprint=fp,
-                      dtype=torch.bfloat16 if CUDA else torch.float32)
-    loads = []
-    for a in accounts[: args.cold_loads]:
-        t = time.perf_counter()
-        cold_delta = cold.get(a).delta
-        loads.append((time.perf_counter() - t) * 1e3)
-    out["cold_load_p50_ms"], out["cold_load_p99_ms"] = _pct(loads, 0.5), _pct(loads, 0.99)
-    cold.close()
-    out["cold_load_phases_p50_ms"] = _cold_phases(store, fp, accounts[args.cold_loads: 2 * args.cold_loads])
-    if args.format_accounts:
-        out["cold_load_by_format"] = _by_format(args, shapes, fp, os.path.dirname(store))
-    cached = max(2, len(accounts) // 4)
-    g = torch.Generator().manual_seed(1)
-    warm = _requests(args, [None])[0]
-    warm.max_tokens = 1
-    warm.delta = cold_delta
-    engine.generate([warm])  # first-use kernel compiles for the prefill shape: not part of any TTFT
-    for name, working_set in (("all_hit", cached), ("4x_working_set", 4 * cached)):
-        cache = DeltaCache(store, DEV, device_budget=nbytes * cached + nbytes // 2, host_budget=1,
-                           base_fingerprint=fp, dtype=torch.bfloat16 if CUDA else torch.float32)
-        for a in accounts[:cached]:
-            cache.get(a)  # warm: the all-hit stream never misses
-        ttft, slowest = [], []
-        for k in torch.randint(0, working_set, (args.ttft_requests,), generator=g).tolist():
-            req = _requests(args, [None])[0]
-            req.max_tokens = 1
-            loads = cache.stats["store_loads"]
-            t = time.perf_counter()
-            req.delta = cache.get(accounts[k]).delta
-            engine.generate([req])
-            sync()
-            ttft.append((time.perf_counter() - t) * 1e3)
-            # where a slow request's time went: its store load (and the read within it), if it had one
-            loaded = cache.stats["store_loads"] > loads
-            slowest.append({"ttft_ms": ttft[-1], "load_ms": cache.stats["load_ms"][-1] if loaded else None,
-                            "read_ms": cache.stats["read_ms"][-1] if loaded else None})
-        out[f"ttft_{name}_p50_ms"], out[f"ttft_{name}_p99_ms"] = _pct(ttft, 0.5), _pct(ttft, 0.99)
-        out[f"ttft_{name}_slowest"] = sorted(slowest, key=lambda r: -r["ttft_ms"])[:3]
-        out[f"misses_{name}"] = cache.stats["misses"]
-        cache.close()
-    out["ttft_p99_ratio_4x_working_set"] = out["ttft_4x_working_set_p99_ms"] / out["ttft_all_hit_p99_ms"]
-    return out
 
 
 def main(argv=None) -> dict:
@@ -398,8 +253,7 @@ def main(argv=None) -> dict:
         import decode_kernels  # the sibling script (this script's folder is on sys.path)
 
         decode_kernels.main(["--users", str(args.batch), "--density", str(args.density), "--out", args.out])
-    dtype = torch.bfloat16 if CUDA else torch.float32
-    base = build_model(args.model, vocab_size=args.vocab, seed=0, dtype=dtype, device=DEV).eval()
+    base = build_model(args.model, vocab_size=args.vocab, seed=0, dtype=DTYPE, device=DEV).eval()
     fp = fingerprint(base)
     shapes = {n: m.weight.numel() for n, m in target_linears(base).items()}
     res: dict = {"device": torch.cuda.get_device_name(0) if CUDA else "cpu", "config": vars(args)}
@@ -407,12 +261,10 @@ def main(argv=None) -> dict:
         store = os.path.join(tmp, "deltas")
         t = time.perf_counter()
         accounts = [f"acct{a:05d}" for a in range(args.accounts)]
-        with ThreadPoolExecutor(min(8, os.cpu_count() or 1)) as pool:  # torch and file writes release the GIL
-            list(pool.map(lambda a: save_delta(store, accounts[a], random_delta(shapes, args.density, a), args.model,
-                                               fp, "gspf", args.density), range(len(accounts))))
+        publish_random(store, accounts, shapes, args.density, args.model, fp)
         res["publish_s"] = time.perf_counter() - t
         print(f"published {args.accounts} deltas in {res['publish_s']:.1f} s", flush=True)
-        cache = DeltaCache(store, DEV, device_budget=1 << 40, host_budget=1, base_fingerprint=fp, dtype=dtype)
+        cache = DeltaCache(store, DEV, device_budget=1 << 40, host_budget=1, base_fingerprint=fp, dtype=DTYPE)
         deltas = [cache.get(a).delta for a in accounts[: args.batch]]
         nbytes = cache.get(accounts[0]).nbytes
         res["delta_mb"] = nbytes / 2**20
@@ -437,29 +289,29 @@ def main(argv=None) -> dict:
         # run cut short by its time limit still reports what it measured.
         # "decode": the runs the headline ratios compare, taking turns (timed_together)
         sections = [("decode", lambda: timed_together({
-                        "ours_base": (engine, _requests(args, [None] * args.batch)),
-                        "ours_mixed": (engine, _requests(args, deltas)),  # their layouts kept from earlier runs
+                        "ours_base": (engine, requests(args, [None] * args.batch)),
+                        "ours_mixed": (engine, requests(args, deltas)),  # their layouts kept from earlier runs
                         # the same accounts laid out anew in every run (as accounts not served lately)
-                        "ours_mixed_new_layouts": (engine, _requests(args, deltas), engine._table and
+                        "ours_mixed_new_layouts": (engine, requests(args, deltas), engine._table and
                                                    engine._table.clear_layouts),
-                        "ours_single_account": (engine, _requests(args, [deltas[0]] * args.batch)),
-                        "ours_base_separate": (separate, _requests(args, [None] * args.batch)),
-                        "ours_mixed_separate": (separate, _requests(args, deltas))})),
+                        "ours_single_account": (engine, requests(args, [deltas[0]] * args.batch)),
+                        "ours_base_separate": (separate, requests(args, [None] * args.batch)),
+                        "ours_mixed_separate": (separate, requests(args, deltas))})),
                     ("admission", lambda: admission(engine, args, deltas)),
                     ("ours_single_account_segmented", lambda: unmerged(
-                        engine, lambda: timed_generate(engine, _requests(args, [deltas[0]] * args.batch)))),
+                        engine, lambda: timed_generate(engine, requests(args, [deltas[0]] * args.batch)))),
                     ("ours_mixed_churn", lambda: churn(engine, args, deltas)),
-                    ("ours_base_compiled", lambda: timed_generate(compiled(), _requests(args, [None] * args.batch))),
-                    ("ours_mixed_compiled", lambda: timed_generate(compiled(), _requests(args, deltas))),
+                    ("ours_base_compiled", lambda: timed_generate(compiled(), requests(args, [None] * args.batch))),
+                    ("ours_mixed_compiled", lambda: timed_generate(compiled(), requests(args, deltas))),
                     ("ours_single_account_compiled", lambda: timed_generate(
-                        compiled(), _requests(args, [deltas[0]] * args.batch))),
-                    ("ours_base_eager", lambda: timed_generate(eager, _requests(args, [None] * args.batch))),
-                    ("ours_mixed_eager", lambda: timed_generate(eager, _requests(args, deltas))),
+                        compiled(), requests(args, [deltas[0]] * args.batch))),
+                    ("ours_base_eager", lambda: timed_generate(eager, requests(args, [None] * args.batch))),
+                    ("ours_mixed_eager", lambda: timed_generate(eager, requests(args, deltas))),
                     ("hf_generate_base", lambda: hf_generate(base, args)),
                     ("merge_restore", lambda: merge_restore(base, args, deltas[: min(16, len(deltas))])),
                     ("latency", lambda: cache_latency(args, engine, store, fp, accounts, nbytes, shapes)),
                     ("peft_mixed", lambda: peft_mixed(base, args)),
-                    ("profile", lambda: profile_decode(engine, _requests(args, deltas), args.out))]
+                    ("profile", lambda: profile_decode(engine, requests(args, deltas), args.out))]
         for name, run in sections:
             if name in args.skip or (name in ("profile", "admission") and not args.profile):
                 continue

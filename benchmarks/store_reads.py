@@ -17,15 +17,14 @@ import os
 import platform
 import tempfile
 import time
-from concurrent.futures import ThreadPoolExecutor
 
 import torch
 from results_io import write_result  # sibling modules: this script's folder is on sys.path
-from serve_bench import _drop_page_cache, _pct, random_delta
+from serve_common import drop_page_cache, pct, publish_random
 from transformers import LlamaForCausalLM
 
 from tkllm_ray.models.presets import preset_config
-from tkllm_ray.sparse.delta_store import read_version, save_delta
+from tkllm_ray.sparse.delta_store import read_version
 from tkllm_ray.sparse.sensitivity import target_linears
 from tkllm_ray.storage import join, read_hashed
 
@@ -55,7 +54,7 @@ def read_direct(path: str) -> int:
 def read_pass(store: str, accounts: list[str], direct: bool = False) -> dict:
     """One pass over the accounts after the page cache is dropped; the slow reads with when they
     started (s after the drop). `direct`: the files read with O_DIRECT instead of `read_hashed`."""
-    _drop_page_cache()
+    drop_page_cache()
     t0, times, slow = time.perf_counter(), [], []
     for i, a in enumerate(accounts):
         t = time.perf_counter()
@@ -65,7 +64,7 @@ def read_pass(store: str, accounts: list[str], direct: bool = False) -> dict:
         times.append((time.perf_counter() - t) * 1e3)
         if times[-1] > 100:
             slow.append({"read": i, "ms": round(times[-1], 1), "started_s": round(t - t0, 2)})
-    return {"p50_ms": _pct(times, 0.5), "p90_ms": _pct(times, 0.9), "p99_ms": _pct(times, 0.99), "max_ms": max(times),
+    return {"p50_ms": pct(times, 0.5), "p90_ms": pct(times, 0.9), "p99_ms": pct(times, 0.99), "max_ms": max(times),
             "over_100ms": slow}
 
 
@@ -84,9 +83,7 @@ def main(argv=None) -> dict:
     accounts = [f"acct{a:05d}" for a in range(args.files)]
     with tempfile.TemporaryDirectory(dir=args.dir) as tmp:
         store = os.path.join(tmp, "deltas")
-        with ThreadPoolExecutor(min(8, os.cpu_count() or 1)) as pool:
-            list(pool.map(lambda a: save_delta(store, accounts[a], random_delta(shapes, args.density, a), args.model,
-                                               "sha256:" + "0" * 64, "gspf", args.density), range(args.files)))
+        publish_random(store, accounts, shapes, args.density, args.model, "sha256:" + "0" * 64)
         os.sync()
         time.sleep(args.settle)
         size = os.path.getsize(join(store, accounts[0], read_version(store, accounts[0])[0], "delta.safetensors"))

@@ -1,0 +1,121 @@
+"""The latency section of serve_bench.py (issue 5): cold delta loads (store -> device) from the
+disk, where a cold load's time goes, the same deltas in delta formats 2 and 3, and time to first
+token when the working set fits the device cache vs one 4x larger."""
+
+from __future__ import annotations
+
+import os
+import time
+
+import torch
+from results_io import sync  # sibling modules: this script's folder is on sys.path
+from serve_common import DEV, DTYPE, drop_page_cache, pct, publish_random, requests
+
+from tkllm_ray.serve.delta_cache import DeltaCache, _Encoded
+from tkllm_ray.serve.engine import DeltaBatchEngine
+from tkllm_ray.sparse.delta_store import decode, read_version
+from tkllm_ray.storage import join, read_hashed, read_latest
+
+
+def cold_phases(store: str, fp: str, accounts: list[str]) -> dict:
+    """Diagnostics: where a cold load's time goes, phase by phase (device-synced), over accounts
+    whose files the cache has not read: manifest (LATEST and manifest.json), the file read with
+    its hash, decoding the views, the copy to the device, the entries check there."""
+    probe = DeltaCache(store, DEV, device_budget=1 << 40, host_budget=1, base_fingerprint=fp, dtype=DTYPE)
+    phases: dict[str, list[float]] = {}
+
+    def timed(name, fn):
+        sync()
+        t = time.perf_counter()
+        out = fn()
+        sync()
+        phases.setdefault(name, []).append((time.perf_counter() - t) * 1e3)
+        return out
+
+    for a in accounts:
+        version, manifest = timed("manifest", lambda: read_version(store, a))
+        blob, _ = timed("read_and_hash", lambda: read_hashed(join(store, a, version, "delta.safetensors")))
+        enc = timed("decode", lambda: decode(blob, None, expand=False))
+        # format 3: copied as stored and expanded there (int64 until checked), as the cache does
+        hot = timed("to_device_and_expand", lambda: _Encoded(a, version, manifest, enc).expand(DEV, DTYPE))
+        timed("check", lambda: probe._check_entries(hot))
+    probe.close()
+    return {k: pct(v, 0.5) for k, v in phases.items()}
+
+
+def by_format(args, shapes: dict, fp: str, root: str) -> dict:
+    """Cold loads of the same deltas stored in format 2 (int32 indices) and format 3 (16-bit gaps),
+    from the disk, the two taking turns account by account, each through its own cache."""
+    accounts = [f"fmt{a:04d}" for a in range(args.format_accounts)]
+    stores = {v: os.path.join(root, f"format{v}") for v in (2, 3)}
+    for v, st in stores.items():  # the same deltas (seeded by position) in each format
+        publish_random(st, accounts, shapes, args.density, args.model, fp, format_version=v)
+    out = {"page_cache_dropped": drop_page_cache()}
+    caches = {v: DeltaCache(st, DEV, device_budget=1 << 40, host_budget=1, base_fingerprint=fp, dtype=DTYPE)
+              for v, st in stores.items()}
+    loads: dict[int, list[float]] = {v: [] for v in stores}
+    for a in accounts:
+        for v, cache in caches.items():
+            t = time.perf_counter()
+            cache.get(a)
+            loads[v].append((time.perf_counter() - t) * 1e3)
+    for v, cache in caches.items():
+        out[f"format{v}_file_mb"] = os.path.getsize(os.path.join(
+            stores[v], accounts[0], read_latest(os.path.join(stores[v], accounts[0])), "delta.safetensors")) / 2**20
+        out[f"format{v}_cold_load_p50_ms"], out[f"format{v}_cold_load_p99_ms"] = pct(loads[v], 0.5), pct(loads[v], 0.99)
+        cache.close()
+    out["p50_ratio_format3_vs_2"] = out["format3_cold_load_p50_ms"] / out["format2_cold_load_p50_ms"]
+    return out
+
+
+def cache_latency(args, engine: DeltaBatchEngine, store: str, fp: str, accounts: list[str], nbytes: int,
+                  shapes: dict) -> dict:
+    """Cold loads (from the disk where the page cache can be dropped), then TTFT (cache lookup +
+    prefill + first token) over a random request stream whose working set fits the device cache
+    vs one 4x larger."""
+    out = {"page_cache_dropped": drop_page_cache()}
+    cold = DeltaCache(store, DEV, device_budget=nbytes * len(accounts) * 2, host_budget=1, base_fingerprint=fp,
+                      dtype=DTYPE)
+    loads = []
+    for a in accounts[: args.cold_loads]:
+        t = time.perf_counter()
+        cold_delta = cold.get(a).delta
+        loads.append((time.perf_counter() - t) * 1e3)
+    out["cold_load_p50_ms"], out["cold_load_p99_ms"] = pct(loads, 0.5), pct(loads, 0.99)
+    cold.close()
+    out["cold_load_phases_p50_ms"] = cold_phases(store, fp, accounts[args.cold_loads: 2 * args.cold_loads])
+    if args.format_accounts:
+        out["cold_load_by_format"] = by_format(args, shapes, fp, os.path.dirname(store))
+    cached = max(2, len(accounts) // 4)
+    g = torch.Generator().manual_seed(1)
+    warm = requests(args, [None])[0]
+    warm.max_tokens = 1
+    warm.delta = cold_delta
+    engine.generate([warm])  # first-use kernel compiles for the prefill shape: not part of any TTFT
+    for name, working_set in (("all_hit", cached), ("4x_working_set", 4 * cached)):
+        cache = DeltaCache(store, DEV, device_budget=nbytes * cached + nbytes // 2, host_budget=1,
+                           base_fingerprint=fp, dtype=DTYPE)
+        for a in accounts[:cached]:
+            cache.get(a)  # warm: the all-hit stream never misses
+        ttft, slowest = [], []
+        for k in torch.randint(0, working_set, (args.ttft_requests,), generator=g).tolist():
+            req = requests(args, [None])[0]
+            req.max_tokens = 1
+            loads = cache.stats["store_loads"]
+            t = time.perf_counter()
+            req.delta = cache.get(accounts[k]).delta
+            engine.generate([req])
+            sync()
+            ttft.append((time.perf_counter() - t) * 1e3)
+            # where a slow request's time went: its store load (and the read within it), if it had one
+            loaded = cache.stats["store_loads"] > loads
+            slowest.append({"ttft_ms": ttft[-1], "load_ms": cache.stats["load_ms"][-1] if loaded else None,
+                            "read_ms": cache.stats["read_ms"][-1] if loaded else None})
+        out[f"ttft_{name}_p50_ms"], out[f"ttft_{name}_p99_ms"] = pct(ttft, 0.5), pct(ttft, 0.99)
+        out[f"ttft_{name}_slowest"] = sorted(slowest, key=lambda r: -r["ttft_ms"])[:3]
+        out[f"misses_{name}"] = cache.stats["misses"]
+        cache.close()
+    out["ttft_p99_ratio_4x_working_set"] = out["ttft_4x_working_set_p99_ms"] / out["ttft_all_hit_p99_ms"]
+    return out
+
+
