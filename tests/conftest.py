@@ -81,18 +81,22 @@ def kernel_check(request):
 
     def run(code: str) -> None:
         if request.param == "cuda":
-            # In this process: the tunables a check sets (kernel tiles, forced routes) go back
-            # afterwards, else later tests would run with them (e.g. train through a dense route
-            # forced for every batch, and fail their tolerances).
-            from tkllm_ray.sparse import segmented_dense, segmented_triton
+            # In this process: what a check rebinds in the kernel modules (tiles, forced routes,
+            # sample sizes, functions it wraps) and the tile table it edits go back afterwards,
+            # else later tests would run with them (e.g. train through a dense route forced for
+            # every batch, and fail their tolerances).
+            from tkllm_ray.sparse import segmented_dense, segmented_triton, selection, selection_triton
 
-            saved = copy.deepcopy(segmented_triton.CONFIG), segmented_dense.MAX_BYTES
+            modules = (segmented_dense, segmented_triton, selection, selection_triton)
+            saved, tiles = [dict(vars(m)) for m in modules], copy.deepcopy(segmented_triton.CONFIG)
             try:
                 exec(code.format(device="cuda"), {})
             finally:
+                for m, attrs in zip(modules, saved):
+                    for name, value in attrs.items():
+                        setattr(m, name, value)
                 segmented_triton.CONFIG.clear()
-                segmented_triton.CONFIG.update(saved[0])
-                segmented_dense.MAX_BYTES = saved[1]
+                segmented_triton.CONFIG.update(tiles)
             return
         env = {**os.environ, "TRITON_INTERPRET": "1"}
         out = subprocess.run([sys.executable, "-c", code.format(device="cpu")], env=env, capture_output=True,

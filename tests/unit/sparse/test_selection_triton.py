@@ -51,62 +51,53 @@ import torch
 from tkllm_ray.sparse import selection as S
 from tkllm_ray.sparse import selection_triton as T
 dev = "{device}"
-saved = S.KERNELS_ON_CPU, S.SAMPLE, S._gathered_threshold, T.count_and_gather
+S.KERNELS_ON_CPU = True
+S.SAMPLE = 2048  # the sampled bracket, as on a real model
+g = torch.Generator().manual_seed(2)
+sc = {{"a": torch.randn(40, 500, generator=g), "b": torch.randn(30000, generator=g), "c": torch.randn(9000, generator=g)}}
+sc["a"].view(-1)[:300] = 1.25  # positive ties in two modules
+sc["c"][:500] = 1.25
+sc["b"][:400] = -0.5  # negative ties
+sc = {{n: s.to(dev) for n, s in sc.items()}}
+flat = torch.cat([s.flatten() for s in sc.values()]).cpu()
+order = torch.sort(flat, descending=True, stable=True).indices
+starts = {{"a": 0, "b": 20000, "c": 50000}}
+calls = []
+real = S._gathered_threshold
+S._gathered_threshold = lambda f, k: calls.append(real(f, k)) or calls[-1]
+for k in (1, 100, int((flat > 1.25).sum()) + 450, int((flat >= -0.5).sum()) - 70, flat.numel() - 5):
+    got = S.top_k(sc, k)
+    want = torch.sort(order[:k]).values
+    assert torch.equal(torch.cat([got[n].cpu() + starts[n] for n in sc]), want), k
+assert sum(c is not None for c in calls) >= 3, calls  # the kernels' path answered (edges may fall back)
 
+# a full buffer falls back to the torch path, with the same answer
+gather = T.count_and_gather
+T.count_and_gather = lambda flats, lo, hi, cap: gather(flats, lo, hi, 8)
+assert real({{n: s.flatten() for n, s in sc.items()}}, 2000) is None
+got = S.top_k(sc, 2000)
+assert torch.equal(torch.cat([got[n].cpu() + starts[n] for n in sc]), torch.sort(order[:2000]).values)
+T.count_and_gather = gather
 
-def main():
-    S.KERNELS_ON_CPU = True
-    S.SAMPLE = 2048  # the sampled bracket, as on a real model
-    g = torch.Generator().manual_seed(2)
-    sc = {{"a": torch.randn(40, 500, generator=g), "b": torch.randn(30000, generator=g), "c": torch.randn(9000, generator=g)}}
-    sc["a"].view(-1)[:300] = 1.25  # positive ties in two modules
-    sc["c"][:500] = 1.25
-    sc["b"][:400] = -0.5  # negative ties
-    sc = {{n: s.to(dev) for n, s in sc.items()}}
-    flat = torch.cat([s.flatten() for s in sc.values()]).cpu()
-    order = torch.sort(flat, descending=True, stable=True).indices
-    starts = {{"a": 0, "b": 20000, "c": 50000}}
-    calls = []
-    real = S._gathered_threshold
-    S._gathered_threshold = lambda f, k: calls.append(real(f, k)) or calls[-1]
-    for k in (1, 100, int((flat > 1.25).sum()) + 450, int((flat >= -0.5).sum()) - 70, flat.numel() - 5):
-        got = S.top_k(sc, k)
-        want = torch.sort(order[:k]).values
-        assert torch.equal(torch.cat([got[n].cpu() + starts[n] for n in sc]), want), k
-    assert sum(c is not None for c in calls) >= 3, calls  # the kernels' path answered (edges may fall back)
-
-    # a full buffer falls back to the torch path, with the same answer
-    gather = T.count_and_gather
-    T.count_and_gather = lambda flats, lo, hi, cap: gather(flats, lo, hi, 8)
-    assert real({{n: s.flatten() for n, s in sc.items()}}, 2000) is None
-    got = S.top_k(sc, 2000)
-    assert torch.equal(torch.cat([got[n].cpu() + starts[n] for n in sc]), torch.sort(order[:2000]).values)
-    T.count_and_gather = gather
-
-    # NaN in the scores: the kernels' counting pass refuses it
-    sc["b"][17] = float("nan")
-    try:
-        S.top_k(sc, 100)
-        raise SystemExit("NaN accepted")
-    except ValueError as e:
-        assert "NaN or infinite" in str(e)
-
-    # standardize + weigh through the kernels equals the torch forms (to rounding)
-    S.SAMPLE = 1 << 20
-    sens = {{n: torch.rand(s.shape, generator=g).to(dev) for n, s in [("a", sc["a"]), ("b", sc["b"])]}}
-    weights = {{"a": (torch.randn(40, 500, generator=g) * 0.05).to(dev, torch.bfloat16),
-               "b": (torch.randn(30000, generator=g) * 0.05).to(dev, torch.bfloat16)}}
-    fused = S.scores({{n: s.clone() for n, s in sens.items()}}, weights, "global")
-    S.KERNELS_ON_CPU = False
-    ref = S.scores({{n: s.cpu() for n, s in sens.items()}}, {{n: w.cpu() for n, w in weights.items()}}, "global")
-    for n in sens:
-        torch.testing.assert_close(fused[n].cpu(), ref[n], rtol=1e-5, atol=1e-6)
-
-
+# NaN in the scores: the kernels' counting pass refuses it
+sc["b"][17] = float("nan")
 try:
-    main()
-finally:  # in-process on a GPU: leave the module as it was
-    S.KERNELS_ON_CPU, S.SAMPLE, S._gathered_threshold, T.count_and_gather = saved
+    S.top_k(sc, 100)
+    raise SystemExit("NaN accepted")
+except ValueError as e:
+    assert "NaN or infinite" in str(e)
+
+# standardize + weigh through the kernels equals the torch forms (to rounding)
+S.SAMPLE = 1 << 20
+sens = {{n: torch.rand(s.shape, generator=g).to(dev) for n, s in [("a", sc["a"]), ("b", sc["b"])]}}
+weights = {{"a": (torch.randn(40, 500, generator=g) * 0.05).to(dev, torch.bfloat16),
+           "b": (torch.randn(30000, generator=g) * 0.05).to(dev, torch.bfloat16)}}
+fused = S.scores({{n: s.clone() for n, s in sens.items()}}, weights, "global")
+S.KERNELS_ON_CPU = False
+ref = S.scores({{n: s.cpu() for n, s in sens.items()}}, {{n: w.cpu() for n, w in weights.items()}}, "global")
+for n in sens:
+    torch.testing.assert_close(fused[n].cpu(), ref[n], rtol=1e-5, atol=1e-6)
+
 print("ok")
 """
 
