@@ -283,10 +283,13 @@ class DeltaCache:
             if self._served.get(hot.account) == hot.version:
                 self.host.put(pinned)
 
+    def _check_known(self, name: str) -> None:
+        if self.shapes is not None and name not in self.shapes:
+            raise ValueError(f"module {name} is not a target linear of the served base")
+
     def _check_layout(self, layout: list[tuple[str, int]], index_dtype: torch.dtype) -> None:
         for name, _ in layout:
-            if self.shapes is not None and name not in self.shapes:
-                raise ValueError(f"module {name} is not a target linear of the served base")
+            self._check_known(name)
         if index_dtype == torch.int64:  # stored wide: a huge module
             raise ValueError("indices past 2^31 (the cache keeps int32 indices)")
 
@@ -294,8 +297,7 @@ class DeltaCache:
         for name, (idx, vals) in delta.items():
             if idx.numel() != vals.numel():
                 raise ValueError(f"module {name}: {idx.numel()} indices but {vals.numel()} values")
-            if self.shapes is not None and name not in self.shapes:
-                raise ValueError(f"module {name} is not a target linear of the served base")
+            self._check_known(name)
             if idx.dtype == torch.int64 and idx.numel() and int(idx.max()) >= 2**31:  # stored wide: a huge module
                 raise ValueError(f"module {name}: indices past 2^31 (the cache keeps int32 indices)")
 
