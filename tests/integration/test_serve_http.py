@@ -14,13 +14,13 @@ import torch
 
 from tkllm_ray.data.tokenizer import load_tokenizer
 from tkllm_ray.models import build_model, fingerprint
-from tkllm_ray.serve.api import KeyRing, hash_key
+from tkllm_ray.serve.api import ApiError, KeyRing, hash_key
 from tkllm_ray.sparse.delta_store import save_delta
 from tkllm_ray.sparse.model import AppliedDelta
 from tkllm_ray.sparse.sensitivity import target_linears
 
 pytestmark = pytest.mark.ray
-KEYS = {"k-ana": ["ana"], "k-bo": ["bo"], "k-admin": "*"}
+KEYS = {"k-ana": ["ana"], "k-bo": ["bo"], "k-admin": "*", "k-star": "*"}  # k-admin alone is an admin key
 
 
 def _delta(model, seed: int) -> dict:
@@ -54,7 +54,8 @@ def served(tmp_path_factory, ray_local):
         version = save_delta(str(root / "deltas"), account, delta, "tiny", fp, "gspf", 0.02, value_dtype="fp32")
     (root / "deltas" / "broken" / version / "delta.safetensors").write_bytes(b"garbage")
     keys = root / "keys.json"  # as an operator writes it: digests only
-    keys.write_text(json.dumps({"keys": [{"name": k, "sha256": hash_key(k), "accounts": a} for k, a in KEYS.items()]}))
+    keys.write_text(json.dumps({"keys": [{"name": k, "sha256": hash_key(k), "accounts": a, "admin": k == "k-admin"}
+                                          for k, a in KEYS.items()]}))
     port = _free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port}, logging_config={"log_level": "WARNING"})
     # the path `tkllm serve` and `serve deploy cluster/serve.yaml` take: ServeConfig fields -> app
@@ -182,6 +183,42 @@ def test_a_new_version_takes_over_mid_traffic_without_an_error(served):
     assert seen[-1] == want and set(seen) <= {first, want}
 
 
+def test_admin_keys_prefetch_reload_and_unload_a_replica_s_deltas(served):
+    url, base, tok, _, root = served
+    for key, status, message in (("k-star", 403, "not an admin key"), ("k-ana", 403, "not an admin key"),
+                                 (None, 401, "missing API key")):
+        r = _post(url, "/v1/admin/prefetch", {}, key)
+        assert r.status_code == status and message in r.json()["error"]["message"], r.text
+    for op, body, status, message in (("explode", {}, 404, "no admin operation 'explode'"),
+                                      ("unload", {}, 400, "unload needs the accounts"),
+                                      ("prefetch", {"accounts": ["../x"]}, 400, "invalid account id '../x'"),
+                                      ("reload", {"accounts": "ana"}, 400, "accounts")):
+        r = _post(url, f"/v1/admin/{op}", body)
+        assert r.status_code == status and message in r.json()["error"]["message"], r.text
+    body = {"model": "tiny:ana", "prompt": "get ready with me", "max_tokens": 4, "temperature": 0}
+    want = _post(url, "/v1/completions", body).json()["choices"][0]["text"]
+    r = _post(url, "/v1/admin/unload", {"accounts": ["ana", "nobody"]})
+    assert r.status_code == 200 and r.json() == {"unloaded": ["ana"]}, r.text
+    r = _post(url, "/v1/admin/prefetch", {"accounts": ["ana"]})  # back, into host memory
+    assert r.status_code == 200 and r.json()["prefetched"] == ["ana"] and r.json()["host_cache_mb"] > 0, r.text
+    assert _post(url, "/v1/completions", body).json()["choices"][0]["text"] == want
+
+    fp, store = fingerprint(base), str(root / "deltas")
+    body = {**body, "model": "tiny:dee"}
+    save_delta(store, "dee", _delta(base, 60), "tiny", fp, "gspf", 0.02, value_dtype="fp32")
+    first = _post(url, "/v1/completions", body).json()["choices"][0]["text"]
+    new = _delta(base, 61)
+    v2 = save_delta(store, "dee", new, "tiny", fp, "gspf", 0.02, value_dtype="fp32")
+    r = _post(url, "/v1/admin/reload", {"accounts": ["dee"]})  # a publish notification: serves v2 from now on
+    assert r.status_code == 200 and r.json()["errors"] == [] and r.json()["reloaded"].get("dee", v2) == v2, r.text
+    want = _reference(base, tok, new, body["prompt"], 4)
+    assert want != first and _post(url, "/v1/completions", body).json()["choices"][0]["text"] == want
+    (root / "deltas" / "dee" / "LATEST").unlink()  # unpublished: the replica drops it at its reload
+    assert _post(url, "/v1/admin/reload", {"accounts": ["dee"]}).status_code == 200
+    r = _post(url, "/v1/completions", body)
+    assert r.status_code == 404 and "unknown account 'dee'" in r.json()["error"]["message"], r.text
+
+
 def test_style_experts_pinned_by_the_request_or_routed(served):
     """A second app on the same Serve instance, with style experts beside the deltas: a pinned
     style serves the account's delta plus that expert; an unpinned request gets the router's
@@ -240,6 +277,8 @@ def test_keyring_file_and_bad_entries(tmp_path):
     path.write_text(json.dumps({"keys": [{"name": "a", "sha256": hash_key("s3cret"), "accounts": ["ana"]}]}))
     ring = KeyRing.from_file(str(path))
     assert ring.check("Bearer s3cret", "ana")["name"] == "a"
+    with pytest.raises(ApiError, match="not an admin key"):
+        ring.check_admin("Bearer s3cret")
     with pytest.raises(ValueError, match="accounts must be"):
         KeyRing([{"name": "b", "sha256": hash_key("x"), "accounts": ["../etc"]}])
     with pytest.raises(ValueError, match="sha256 must be"):

@@ -26,6 +26,9 @@ class ServeConfig(ConfigModel):
                                                           "replica (auto: bfloat16 on cuda, float32 on cpu)")
     device_cache_mb: int = Field(1024, ge=1, description="per replica: deltas kept on the device")
     host_cache_mb: int = Field(4096, ge=1, description="per replica: deltas kept in host memory")
+    host_prefetch: bool = Field(True, description="on start, read the store's most recently published accounts "
+                                "into host memory (until host_cache_mb is full), so their first requests copy "
+                                "from there instead of reading the store")
     layout_cache_mb: int = Field(2048, ge=0, description="per replica, on a GPU: recent accounts' deltas as the "
                                  "decode slots lay them out, kept for their next request (0: lay out every time)")
     max_batch: int = Field(16, ge=1, le=1024, description="requests decoding at once (KV-cache slots per replica)")

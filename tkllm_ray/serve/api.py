@@ -61,6 +61,22 @@ class ChatBody(_Body):
         return text
 
 
+class AdminBody(BaseModel):
+    """POST /v1/admin/{prefetch,reload,unload}: the accounts to act on (prefetch and reload: default
+    all; unload: required)."""
+    model_config = ConfigDict(extra="forbid")
+
+    accounts: list[str] | None = Field(None, max_length=100_000)
+
+    @field_validator("accounts")
+    @classmethod
+    def _ids(cls, v):
+        bad = [a for a in v or [] if not is_valid_account_id(a)]
+        if bad:
+            raise ValueError(f"invalid account id {bad[0]!r} (letters, digits, '_', '.', '-'; up to 64)")
+        return v
+
+
 class ApiError(Exception):
     def __init__(self, status: int, message: str, kind: str):
         super().__init__(message)
@@ -116,4 +132,12 @@ class KeyRing:
             raise ApiError(401, "invalid API key", "authentication_error")
         if account is not None and entry["accounts"] != "*" and account not in entry["accounts"]:
             raise ApiError(403, f"this API key may not use account {account!r}", "permission_error")
+        return entry
+
+    def check_admin(self, authorization: str | None) -> dict:
+        """The key entry, if it is an admin key (what the /v1/admin endpoints need)."""
+        entry = self.check(authorization, None)
+        if not entry.get("admin"):
+            raise ApiError(403, "this API key is not an admin key (the /v1/admin endpoints need one)",
+                           "permission_error")
         return entry

@@ -23,7 +23,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from ray import serve
 
 from tkllm_ray.errors import TkllmError
-from tkllm_ray.serve.api import ApiError, ChatBody, CompletionBody, KeyRing, parse_model
+from tkllm_ray.serve.api import AdminBody, ApiError, ChatBody, CompletionBody, KeyRing, parse_model
 from tkllm_ray.serve.delta_cache import DeltaCache, DeltaLoadError, UnknownAccount
 from tkllm_ray.serve.engine import DeltaBatchEngine, GenRequest
 from tkllm_ray.serve.experts import combine, load_experts
@@ -35,7 +35,8 @@ class DeltaModel:
     def __init__(self, model: str, tokenizer: str, deltas: str, device: str = "cpu", device_cache_mb: int = 1024,
                  host_cache_mb: int = 4096, max_batch: int = 16, batch_wait_ms: float = 5.0, refresh_s: float = 5.0,
                  storage=None, max_seq_len: int | None = None, experts: str | None = None,
-                 compile_decode: bool = False, dtype: str = "auto", layout_cache_mb: int = 2048):
+                 compile_decode: bool = False, dtype: str = "auto", layout_cache_mb: int = 2048,
+                 host_prefetch: bool = True):
         from tkllm_ray.data.tokenizer import load_tokenizer
         from tkllm_ray.models import fingerprint
         from tkllm_ray.models.load import load_base_model, resolve_dtype
@@ -48,6 +49,9 @@ class DeltaModel:
         fp = fingerprint(base)
         self.cache = DeltaCache(deltas, device, device_cache_mb << 20, host_cache_mb << 20, fp,
                                 next(base.parameters()).dtype, storage, shapes=shapes)
+        if host_prefetch:  # the store's most recent accounts into host memory, in the background
+            self.cache.prefetch().add_done_callback(
+                lambda f: f.exception() is not None and print(f"host prefetch failed: {f.exception()}"))
         self.engine = DeltaBatchEngine(base, pad_id=self.tok.pad_token_id or 0, slots=max_batch, max_len=max_seq_len,
                                        compile=compile_decode and str(device).startswith("cuda"),
                                        layout_cache_mb=layout_cache_mb)
@@ -111,6 +115,25 @@ class DeltaModel:
                 yield {"finish_reason": reason, "prompt_tokens": len(job["gen"].prompt),
                        "completion_tokens": len(item["tokens"])}
                 return
+
+    async def admin(self, op: str, accounts: list[str] | None) -> dict:
+        """This replica's cache, by an admin: "prefetch" into host memory (default: the store's
+        most recently published accounts, until the host tier is full); "reload" the newest
+        published versions now (a publish notification; default: every cached account); "unload"
+        accounts from every tier. Other replicas reload and drop unpublished accounts at their
+        next version check (refresh_s)."""
+        if op == "prefetch":
+            added = await asyncio.wrap_future(self.cache.prefetch(accounts))
+            return {"prefetched": added, "host_cache_mb": round(self.cache.host.used / 2**20, 3)}
+        if op == "reload":
+            futures = await asyncio.to_thread(self.cache.refresh, accounts)
+            done = await asyncio.gather(*(asyncio.wrap_future(f) for f in futures), return_exceptions=True)
+            return {"reloaded": {d.account: d.version for d in done if not isinstance(d, BaseException)},
+                    "errors": [str(d) for d in done if isinstance(d, BaseException)]}
+        unloaded = [a for a in accounts or [] if self.cache.drop(a)]
+        for key in [k for k in self.combined if k[0] in set(accounts or [])]:  # with their experts
+            del self.combined[key]
+        return {"unloaded": unloaded}
 
     async def _submit(self, req: dict) -> dict:
         try:
@@ -320,6 +343,19 @@ def build_ingress(base_name: str, keys: KeyRing | None):
                                                                         "type": "invalid_request_error"}})
             return await self._complete(body, prompt, authorization, chat=True)
 
+        @app.post("/v1/admin/{op}")
+        async def admin(self, op: str, body: AdminBody, authorization: str | None = Header(None)):
+            try:
+                if keys is not None:
+                    keys.check_admin(authorization)
+                if op not in ("prefetch", "reload", "unload"):
+                    raise ApiError(404, f"no admin operation {op!r}: prefetch, reload or unload", "not_found_error")
+                if op == "unload" and not body.accounts:
+                    raise ApiError(400, "accounts: unload needs the accounts to unload", "invalid_request_error")
+            except ApiError as e:
+                return JSONResponse(status_code=e.status, content=e.body())
+            return await self.model.admin.remote(op, body.accounts)
+
         @app.get("/v1/models")
         async def models(self):
             return {"object": "list", "data": [{"id": base_name, "object": "model", "owned_by": "tkllm-ray"}]}
@@ -351,4 +387,4 @@ def app_builder(args: dict):
                      device_cache_mb=cfg.device_cache_mb, host_cache_mb=cfg.host_cache_mb, max_batch=cfg.max_batch,
                      max_seq_len=cfg.max_seq_len, experts=cfg.experts, batch_wait_ms=cfg.batch_wait_ms,
                      refresh_s=cfg.refresh_s, storage=cfg.storage, compile_decode=cfg.compile_decode,
-                     dtype=cfg.dtype, layout_cache_mb=cfg.layout_cache_mb)
+                     dtype=cfg.dtype, layout_cache_mb=cfg.layout_cache_mb, host_prefetch=cfg.host_prefetch)

@@ -15,6 +15,10 @@ tiers is two copies, and pinning it two page-locked allocations, not two per mod
 A format-3 file (sparse/delta_store.py: 16-bit gaps for the indices) is read as stored, 4 bytes
 an entry, copied to the device that way, and its indices expanded there (a running sum); with a
 GPU the host tier's copy is then made from the device's, in the background.
+
+`prefetch` fills the host tier ahead of requests (a replica starts it with the store's most
+recently published accounts), so a device miss for a recently active account is a copy from
+host memory (~1 ms) and not a store read (~30 ms, and exposed to the store's stalls).
 """
 
 from __future__ import annotations
@@ -23,17 +27,18 @@ import asyncio
 import threading
 import time
 from collections import OrderedDict, deque
+from collections.abc import Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
 import torch
 
-from tkllm_ray.data.schema import validate_account_id
+from tkllm_ray.data.schema import is_valid_account_id, validate_account_id
 from tkllm_ray.errors import TkllmError
 from tkllm_ray.sparse.delta_op import check_sorted
 from tkllm_ray.serve.adapters import Adapters
 from tkllm_ray.sparse.delta_store import (ADAPTERS, Delta, EncodedDelta, FlatDelta, load_adapters, load_delta,
-                                          read_version)
+                                          published_accounts, read_version)
 from tkllm_ray.storage import join, read_latest
 
 
@@ -154,9 +159,13 @@ class DeltaCache:
         self._lock = threading.Lock()
         self._loading: dict[tuple[str, str | None], Future] = {}
         self._pool = ThreadPoolExecutor(loader_threads, thread_name_prefix="delta-load")
+        # its own thread: requests' loads never queue behind a prefetch
+        self._prefetcher = ThreadPoolExecutor(1, thread_name_prefix="delta-prefetch")
+        self._closed = False
         self._served: dict[str, str] = {}  # account -> the version loaded last (what a host copy may hold)
         self.stats = {"hits": 0, "host_hits": 0, "misses": 0, "evictions": 0, "store_loads": 0, "swaps": 0,
-                      "load_errors": 0, "load_ms": deque(maxlen=1024),  # the recent loads' times
+                      "load_errors": 0, "prefetched": 0, "prefetch_errors": 0, "unpublished": 0,
+                      "load_ms": deque(maxlen=1024),  # the recent loads' times
                       "read_ms": deque(maxlen=1024)}  # of which the store's part (manifest, file, hash, decode)
 
     # -- lookups ----------------------------------------------------------------------------------
@@ -323,16 +332,83 @@ class DeltaCache:
             i = int(out.nonzero()[0, 0])
             raise ValueError(f"module {spans[i][0]}: an index is outside its {sizes[i]} weights")
 
+    # -- warming the host tier -------------------------------------------------------------------------
+    def prefetch(self, accounts: Iterable[str] | None = None) -> Future:
+        """Read deltas into the host tier in the background (pinned with a GPU), in the order given
+        (default: every account in the store, the most recently published first), until the host
+        tier is full; nothing already there is evicted for them. Accounts in a tier or loading are
+        skipped; one that fails to load is counted (`prefetch_errors`) and skipped (its requests
+        get the error). Indices are expanded and checked on the CPU: no device time is taken from
+        serving. The future's result: the accounts it added."""
+        return self._prefetcher.submit(self._prefetch_now, accounts)
+
+    def _prefetch_now(self, accounts: Iterable[str] | None) -> list[str]:
+        if accounts is None:
+            accounts = [a for a, _ in published_accounts(self.store, self.options)]
+        added = []
+        for account in accounts:
+            if self._closed:
+                break
+            with self._lock:
+                if not is_valid_account_id(account) or self._held(account):
+                    continue
+            try:
+                item = self._host_copy(account)
+            except (TkllmError, OSError, ValueError, KeyError, IndexError, RuntimeError):
+                self._count("prefetch_errors")
+                continue
+            with self._lock:
+                if self.host.used + item.nbytes > self.host.budget:
+                    break  # full: the accounts asked for first are in
+                if self._held(account) or self._served.get(account, item.version) != item.version:
+                    continue  # a request loaded it meanwhile (or a newer version)
+                self.host.put(item)
+                self._served[account] = item.version
+                self.stats["prefetched"] += 1
+            added.append(account)
+        return added
+
+    def _held(self, account: str) -> bool:
+        return account in self.hot.items or account in self.host.items or any(a == account for a, _ in self._loading)
+
+    def _host_copy(self, account: str) -> CachedDelta:
+        """The account's latest delta as the host tier keeps it: indices expanded and checked on
+        the CPU, narrowed, pinned with a GPU."""
+        item = self._read(account, None)
+        if isinstance(item, _Encoded):
+            item = item.expand(torch.device("cpu"), self.dtype)
+        self._check_entries(item)
+        item = item.narrowed()
+        return item.to(torch.device("cpu"), pin=True) if self.pin else item
+
+    def drop(self, account: str) -> bool:
+        """Unload the account from this cache's tiers (requests already holding its delta finish
+        with it; its next request loads from the store). Returns whether any tier held it."""
+        validate_account_id(account)
+        with self._lock:
+            held = account in self.hot.items or account in self.host.items
+            self.hot.drop(account)
+            self.host.drop(account)
+            self._served.pop(account, None)
+        return held
+
     # -- new versions -------------------------------------------------------------------------------
-    def refresh(self) -> list[Future]:
-        """Start loading the newest version of every cached account whose LATEST moved on; the
-        version in the cache keeps serving until its successor has loaded (then one swap)."""
+    def refresh(self, accounts: Iterable[str] | None = None) -> list[Future]:
+        """Start loading the newest version of every cached account (or of `accounts` among them)
+        whose LATEST moved on; the version in the cache keeps serving until its successor has
+        loaded (then one swap). An account whose LATEST is gone (unpublished) is dropped."""
         with self._lock:
             cached = {a: item.version for tier in (self.hot, self.host) for a, item in tier.items.items()}
+        if accounts is not None:
+            wanted = {validate_account_id(a) for a in accounts}
+            cached = {a: v for a, v in cached.items() if a in wanted}
         started = []
         for account, version in cached.items():
             latest = read_latest(join(self.store, account), self.options)
-            if latest is not None and latest != version:
+            if latest is None:
+                if self.drop(account):
+                    self._count("unpublished")
+            elif latest != version:
                 fut = self._load(account, latest)
                 fut.add_done_callback(lambda f: f.exception() is None and self._count("swaps"))
                 started.append(fut)
@@ -343,4 +419,6 @@ class DeltaCache:
             self.stats[stat] += 1
 
     def close(self) -> None:
+        self._closed = True  # a prefetch stops at its next account
+        self._prefetcher.shutdown(wait=True, cancel_futures=True)
         self._pool.shutdown(wait=True)

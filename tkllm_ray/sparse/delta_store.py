@@ -6,13 +6,14 @@ from __future__ import annotations
 import hashlib
 import json
 import time
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import torch
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
-from tkllm_ray.data.schema import validate_account_id
+from tkllm_ray.data.schema import is_valid_account_id, validate_account_id
 from tkllm_ray.errors import TkllmError
 from tkllm_ray.storage import exists, join, list_dirs, publish, read_bytes, read_hashed, read_latest, remove, write_bytes
 
@@ -324,3 +325,13 @@ def published_by(store: str, account_id: str, run_id: str, options=None) -> bool
     skips those: each account ends with exactly one delta from the run)."""
     version = read_latest(join(store, validate_account_id(account_id)), options)
     return version is not None and read_manifest(store, account_id, version, options).get("run_id") == run_id
+
+
+def published_accounts(store: str, options=None, threads: int = 8) -> list[tuple[str, str]]:
+    """(account, LATEST version) of every account with a published delta, the most recently
+    published first (version ids sort by time; see storage.publish.new_version_id). Names that
+    are not account ids, and accounts whose LATEST is gone (unpublished), are left out."""
+    names = [n for n in list_dirs(store, options) if is_valid_account_id(n)]
+    with ThreadPoolExecutor(threads) as pool:  # one small read each: on S3 a round trip, so several at once
+        latest = list(pool.map(lambda n: read_latest(join(store, n), options), names))
+    return sorted(((n, v) for n, v in zip(names, latest) if v is not None), key=lambda nv: nv[1], reverse=True)

@@ -273,3 +273,53 @@ def test_a_delta_read_into_a_buffer_decodes_as_views_of_it_and_a_malformed_heade
         decode(bad, None)
     with pytest.raises(ValueError, match="malformed safetensors header"):
         decode(bytearray((5).to_bytes(8, "little") + b"[1,2]" + blob[8 + n:]), None)
+
+
+def test_prefetch_fills_the_host_tier_newest_first_until_full_and_a_device_miss_then_copies_from_it(tmp_path,
+                                                                                                  monkeypatch):
+    import importlib
+
+    pub = importlib.import_module("tkllm_ray.storage.publish")  # the module (the package exports its function)
+
+    versions = iter(f"20261124T1200{i:02d}Z-000000" for i in range(10))  # publish order = version order
+    monkeypatch.setattr(pub, "new_version_id", lambda: next(versions))
+    store = tmp_path / "deltas"
+    for a, seed in (("old", 1), ("mid", 2), ("new", 3), ("broken", 4)):
+        v = _publish(str(store), a, seed)
+    (store / "broken" / v / "delta.safetensors").write_bytes(b"not a delta")  # the newest: fails, skipped
+    (store / "not an id").mkdir()
+    cache = DeltaCache(str(store), base_fingerprint=FP, host_budget=2 * _bytes())
+    assert cache.prefetch().result(timeout=30) == ["new", "mid"]  # "old" would not fit
+    assert list(cache.host.items) == ["new", "mid"] and not cache.hot.items
+    assert cache.stats["prefetch_errors"] == 1 and cache.stats["prefetched"] == 2 and cache.stats["store_loads"] == 0
+    got = cache.get("mid").delta["model.layers.0.mlp.up_proj"]  # a device miss: from host memory
+    assert cache.stats["host_hits"] == 1 and cache.stats["store_loads"] == 0
+    want = _delta(2)["model.layers.0.mlp.up_proj"]
+    assert got[0].dtype == torch.int32 and torch.equal(got[0].long(), want[0]) and torch.equal(got[1], want[1])
+    cache.close()
+
+    roomy = DeltaCache(str(store), base_fingerprint=FP)
+    roomy.get("old")
+    assert roomy.prefetch(["old", "mid", "nobody", "../x"]).result(timeout=30) == ["mid"]  # held ones skipped
+    assert roomy.stats["store_loads"] == 1 and roomy.stats["prefetch_errors"] == 1  # "nobody": not published
+    roomy.close()
+
+
+def test_an_unpublished_account_is_dropped_at_the_next_refresh_and_an_unload_frees_its_tiers(tmp_path):
+    import os
+
+    store = str(tmp_path / "deltas")
+    for a in ("a1", "a2"):
+        _publish(store, a, seed=int(a[1]))
+    cache = DeltaCache(store, base_fingerprint=FP)
+    cache.get("a1"), cache.get("a2")
+    os.remove(tmp_path / "deltas" / "a1" / "LATEST")  # unpublished (its versions stay until gc)
+    assert cache.refresh() == [] and cache.stats["unpublished"] == 1
+    assert "a1" not in cache.hot.items and "a1" not in cache.host.items
+    with pytest.raises(UnknownAccount, match="unknown account 'a1'"):
+        cache.get("a1")
+    assert cache.drop("a2") and not cache.drop("a2") and not cache.hot.items and not cache.host.items
+    assert cache.get("a2").account == "a2" and cache.stats["store_loads"] == 3  # loaded again from the store
+    with pytest.raises(TkllmError, match="invalid account id"):
+        cache.drop("../a2")
+    cache.close()
