@@ -323,3 +323,20 @@ def test_an_unpublished_account_is_dropped_at_the_next_refresh_and_an_unload_fre
     with pytest.raises(TkllmError, match="invalid account id"):
         cache.drop("../a2")
     cache.close()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_prefetched_deltas_sit_pinned_in_host_memory_and_a_device_miss_copies_them(tmp_path):
+    store = str(tmp_path / "deltas")
+    for a in ("a1", "a2"):
+        _publish(store, a, seed=int(a[1]))
+    cache = DeltaCache(store, "cuda", device_budget=_bytes(), base_fingerprint=FP)  # one delta on the device
+    assert sorted(cache.prefetch().result(timeout=60)) == ["a1", "a2"]
+    assert all(t.is_pinned() for item in cache.host.items.values() for t in item.flat)
+    for a in ("a1", "a2", "a1"):  # each a device miss, from host memory
+        i, v = cache.get(a).delta["model.layers.0.mlp.up_proj"]
+        want = _delta(int(a[1]))["model.layers.0.mlp.up_proj"]
+        assert i.is_cuda and torch.equal(i.long().cpu(), want[0]) and torch.equal(v.cpu(), want[1])
+    assert cache.stats["host_hits"] == 3 and cache.stats["store_loads"] == 0
+    cache.close()
