@@ -241,7 +241,7 @@ class DeltaModel:
                 if isinstance(e, RuntimeError) and "shutdown" in str(e):  # the loop's pool is shut: stopping
                     return
                 print(f"delta refresh failed: {e}")  # a store hiccup: keep serving what is loaded, retry later
-            self.metrics.cache(self.cache.stats)
+            self.metrics.cache(self.cache.stats, self.cache.host.used)
 
 
 def _cut_at_stop(text: str, stops: list[str]) -> tuple[str, bool]:
