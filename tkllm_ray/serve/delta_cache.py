@@ -148,10 +148,11 @@ class _Tier:
 class DeltaCache:
     def __init__(self, store: str, device: torch.device | str = "cpu", device_budget: int = 1 << 30,
                  host_budget: int = 4 << 30, base_fingerprint: str | None = None, dtype: torch.dtype = torch.float32,
-                 options=None, loader_threads: int = 2, shapes: dict[str, int] | None = None):
+                 options=None, loader_threads: int = 2, shapes: dict[str, int] | None = None,
+                 prefetch_threads: int = 4):
         """`shapes` (module -> weight numel of the served base): each loaded delta is checked
         against it (known modules, indices in range), besides sorted and unique, before any
-        kernel reads it."""
+        kernel reads it. `prefetch_threads`: deltas a prefetch reads and prepares at once."""
         self.store, self.options, self.base_fingerprint, self.shapes = store, options, base_fingerprint, shapes
         self.device, self.dtype = torch.device(device), dtype
         self.hot, self.host = _Tier(device_budget), _Tier(host_budget)
@@ -159,8 +160,11 @@ class DeltaCache:
         self._lock = threading.Lock()
         self._loading: dict[tuple[str, str | None], Future] = {}
         self._pool = ThreadPoolExecutor(loader_threads, thread_name_prefix="delta-load")
-        # its own thread: requests' loads never queue behind a prefetch
+        # its own threads: requests' loads never queue behind a prefetch (one thread takes the
+        # prepared copies in order; the others read and prepare them, several at once)
         self._prefetcher = ThreadPoolExecutor(1, thread_name_prefix="delta-prefetch")
+        self._copier = ThreadPoolExecutor(prefetch_threads, thread_name_prefix="delta-prefetch-read")
+        self._window = 2 * prefetch_threads
         self._closed = False
         self._served: dict[str, str] = {}  # account -> the version loaded last (what a host copy may hold)
         self.stats = {"hits": 0, "host_hits": 0, "misses": 0, "evictions": 0, "store_loads": 0, "swaps": 0,
@@ -345,27 +349,38 @@ class DeltaCache:
     def _prefetch_now(self, accounts: Iterable[str] | None) -> list[str]:
         if accounts is None:
             accounts = [a for a, _ in published_accounts(self.store, self.options)]
-        added = []
-        for account in accounts:
-            if self._closed:
-                break
-            with self._lock:
-                if not is_valid_account_id(account) or self._held(account):
-                    continue
+        todo, window, added = iter(accounts), deque(), []
+
+        def fill():  # keep the copier threads busy with the next accounts, in order
+            while len(window) < self._window and not self._closed:
+                account = next(todo, None)
+                if account is None:
+                    return
+                with self._lock:
+                    if not is_valid_account_id(account) or self._held(account):
+                        continue
+                window.append((account, self._copier.submit(self._host_copy, account)))
+
+        fill()
+        while window:
+            account, fut = window.popleft()
             try:
-                item = self._host_copy(account)
+                item = fut.result()
             except (TkllmError, OSError, ValueError, KeyError, IndexError, RuntimeError):
                 self._count("prefetch_errors")
+                fill()
                 continue
             with self._lock:
-                if self.host.used + item.nbytes > self.host.budget:
-                    break  # full: the accounts asked for first are in
-                if self._held(account) or self._served.get(account, item.version) != item.version:
-                    continue  # a request loaded it meanwhile (or a newer version)
-                self.host.put(item)
-                self._served[account] = item.version
-                self.stats["prefetched"] += 1
-            added.append(account)
+                if self.host.used + item.nbytes > self.host.budget:  # full: the accounts asked for first are in
+                    for _, later in window:
+                        later.cancel()
+                    break
+                if not (self._held(account) or self._served.get(account, item.version) != item.version):
+                    self.host.put(item)  # (unless a request loaded it meanwhile, or a newer version)
+                    self._served[account] = item.version
+                    self.stats["prefetched"] += 1
+                    added.append(account)
+            fill()
         return added
 
     def _held(self, account: str) -> bool:
@@ -421,4 +436,5 @@ class DeltaCache:
     def close(self) -> None:
         self._closed = True  # a prefetch stops at its next account
         self._prefetcher.shutdown(wait=True, cancel_futures=True)
+        self._copier.shutdown(wait=True, cancel_futures=True)
         self._pool.shutdown(wait=True)
