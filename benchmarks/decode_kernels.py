@@ -75,16 +75,17 @@ def _operands(users: int, tokens: int, din: int, dout: int, density: float) -> t
     return seg, k, x, w, v, y, K._plan_rows(seg, dout)
 
 
-def _pool(users: int, density: float, layers: int):
+def _pool(users: int, density: float, layers: int, wide_pointers: bool = False):
     """A slot pool of `users` random accounts over tkllm-s's linears (`layers` of its layers and
-    lm_head; only the shapes are needed, so the linears are shapes on the meta device)."""
+    lm_head; only the shapes are needed, so the linears are shapes on the meta device); the same
+    accounts for the same arguments."""
     from tkllm_ray.serve.slots import SlotDeltas
 
     dtype = torch.bfloat16 if DEV == "cuda" else torch.float32
     shapes = {f"model.layers.{i}.{n}": (o, KINDS[k][1]) for i in range(layers) for k in KINDS for n, o in KINDS[k][0]}
     shapes["lm_head"] = (VOCAB, HIDDEN)
     lins = {n: SimpleNamespace(weight=torch.empty(s, device="meta")) for n, s in shapes.items()}
-    table = SlotDeltas(users, lins, dtype, torch.device(DEV))
+    table = SlotDeltas(users, lins, dtype, torch.device(DEV), wide_pointers=wide_pointers)
     g = torch.Generator(device=DEV).manual_seed(0)
     accounts = []
     for _ in range(users):
@@ -102,6 +103,27 @@ def _module_entries(table, name: str) -> int:
     ptr = table.ptr.view(table.slots, table.P)
     off = table.offsets[table.module_index[name]]
     return int((ptr[:, off + table.shapes[name][0]] - ptr[:, off]).sum())
+
+
+def _launcher(table, members: tuple, width: int, prefixes: list[str], x: torch.Tensor, y: torch.Tensor):
+    """One kind's decode launches over every layer of `prefixes`, as the engine makes them: one
+    grouped launch a layer for q/k/v and gate/up, one launch a module otherwise (the tiles as
+    CONFIG has them when this is called)."""
+    from tkllm_ray.sparse import segmented_triton as K
+
+    cols = [sum(o for _, o in members[:j]) for j in range(len(members))]
+    table._groups.clear()  # a group's tiles are read when it is added
+    groups = [table.add_group(tuple((p + n, c) for (n, _), c in zip(members, cols))) for p in prefixes]
+    single = [table.segs[p + members[0][0]] for p in prefixes]
+
+    def launch():
+        if len(members) > 1:
+            for grp in groups:
+                table.group_add(y, x, grp)
+        else:
+            for seg in single:
+                K._decode_into(y, x, table.vals, seg._plans[f"rows{width}"], seg)
+    return launch
 
 
 def sweep(users: int = 64, density: float = 0.003, layers: int = LAYERS, grid: list = GRID) -> dict:
@@ -122,25 +144,12 @@ def sweep(users: int = 64, density: float = 0.003, layers: int = LAYERS, grid: l
         y = torch.zeros(users, width, device=DEV, dtype=dtype)
         w = torch.randn(width, din, device=DEV, dtype=dtype)
         prefixes = [""] if kind == "lm_head" else [f"model.layers.{i}." for i in range(layers)]
-        cols = [sum(o for _, o in members[:j]) for j in range(len(members))]
         row = {"shape": key, "entries_per_layer": sum(_module_entries(table, p + n) for p in prefixes
                                                       for n, _ in members) // len(prefixes),
                "gemm_ms": _graph_ms(lambda: torch.nn.functional.linear(x, w)), "decode": []}
         for i, cfg in enumerate(grid):
             K.CONFIG["decode_by_shape"][key] = cfg
-            table._groups.clear()  # a group's tiles are read when it is added
-            groups = [table.add_group(tuple((p + n, c) for (n, _), c in zip(members, cols))) for p in prefixes]
-            single = [table.segs[p + members[0][0]] for p in prefixes]
-
-            def launch():
-                if len(members) > 1:
-                    for grp in groups:
-                        table.group_add(y, x, grp)
-                else:
-                    for seg in single:
-                        K._decode_into(y, x, table.vals, seg._plans[f"rows{width}"], seg)
-
-            ms = _graph_ms(launch, reps=max(1, 20 // len(prefixes))) / len(prefixes)
+            ms = _graph_ms(_launcher(table, members, width, prefixes, x, y), reps=max(1, 20 // len(prefixes))) / len(prefixes)
             row["decode"].append({**cfg, "ms": ms, "entry_gb_per_s": row["entries_per_layer"] * 4 / ms / 1e6})
             totals[i] = totals.get(i, 0.0) + ms * len(prefixes)
         best = min(row["decode"], key=lambda r: r["ms"])
@@ -157,6 +166,36 @@ def sweep(users: int = 64, density: float = 0.003, layers: int = LAYERS, grid: l
                                                             for k, r in out["kinds"].items()),
                                 "gemm": sum(r["gemm_ms"] * (1 if k == "lm_head" else layers)
                                             for k, r in out["kinds"].items())}
+    return out
+
+
+def pointer_widths(users: int = 64, density: float = 0.003, layers: int = LAYERS, reps: int = 5) -> dict:
+    """Each kind's decode launches over `layers` layers with the pool's line pointers in int32 (as
+    served) and in int64 (as before), the same accounts in both pools, the two taking turns `reps`
+    times (medians); the tiles as CONFIG has them."""
+    import statistics
+
+    pools = {"int32": _pool(users, density, layers)[0], "int64": _pool(users, density, layers, wide_pointers=True)[0]}
+    dtype = pools["int32"].vals.dtype
+    out: dict = {"users": users, "density": density, "layers": layers, "kinds": {}}
+    for kind, (members, din) in {**KINDS, "lm_head": ((("lm_head", VOCAB),), HIDDEN)}.items():
+        width = sum(o for _, o in members)
+        x = torch.randn(users, din, device=DEV, dtype=dtype)
+        y = torch.zeros(users, width, device=DEV, dtype=dtype)
+        prefixes = [""] if kind == "lm_head" else [f"model.layers.{i}." for i in range(layers)]
+        launches = {w: _launcher(t, members, width, prefixes, x, y) for w, t in pools.items()}
+        times: dict[str, list[float]] = {w: [] for w in pools}
+        for _ in range(reps):
+            for w, fn in launches.items():
+                times[w].append(_graph_ms(fn, reps=max(1, 20 // len(prefixes))) / len(prefixes))
+        row = {f"{w}_ms": statistics.median(v) for w, v in times.items()}
+        row["runs"] = times
+        out["kinds"][kind] = row
+        print(f"pointers {kind}: int32 {row['int32_ms'] * 1e3:.1f} us, int64 {row['int64_ms'] * 1e3:.1f} us", flush=True)
+    for w in pools:
+        out[f"model_ms_per_step_{w}"] = sum(r[f"{w}_ms"] * (1 if k == "lm_head" else layers)
+                                            for k, r in out["kinds"].items())
+    out["ratio_int32_vs_int64"] = out["model_ms_per_step_int32"] / out["model_ms_per_step_int64"]
     return out
 
 
@@ -205,11 +244,18 @@ def main(argv=None) -> dict:
     ap.add_argument("--users", type=int, default=64)
     ap.add_argument("--density", type=float, default=0.003)
     ap.add_argument("--prefill-tokens", type=int, default=32, help="prompt tokens per account in the prefill sweep")
+    ap.add_argument("--pointers", action="store_true", help="only compare the pool's line pointers in int32 "
+                    "and int64, with the tiles in CONFIG (writes decode-pointers-<device>.json)")
     ap.add_argument("--out", default=os.environ.get("OUT", "benchmarks/results"))
     args = ap.parse_args(argv)
+    device = torch.cuda.get_device_name(0) if DEV == "cuda" else "cpu"
+    if args.pointers:
+        res = {**pointer_widths(args.users, args.density), "device": device}
+        write_result(args.out, "decode-pointers", device, res)
+        return res
     res = sweep(args.users, args.density)
     res["prefill"] = prefill_sweep(args.users, args.prefill_tokens, args.density)
-    res["device"] = torch.cuda.get_device_name(0) if DEV == "cuda" else "cpu"
+    res["device"] = device
     write_result(args.out, "decode-kernels", res["device"], res)
     return res
 

@@ -35,9 +35,10 @@ from tkllm_ray.sparse.delta_store import FlatDelta
 
 class SlotDeltas:
     def __init__(self, slots: int, linears: dict[str, nn.Module], dtype: torch.dtype, device: torch.device,
-                 layout_cache_bytes: int = 0):
+                 layout_cache_bytes: int = 0, wide_pointers: bool = False):
         self.slots, self.dtype, self.device = slots, dtype, torch.device(device)
         self.layout_cache_bytes, self.layout_bytes = layout_cache_bytes, 0
+        self.wide_pointers = wide_pointers  # int64 line pointers even where int32 would do (to compare)
         self._laid: OrderedDict[int, tuple] = OrderedDict()  # id(delta) -> (weakref to it, layout, bytes)
         self.stats = {"layouts": 0, "layout_hits": 0}
         # name order, as delta files and the serving cache store modules: a cached account's flat
@@ -62,7 +63,11 @@ class SlotDeltas:
         self.rows = torch.zeros(self.slots * cap, dtype=self.index_dtype, device=self.device)
         self.cols = torch.zeros(self.slots * cap, dtype=self.index_dtype, device=self.device)
         self.vals = torch.zeros(self.slots * cap, dtype=self.dtype, device=self.device)
-        self.ptr = (torch.arange(self.slots, device=self.device) * cap).repeat_interleave(self.P)
+        # absolute line positions: int32 while the pool's entries fit (the kernels read a line's
+        # bounds for every line of every slot each step: int64 made them ~1/4 of a decode's bytes)
+        wide = self.wide_pointers or self.slots * cap >= 2**31
+        self.ptr = (torch.arange(self.slots, device=self.device, dtype=torch.int64 if wide else torch.int32)
+                    * cap).repeat_interleave(self.P)
         self.segs = {n: self._segments(n, self.slots, 1, self.tok_off, None) for n in self.names}
 
     def _segments(self, name: str, users: int, tokens: int, tok_off: torch.Tensor, umap: torch.Tensor | None):
@@ -192,7 +197,7 @@ class SlotDeltas:
             self.rows[start : start + rows.numel()] = rows
             self.cols[start : start + cols.numel()] = cols
             self.vals[start : start + vals.numel()] = vals
-            out.copy_(ptr)  # int32 relative positions, then absolute in int64
+            out.copy_(ptr)  # int32 relative positions, then absolute (int32 unless the pool is past 2^31 entries)
             out += start
         self.held[slot] = delta
 

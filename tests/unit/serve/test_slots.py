@@ -80,6 +80,13 @@ assert table.assign(deltas) is False
 check(table, deltas)
 assert table.assign([None] * slots) is False and not table.active
 check(table, [None] * slots)
+# line pointers: int32 (half the bytes the kernels read for lines' bounds); int64 on request
+assert table.ptr.dtype == torch.int32
+wide = SlotDeltas(slots, lins, torch.float32, torch.device(dev), wide_pointers=True)
+deltas = [delta(300), None, delta(1), delta(700), None]
+wide.assign(deltas)
+assert wide.ptr.dtype == torch.int64
+check(wide, deltas)
 print("ok")
 """
 
