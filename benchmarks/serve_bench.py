@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import gc
 import json
 import os
 import statistics
@@ -301,6 +302,7 @@ def main(argv=None) -> dict:
         separate = DeltaBatchEngine(copy.deepcopy(base), slots=args.batch, max_len=args.prompt + args.new_tokens,
                                     stack=False)
         engine = DeltaBatchEngine(base, slots=args.batch, max_len=args.prompt + args.new_tokens)
+        gc.freeze()  # as a replica does once its base and engine are built (serve/app.py)
         made: list = []
 
         def compiled() -> DeltaBatchEngine:  # the engine with torch.compile on its base step, made once

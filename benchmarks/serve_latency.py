@@ -6,8 +6,10 @@ read)."""
 
 from __future__ import annotations
 
+import gc
 import os
 import time
+from contextlib import contextmanager
 
 import torch
 from results_io import sync  # sibling modules: this script's folder is on sys.path
@@ -17,6 +19,27 @@ from tkllm_ray.serve.delta_cache import DeltaCache, _Encoded
 from tkllm_ray.serve.engine import DeltaBatchEngine
 from tkllm_ray.sparse.delta_store import decode, read_version
 from tkllm_ray.storage import join, read_hashed, read_latest
+
+
+@contextmanager
+def gc_pauses(out: dict, key: str):
+    """Record the garbage collections run inside the block (a full one pauses every request):
+    out[key] = {generation: [ms, ...]}."""
+    started, pauses = {}, {}
+
+    def note(phase, info):
+        if phase == "start":
+            started[info["generation"]] = time.perf_counter()
+        elif info["generation"] in started:
+            pauses.setdefault(str(info["generation"]), []).append(
+                (time.perf_counter() - started.pop(info["generation"])) * 1e3)
+
+    gc.callbacks.append(note)
+    try:
+        yield
+    finally:
+        gc.callbacks.remove(note)
+        out[key] = {g: {"count": len(ms), "max_ms": max(ms), "total_ms": sum(ms)} for g, ms in pauses.items()}
 
 
 def cold_phases(store: str, fp: str, accounts: list[str]) -> dict:
@@ -116,6 +139,21 @@ def cache_latency(args, engine: DeltaBatchEngine, store: str, fp: str, accounts:
         picks[name] = torch.randint(0, working_set, (args.ttft_requests,), generator=g).tolist()
         ttft[name], slowest[name] = [], []
     drop_page_cache()  # the from-store stream's misses read the disk
+    with gc_pauses(out, "gc_during_ttft_streams"):
+        ttft_streams(args, engine, accounts, caches, picks, ttft, slowest)
+    for name, cache in caches.items():
+        out[f"ttft_{name}_p50_ms"], out[f"ttft_{name}_p99_ms"] = pct(ttft[name], 0.5), pct(ttft[name], 0.99)
+        out[f"ttft_{name}_slowest"] = sorted(slowest[name], key=lambda r: -r["ttft_ms"])[:3]
+        out[f"misses_{name}"], out[f"host_hits_{name}"] = cache.stats["misses"], cache.stats["host_hits"]
+        cache.close()
+    for name in ("4x_working_set", "4x_working_set_from_store"):
+        out[f"ttft_p99_ratio_{name}"] = out[f"ttft_{name}_p99_ms"] / out["ttft_all_hit_p99_ms"]
+    return out
+
+
+def ttft_streams(args, engine: DeltaBatchEngine, accounts: list[str], caches: dict, picks: dict, ttft: dict,
+                 slowest: dict) -> None:
+    """The streams' requests, taking turns: TTFT of each, and where a slow one's time went."""
     for i in range(args.ttft_requests):
         for name, cache in caches.items():
             req = requests(args, [None])[0]
@@ -130,13 +168,5 @@ def cache_latency(args, engine: DeltaBatchEngine, store: str, fp: str, accounts:
             loaded = cache.stats["store_loads"] > loads
             slowest[name].append({"ttft_ms": ttft[name][-1], "load_ms": cache.stats["load_ms"][-1] if loaded else None,
                                   "read_ms": cache.stats["read_ms"][-1] if loaded else None})
-    for name, cache in caches.items():
-        out[f"ttft_{name}_p50_ms"], out[f"ttft_{name}_p99_ms"] = pct(ttft[name], 0.5), pct(ttft[name], 0.99)
-        out[f"ttft_{name}_slowest"] = sorted(slowest[name], key=lambda r: -r["ttft_ms"])[:3]
-        out[f"misses_{name}"], out[f"host_hits_{name}"] = cache.stats["misses"], cache.stats["host_hits"]
-        cache.close()
-    for name in ("4x_working_set", "4x_working_set_from_store"):
-        out[f"ttft_p99_ratio_{name}"] = out[f"ttft_{name}_p99_ms"] / out["ttft_all_hit_p99_ms"]
-    return out
 
 

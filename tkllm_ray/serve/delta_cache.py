@@ -29,7 +29,7 @@ import time
 from collections import OrderedDict, deque
 from collections.abc import Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -54,13 +54,23 @@ class DeltaLoadError(TkllmError):
 class CachedDelta:
     account: str
     version: str
-    delta: Delta  # module -> (int32 sorted flat indices, values), views into `flat` on the tier's device
     manifest: dict
     flat: tuple[torch.Tensor, torch.Tensor]  # every module's indices, every module's values
     layout: list[tuple[str, int]]  # (module, entries) in `flat` order
     # A token-selective account (manifest artifact "ts-adapters") has no delta but adapters:
     # serve.adapters.Adapters (kind, scale, module -> lora_A, lora_B, tau[, magnitude]), as trained.
     adapters: Adapters | None = None
+    _modules: FlatDelta | None = field(default=None, repr=False, compare=False)
+
+    @property
+    def delta(self) -> FlatDelta:
+        """module -> (int32 sorted flat indices, values): views into `flat`, made on first use. A
+        delta that only sits in host memory never makes them: they are Python objects, several a
+        module, that every full garbage collection walks (1,000 accounts' views: ~165 ms a
+        collection on this project's CPU machine, a pause for every request in flight)."""
+        if self._modules is None:
+            self._modules = FlatDelta(*self.flat, self.layout)
+        return self._modules
 
     @classmethod
     def of(cls, account: str, version: str, delta: Delta, manifest: dict, dtype: torch.dtype,
@@ -76,7 +86,7 @@ class CachedDelta:
     @classmethod
     def _views(cls, account, version, manifest, idx, vals, layout, adapters=None) -> "CachedDelta":
         # views into the flat buffers, which a reader that wants them whole (the slot pool) takes
-        return cls(account, version, FlatDelta(idx, vals, layout), manifest, (idx, vals), layout, adapters)
+        return cls(account, version, manifest, (idx, vals), layout, adapters)
 
     def narrowed(self) -> "CachedDelta":
         """The same delta with int32 indices (what the serving op reads), once they are checked."""

@@ -291,6 +291,8 @@ def test_prefetch_fills_the_host_tier_newest_first_until_full_and_a_device_miss_
     cache = DeltaCache(str(store), base_fingerprint=FP, host_budget=2 * _bytes())
     assert cache.prefetch().result(timeout=30) == ["new", "mid"]  # "old" would not fit
     assert list(cache.host.items) == ["new", "mid"] and not cache.hot.items
+    # kept as two flat buffers: no per-module views (objects every full garbage collection walks)
+    assert all(item._modules is None for item in cache.host.items.values())
     assert cache.stats["prefetch_errors"] == 1 and cache.stats["prefetched"] == 2 and cache.stats["store_loads"] == 0
     got = cache.get("mid").delta["model.layers.0.mlp.up_proj"]  # a device miss: from host memory
     assert cache.stats["host_hits"] == 1 and cache.stats["store_loads"] == 0
