@@ -24,7 +24,7 @@ from tkllm_ray.storage import join, read_hashed, read_latest
 @contextmanager
 def gc_pauses(out: dict, key: str):
     """Record the garbage collections run inside the block (a full one pauses every request):
-    out[key] = {generation: [ms, ...]}."""
+    out[key] = {generation: {count, max_ms, total_ms}}."""
     started, pauses = {}, {}
 
     def note(phase, info):

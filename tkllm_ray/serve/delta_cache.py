@@ -66,8 +66,8 @@ class CachedDelta:
     def delta(self) -> FlatDelta:
         """module -> (int32 sorted flat indices, values): views into `flat`, made on first use. A
         delta that only sits in host memory never makes them: they are Python objects, several a
-        module, that every full garbage collection walks (1,000 accounts' views: ~165 ms a
-        collection on this project's CPU machine, a pause for every request in flight)."""
+        module, that every full garbage collection walks (1,000 accounts' views add ~90 ms to each
+        full collection on 2 cores, a pause for every request in flight: benchmarks/gc_pauses.py)."""
         if self._modules is None:
             self._modules = FlatDelta(*self.flat, self.layout)
         return self._modules
@@ -85,7 +85,7 @@ class CachedDelta:
 
     @classmethod
     def _views(cls, account, version, manifest, idx, vals, layout, adapters=None) -> "CachedDelta":
-        # views into the flat buffers, which a reader that wants them whole (the slot pool) takes
+        # the flat buffers, which a reader that wants them whole (the slot pool) takes as they are
         return cls(account, version, manifest, (idx, vals), layout, adapters)
 
     def narrowed(self) -> "CachedDelta":
