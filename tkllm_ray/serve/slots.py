@@ -65,7 +65,9 @@ class SlotDeltas:
         self.vals = torch.zeros(self.slots * cap, dtype=self.dtype, device=self.device)
         # absolute line positions: int32 while the pool's entries fit (the kernels read a line's
         # bounds for every line of every slot each step: int64 made them ~1/4 of a decode's bytes)
-        wide = self.wide_pointers or self.slots * cap >= 2**31
+        # (with room for a chunk's positions past the last entry, which the kernels compute in the
+        # pointers' type)
+        wide = self.wide_pointers or self.slots * cap >= 2**31 - 2**16
         self.ptr = (torch.arange(self.slots, device=self.device, dtype=torch.int64 if wide else torch.int32)
                     * cap).repeat_interleave(self.P)
         self.segs = {n: self._segments(n, self.slots, 1, self.tok_off, None) for n in self.names}
