@@ -135,8 +135,9 @@ class DeltaModel:
             done = await asyncio.gather(*(asyncio.wrap_future(f) for f in futures), return_exceptions=True)
             return {"reloaded": {d.account: d.version for d in done if not isinstance(d, BaseException)},
                     "errors": [str(d) for d in done if isinstance(d, BaseException)]}
+        gone = set(accounts or [])
         unloaded = [a for a in accounts or [] if self.cache.drop(a)]
-        for key in [k for k in self.combined if k[0] in set(accounts or [])]:  # with their experts
+        for key in [k for k in self.combined if k[0] in gone]:  # with their experts
             del self.combined[key]
         return {"unloaded": unloaded}
 

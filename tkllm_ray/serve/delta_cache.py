@@ -230,15 +230,8 @@ class DeltaCache:
             try:
                 host = self._read(account, version)
                 read_ms = (time.perf_counter() - t0) * 1e3
-                if isinstance(host, _Encoded):  # format 3: 4 bytes an entry copied, indices expanded there
-                    hot = host.expand(self.device, self.dtype)  # int64 indices: checked before narrowing
-                else:  # from pageable memory: pinning first would cost more than it saves
-                    hot = host.to(self.device)
-                # checked where it now lives: on a GPU, one pass over the flat indices there, not on the CPU
-                # (its result is read back, so the copy is done before any request reads the delta)
-                self._check_entries(hot)
+                hot = self._placed(host, self.device)
                 if isinstance(host, _Encoded):
-                    hot = hot.narrowed()
                     host = None if self.pin else hot  # a GPU's host copy: made from `hot`, pinned
             except TkllmError as e:
                 if "no delta published" in str(e):
@@ -271,6 +264,20 @@ class DeltaCache:
         finally:
             with self._lock:
                 self._loading.pop((account, version), None)
+
+    def _placed(self, item: "CachedDelta | _Encoded", device: torch.device) -> CachedDelta:
+        """A delta as `_read` gives it, on `device` with its entries checked there: format 3's 4
+        bytes an entry copied and the indices expanded there (int64 until checked, then int32), other
+        formats copied (from pageable memory: pinning first would cost more than it saves). On a GPU
+        the check is one pass over the flat indices there, and its result is read back, so the copy
+        is done before any request reads the delta."""
+        if not isinstance(item, _Encoded):
+            placed = item.to(device)
+            self._check_entries(placed)
+            return placed
+        placed = item.expand(device, self.dtype)
+        self._check_entries(placed)
+        return placed.narrowed()
 
     def _read(self, account: str, version: str | None) -> "CachedDelta | _Encoded":
         """The version from the store, checked: a sparse delta (format 3: its indices still encoded),
@@ -393,17 +400,16 @@ class DeltaCache:
             fill()
         return added
 
+    def _in_tiers(self, account: str) -> bool:
+        return account in self.hot.items or account in self.host.items
+
     def _held(self, account: str) -> bool:
-        return account in self.hot.items or account in self.host.items or any(a == account for a, _ in self._loading)
+        return self._in_tiers(account) or any(a == account for a, _ in self._loading)
 
     def _host_copy(self, account: str) -> CachedDelta:
         """The account's latest delta as the host tier keeps it: indices expanded and checked on
         the CPU, narrowed, pinned with a GPU."""
-        item = self._read(account, None)
-        if isinstance(item, _Encoded):
-            item = item.expand(torch.device("cpu"), self.dtype)
-        self._check_entries(item)
-        item = item.narrowed()
+        item = self._placed(self._read(account, None), torch.device("cpu"))
         return item.to(torch.device("cpu"), pin=True) if self.pin else item
 
     def drop(self, account: str) -> bool:
@@ -411,7 +417,7 @@ class DeltaCache:
         with it; its next request loads from the store). Returns whether any tier held it."""
         validate_account_id(account)
         with self._lock:
-            held = account in self.hot.items or account in self.host.items
+            held = self._in_tiers(account)
             self.hot.drop(account)
             self.host.drop(account)
             self._served.pop(account, None)
