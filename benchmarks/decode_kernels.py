@@ -38,6 +38,7 @@ KINDS = {"qkv": ((("self_attn.q_proj", HIDDEN), ("self_attn.k_proj", HIDDEN), ("
          "down": ((("mlp.down_proj", HIDDEN),), INTER)}
 GRID = [{"LINES": ln, "BLOCK_E": be, "num_warps": w, "PREFETCH": pf}
         for ln, be, w, pf in itertools.product((64, 128, 256, 512), (256, 512, 1024), (2, 4), (False, True))]
+TILE_KEYS = ("LINES", "BLOCK_E", "num_warps", "PREFETCH")
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 
 
@@ -112,7 +113,6 @@ def _launcher(table, members: tuple, width: int, prefixes: list[str], x: torch.T
     from tkllm_ray.sparse import segmented_triton as K
 
     cols = [sum(o for _, o in members[:j]) for j in range(len(members))]
-    table._groups.clear()  # a group's tiles are read when it is added
     groups = [table.add_group(tuple((p + n, c) for (n, _), c in zip(members, cols))) for p in prefixes]
     single = [table.segs[p + members[0][0]] for p in prefixes]
 
@@ -154,7 +154,7 @@ def sweep(users: int = 64, density: float = 0.003, layers: int = LAYERS, grid: l
             totals[i] = totals.get(i, 0.0) + ms * len(prefixes)
         best = min(row["decode"], key=lambda r: r["ms"])
         row["best_decode_ms"], row["best_decode_gb_per_s"] = best["ms"], best["entry_gb_per_s"]
-        K.CONFIG["decode_by_shape"][key] = {c: best[c] for c in ("LINES", "BLOCK_E", "num_warps", "PREFETCH")}
+        K.CONFIG["decode_by_shape"][key] = {c: best[c] for c in TILE_KEYS}
         out["kinds"][kind] = row
         print(f"{kind} ({key}): gemm {row['gemm_ms']:.4f} ms, decode best {best['ms']:.4f} ms "
               f"({best['entry_gb_per_s']:.0f} GB/s) {K.CONFIG['decode_by_shape'][key]}", flush=True)
@@ -246,6 +246,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--prefill-tokens", type=int, default=32, help="prompt tokens per account in the prefill sweep")
     ap.add_argument("--pointers", action="store_true", help="only compare the pool's line pointers in int32 "
                     "and int64, with the tiles in CONFIG (writes decode-pointers-<device>.json)")
+    ap.add_argument("--no-prefill", action="store_true", help="skip the prefill sweep")
     ap.add_argument("--out", default=os.environ.get("OUT", "benchmarks/results"))
     args = ap.parse_args(argv)
     device = torch.cuda.get_device_name(0) if DEV == "cuda" else "cpu"
@@ -254,7 +255,8 @@ def main(argv=None) -> dict:
         write_result(args.out, "decode-pointers", device, res)
         return res
     res = sweep(args.users, args.density)
-    res["prefill"] = prefill_sweep(args.users, args.prefill_tokens, args.density)
+    if not args.no_prefill:
+        res["prefill"] = prefill_sweep(args.users, args.prefill_tokens, args.density)
     res["device"] = device
     write_result(args.out, "decode-kernels", res["device"], res)
     return res

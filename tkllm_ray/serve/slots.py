@@ -205,29 +205,31 @@ class SlotDeltas:
 
     def add_group(self, members: tuple[tuple[str, int], ...]) -> tuple:
         """Register pool modules that read the same input (q/k/v, gate/up) for `group_add`, each
-        (name, its first column in the group's stacked output); returns the group's key."""
+        (name, its first column in the group's stacked output), with the decode tiles CONFIG has for
+        them now; returns the group's key (one per members and tiles)."""
         from tkllm_ray.sparse.segmented_triton import decode_tiles, group_blocks
 
-        if members not in self._groups:
-            lines = [self.shapes[n][0] for n, _ in members]
-            din = self.shapes[members[0][0]][1]
-            if any(self.shapes[n][1] != din for n, _ in members):
-                raise ValueError(f"a group's modules read one input: {[n for n, _ in members]} do not")
-            c = decode_tiles((sum(lines), din), (lines[0], din))
+        lines = [self.shapes[n][0] for n, _ in members]
+        din = self.shapes[members[0][0]][1]
+        if any(self.shapes[n][1] != din for n, _ in members):
+            raise ValueError(f"a group's modules read one input: {[n for n, _ in members]} do not")
+        c = decode_tiles((sum(lines), din), (lines[0], din))
+        key = (members, tuple(sorted(c.items())))
+        if key not in self._groups:
             starts = group_blocks(lines, c["LINES"])
             meta = torch.tensor([[starts[j], self.offsets[self.module_index[n]], lines[j], col]
                                  for j, (n, col) in enumerate(members)], dtype=torch.int64, device=self.device)
-            self._groups[members] = (meta, starts[-1], c)
-        return members
+            self._groups[key] = (meta, starts[-1], c)
+        return key
 
     def group_add(self, out: torch.Tensor, x: torch.Tensor, group: tuple) -> None:
         """Decode: out[:, col : col + lines of m] += each slot row's delta term of module m, for
         every (m, col) of the group (`add_group`), reading x (slots, in): one kernel launch."""
-        from tkllm_ray.sparse.segmented_triton import decode_add
+        from tkllm_ray.sparse.segmented_triton import decode_add, tile_args
 
         meta, blocks, c = self._groups[group]
         decode_add(out, x.contiguous(), self.cols, self.vals, self.ptr, self.tok_off, None, meta, self.slots, blocks,
-                   self.P, c["LINES"], c["BLOCK_E"], c["num_warps"], c["PREFETCH"])
+                   self.P, *tile_args(c))
 
     def module_inputs(self, name: str, lin: nn.Module):
         """(segments, values) for the decode step: every module, always (a captured graph must launch

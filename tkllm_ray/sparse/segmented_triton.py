@@ -38,12 +38,17 @@ from tkllm_ray.sparse.sddmm_triton import transpose
 CONFIG = {"csr": {"LINES": 16, "BLOCK_E": 32, "BLOCK_T": 128, "num_warps": 8},
           "sddmm": {"LINES": 16, "BLOCK_E": 64, "BLOCK_T": 32, "SPLIT": 1, "num_warps": 4},
           # decode: the sweep over the serving pool, each kind of launch over all 24 layers in turn
-          # (entries from DRAM, as in a step); one config is within 5% of each kind's best but o's.
-          # PREFETCH (the next chunk's entries loaded before this one's sums) was 5-20% faster.
+          # (entries from DRAM, as in a step). PREFETCH (the next chunk's entries loaded before this
+          # one's sums) was 5-20% faster for every kind.
           "decode": {"LINES": 128, "BLOCK_E": 256, "num_warps": 2, "PREFETCH": True},
           # "<out>x<in>" -> tiles for that layer shape (a grouped launch's stacked shape, e.g.
-          # "6144x2048" for q/k/v), where its best differs from "decode"'s (tkllm-s's, H100)
-          "decode_by_shape": {"2048x2048": {"LINES": 64, "BLOCK_E": 256, "num_warps": 2, "PREFETCH": True}},
+          # "6144x2048" for q/k/v): tkllm-s's kinds' best on an H100 (decode-ab-nvidia-h100-80gb-hbm3.json)
+          "decode_by_shape": {
+              "6144x2048": {"LINES": 256, "BLOCK_E": 256, "num_warps": 2, "PREFETCH": True},  # q/k/v
+              "2048x2048": {"LINES": 128, "BLOCK_E": 256, "num_warps": 4, "PREFETCH": True},  # o
+              "11264x2048": {"LINES": 256, "BLOCK_E": 256, "num_warps": 2, "PREFETCH": True},  # gate/up
+              "2048x5632": {"LINES": 128, "BLOCK_E": 256, "num_warps": 4, "PREFETCH": True},  # down
+              "32000x2048": {"LINES": 256, "BLOCK_E": 256, "num_warps": 2, "PREFETCH": True}},  # lm_head
           # Line-block tiles for batches of at most PREFILL_TOKENS tokens a user (a serving prefill of
           # many accounts' prompts; also a training batch that small, forward and dx), set by
           # decode_kernels.py's prefill sweep.
@@ -113,8 +118,8 @@ def _csr_decode(x, out, src, vals, ptr, tok_off, umap, meta, lines, blocks_per_u
                 PREFETCH: tl.constexpr):
     # Program (user u, lines [l0, l0 + LINES)), for each of u's few tokens t:
     # out[t, l] += Σ_{entries e of (u, l)} v_e · x[t, src_e], the entries read BLOCK_E at a time.
-    # Lines are runs of the sorted entries, so a chunk's per-line sums are differences of its
-    # running sum at the runs' ends (O(1) work an entry, whatever LINES; no row is read). u's line
+    # Lines are runs of the sorted entries, so per-line sums are differences of the chunks'
+    # running sums at the runs' ends (O(1) work an entry, whatever LINES; no row is read). u's line
     # pointers start at ptr[u' · stride_ptr]: u' = u and stride `lines` for one CSR over the
     # (user, line) grid; serving's slot pool has a pointer run per slot (stride P) and maps a
     # batch's users to their slots (umap).
@@ -144,12 +149,14 @@ def _csr_decode(x, out, src, vals, ptr, tok_off, umap, meta, lines, blocks_per_u
     base = ptr + us * stride_ptr
     ls = tl.arange(0, LINES)
     lm = (l0 + ls) < lines
+    p0 = tl.load(base + l0)  # the block's entries: [p0, p1); line l's end: hi[l]
     p1 = tl.load(base + tl.minimum(l0 + LINES, lines))
-    lo = tl.load(base + l0 + ls, mask=lm, other=p1)  # line l's entries: [lo[l], hi[l])
     hi = tl.load(base + l0 + ls + 1, mask=lm, other=p1)
-    p0 = tl.min(lo, axis=0)
     for t in range(t0, t1):
-        acc = tl.zeros((LINES,), dtype=tl.float32)
+        # upto[l]: Σ over chunks of the chunk's running sum at line l's end (0 before the chunk).
+        # A line starts where the one before it ends, so its sum is upto[l] - upto[l - 1]: one
+        # gather a chunk, and one shift at the end.
+        upto = tl.zeros((LINES,), dtype=tl.float32)
         if PREFETCH:
             e = p0 + tl.arange(0, BLOCK_E)
             em = e < p1
@@ -168,13 +175,12 @@ def _csr_decode(x, out, src, vals, ptr, tok_off, umap, meta, lines, blocks_per_u
                 v = tl.load(vals + e, mask=em, other=0.0)
             xv = tl.load(x + t * stride_x + s, mask=em, other=0.0).to(tl.float32)
             run = tl.cumsum(v.to(tl.float32) * xv, axis=0)  # run[i] = Σ of the chunk's first i + 1 products
-            a = tl.minimum(tl.maximum(lo - e0, 0), BLOCK_E)  # line l's part of the chunk: [a, b)
-            z = tl.minimum(tl.maximum(hi - e0, 0), BLOCK_E)
-            upto_z = tl.where(z > 0, tl.gather(run, tl.maximum(z - 1, 0).to(tl.int32), 0), 0.0)
-            upto_a = tl.where(a > 0, tl.gather(run, tl.maximum(a - 1, 0).to(tl.int32), 0), 0.0)
-            acc += upto_z - upto_a
+            z = tl.minimum(tl.maximum(hi - e0, 0), BLOCK_E)  # the chunk's entries up to line l's end: [0, z)
+            upto += tl.where(z > 0, tl.gather(run, tl.maximum(z - 1, 0).to(tl.int32), 0), 0.0)
             if PREFETCH:
                 s, v, em = s_next, v_next, enm
+        before = tl.gather(upto, tl.maximum(ls - 1, 0), 0)
+        acc = upto - tl.where(ls > 0, before, 0.0)
         o = out + t * stride_out + col + l0 + ls
         cur = tl.load(o, mask=lm, other=0.0)
         tl.store(o, (cur.to(tl.float32) + acc).to(cur.dtype), mask=lm)
@@ -302,6 +308,11 @@ def decode_tiles(*shapes: tuple[int, int]) -> dict:
     return {"PREFETCH": False, **c}
 
 
+def tile_args(c: dict) -> tuple:
+    """decode_add's trailing tile arguments from `decode_tiles`' dict."""
+    return c["LINES"], c["BLOCK_E"], c["num_warps"], c["PREFETCH"]
+
+
 def _decode_into(out: torch.Tensor, x: torch.Tensor, values: torch.Tensor, p: dict, seg) -> None:
     """out (tokens, out_features) += the delta term for decode-shaped batches, reading x (tokens, in)."""
     if not _has_work(seg):
@@ -309,8 +320,7 @@ def _decode_into(out: torch.Tensor, x: torch.Tensor, values: torch.Tensor, p: di
     width = out.shape[1]
     c = decode_tiles((width, x.shape[1]))
     decode_add(out, x, p["src"], values.contiguous(), p["ptr"], seg.token_offsets, p.get("map"), None, seg.users,
-               triton.cdiv(width, c["LINES"]), p.get("stride", width), c["LINES"], c["BLOCK_E"], c["num_warps"],
-               c["PREFETCH"])
+               triton.cdiv(width, c["LINES"]), p.get("stride", width), *tile_args(c))
 
 
 def group_blocks(lines: list[int], lines_per_block: int) -> list[int]:

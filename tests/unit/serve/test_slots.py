@@ -130,7 +130,6 @@ for s, d in enumerate(deltas):
 for tiles in ({{"LINES": 16, "BLOCK_E": 64, "num_warps": 4}},  # q in two line blocks
               {{"LINES": 8, "BLOCK_E": 32, "num_warps": 2, "PREFETCH": True}}):  # lines over several chunks
     K.CONFIG["decode"] = tiles
-    table._groups.clear()
     group = table.add_group(members)
     y = y0.clone()
     table.group_add(y, x, group)
