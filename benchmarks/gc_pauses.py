@@ -2,7 +2,9 @@
 flight waits for it): with the replica's imports (Ray Serve, FastAPI, torch), after `gc.freeze()`
 (what the replica does once its base and engine are built), then with 1,000 tkllm-s-shaped deltas
 in the host tier as the cache keeps them (two flat buffers each) and with their per-module views
-made (what the cache did before it made them lazily). CPU only.
+made (what the cache did before it made them lazily); last, after `torch.compile` has compiled an
+engine's decode step (`compile_decode`; inductor's CPU backend here), before and after the engine
+freezes what that made (`DeltaBatchEngine(freeze_gc=True)`, as a replica's engine does). CPU only.
 
     python benchmarks/gc_pauses.py        # writes gc-pauses-cpu-<machine>.json
 """
@@ -32,9 +34,31 @@ def full_collection_ms(reps: int = 3) -> float:
     return min(times)
 
 
+def compiled_step(model: str) -> dict:
+    """Full collections after an engine has compiled its decode step (one request, so one span),
+    then after the engine has frozen what compiling made (the same span again: no recompile)."""
+    from tkllm_ray.models import build_model
+    from tkllm_ray.serve.engine import DeltaBatchEngine, GenRequest
+
+    gc.collect()
+    engine = DeltaBatchEngine(build_model(model, vocab_size=512, seed=0, dtype=torch.float32), slots=4, max_len=64,
+                              compile=True)
+    before = len(gc.get_objects())
+    t = time.perf_counter()
+    engine.generate([GenRequest([5, 6, 7, 8], None, max_tokens=4)])
+    out = {"compile_model": model, "compile_and_generate_s": time.perf_counter() - t,
+           "objects_made_compiling": len(gc.get_objects()) - before, "after_compiling_ms": full_collection_ms()}
+    engine.freeze_gc, engine._warm = True, set()  # as a replica's engine: freezes at its next warm-up
+    engine.generate([GenRequest([5, 6, 7, 8], None, max_tokens=4)])
+    out["after_engine_freeze_ms"] = full_collection_ms()
+    return out
+
+
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--accounts", type=int, default=1000)
+    ap.add_argument("--compile-model", default="tkllm-s", help="the model whose decode step is compiled "
+                    "(tkllm-s: ~30 s on 2 cores; '' to skip)")
     ap.add_argument("--out", default=os.environ.get("OUT", "benchmarks/results"))
     args = ap.parse_args(argv)
     importlib.import_module("tkllm_ray.serve.app")  # the replica's imports (Ray Serve, FastAPI, ...)
@@ -49,6 +73,9 @@ def main(argv=None) -> dict:
     for item in items:
         item.delta  # noqa: B018  (the per-module views, made)
     res["host_tier_with_module_views_ms"] = full_collection_ms()
+    del items
+    if args.compile_model:
+        res.update(compiled_step(args.compile_model))
     gc.unfreeze()
     print(res, flush=True)
     write_result(args.out, "gc-pauses", "cpu-" + platform.machine(), res)

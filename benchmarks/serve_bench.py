@@ -308,7 +308,7 @@ def main(argv=None) -> dict:
         def compiled() -> DeltaBatchEngine:  # the engine with torch.compile on its base step, made once
             if not made:
                 made.append(DeltaBatchEngine(spare, slots=args.batch, max_len=args.prompt + args.new_tokens,
-                                             compile=True))
+                                             compile=True, freeze_gc=True))  # as a replica's engine
             return made[0]
         # Our engine first, the slow baselines last; the JSON is rewritten after every section so a
         # run cut short by its time limit still reports what it measured.

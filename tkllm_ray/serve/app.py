@@ -55,7 +55,7 @@ class DeltaModel:
                 lambda f: f.exception() is not None and print(f"host prefetch failed: {f.exception()}"))
         self.engine = DeltaBatchEngine(base, pad_id=self.tok.pad_token_id or 0, slots=max_batch, max_len=max_seq_len,
                                        compile=compile_decode and str(device).startswith("cuda"),
-                                       layout_cache_mb=layout_cache_mb)
+                                       layout_cache_mb=layout_cache_mb, freeze_gc=True)
         self.experts = load_experts(experts, fp, device, next(base.parameters()).dtype, storage) \
             if experts else None
         self.embed = base.get_input_embeddings()

@@ -21,6 +21,7 @@ model's own norms, rotary embedding and (mixed) linears.
 
 from __future__ import annotations
 
+import gc
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Iterator
@@ -95,8 +96,10 @@ class _Live:
 class DeltaBatchEngine:
     def __init__(self, model: nn.Module, pad_id: int = 0, target_modules: list[str] | None = None,
                  slots: int = 64, max_len: int | None = None, bucket: int = 64, cuda_graphs: bool = True,
-                 merge_single: bool = True, compile: bool = False, stack: bool = True, layout_cache_mb: int = 2048):
+                 merge_single: bool = True, compile: bool = False, stack: bool = True, layout_cache_mb: int = 2048,
+                 freeze_gc: bool = False):
         self.model, self.pad_id, self.bucket = model.eval(), pad_id, bucket
+        self.freeze_gc, self._warm = freeze_gc, set()  # see _warmed_up
         # A decode batch of one account only runs on the base with its delta scattered into the
         # weights (restored exactly when another account joins): the plain base step, no delta term.
         self.merge_single, self._merged = merge_single, None
@@ -374,9 +377,11 @@ class DeltaBatchEngine:
         if eager:
             return self._decode_step(tokens, pos, span)
         step = self._compiled if self._compiled is not None else self._decode_step
-        if not self.cuda_graphs:
-            return step(tokens, pos, span)
         key = ("deltas" if deltas else "base", span)
+        if not self.cuda_graphs:
+            out = step(tokens, pos, span)
+            self._warmed_up(key)
+            return out
         if key not in self._graphs:
             out = step(tokens, pos, span)  # writes the same K/V the replay writes (and compiles)
             try:
@@ -389,10 +394,24 @@ class DeltaBatchEngine:
                 return out
             self._graphs[key] = (graph, static_out)
             self.stats["graph_captures"] += 1
+            self._warmed_up(key)
             return out
         graph, static_out = self._graphs[key]
         graph.replay()
         return static_out
+
+    def _warmed_up(self, key: tuple) -> None:
+        """The first step of a (kind, span) has run (compiled, captured). With `freeze_gc` (a
+        replica's engine), what that made moves out of the garbage collector's walks, as the
+        replica's start-up objects do: torch.compile leaves ~90k tracked objects for tkllm-tiny
+        (dynamo's graphs and guards, inductor's kernels), which every later full collection would
+        walk while every request in flight waits. Collected first, so no garbage is kept."""
+        if key in self._warm:
+            return
+        self._warm.add(key)
+        if self.freeze_gc and self._compiled is not None:
+            gc.collect()
+            gc.freeze()
 
     def _decode_step(self, last: torch.Tensor, pos: torch.Tensor, span: int) -> torch.Tensor:
         """One token per slot (free slots compute on a pad and are ignored) -> logits per slot."""

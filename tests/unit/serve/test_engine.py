@@ -247,3 +247,33 @@ def test_token_selective_accounts_serve_their_training_time_forward(base, kind):
     others = [GenRequest(_prompt(5, 6), _delta(base, 7), max_tokens=8), GenRequest(_prompt(6, 5), None, max_tokens=7)]
     mixed = engine.generate([others[0], GenRequest(prompt, adapters=adapters, max_tokens=10), others[1]])
     assert mixed == [engine.generate([others[0]])[0], solo, engine.generate([others[1]])[0]]
+
+
+FREEZE_CHECK = r"""
+import gc
+import torch
+from tkllm_ray.models import build_model
+from tkllm_ray.serve.engine import DeltaBatchEngine, GenRequest
+base = build_model("tkllm-tiny", vocab_size=512, seed=0, dtype=torch.float32)
+reqs = [GenRequest([5, 6, 7, 8], None, max_tokens=6), GenRequest([9, 10, 11], None, max_tokens=6)]
+want = DeltaBatchEngine(base, slots=2, max_len=64).generate(reqs)
+for freeze in (False, True):
+    gc.unfreeze()
+    engine = DeltaBatchEngine(base, slots=2, max_len=64, compile=True, freeze_gc=freeze)
+    assert engine.generate(reqs) == want  # the compiled step (CPU inductor) decodes the same tokens
+    frozen = gc.get_freeze_count()
+    if freeze:  # what compiling made was collected, then moved out of the collector's walks
+        assert frozen > 10000 and len(gc.get_objects()) < frozen / 4, (frozen, len(gc.get_objects()))
+        assert engine.generate(reqs) == want and gc.get_freeze_count() == frozen  # once a span
+    else:
+        assert frozen == 0
+print("ok")
+"""
+
+
+def test_a_replicas_engine_freezes_what_compiling_its_step_made():
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-c", FREEZE_CHECK], capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stderr[-3000:]
