@@ -118,6 +118,8 @@ class SlotDeltas:
         return grown
 
     def _entries(self, delta: dict) -> int:
+        if isinstance(delta, FlatDelta):  # from its layout: no per-module views made
+            return delta.entries(self.shapes)
         return sum(p[0].numel() for n, p in delta.items() if n in self.shapes)
 
     @torch.no_grad()

@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import json
 import time
+from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -25,19 +26,38 @@ VALUE_DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 Delta = dict[str, tuple[torch.Tensor, torch.Tensor]]  # module -> (sorted flat indices, values)
 
 
-class FlatDelta(dict):
-    """A Delta whose modules are views into two flat tensors (`flat`: all indices, all values;
-    `layout`: (module, entries) in that order), as decoded from a format-2 or -3 file or held by the
-    serving cache: a reader that wants the flat buffers (the serving cache, the slot pool) takes
-    them without concatenating 2 x 169 pieces."""
+class FlatDelta(Mapping):
+    """A Delta (read-only) whose modules are slices of two flat tensors (`flat`: all indices, all
+    values; `layout`: (module, entries) in that order), as decoded from a format-2 or -3 file or
+    held by the serving cache: a reader that wants the flat buffers (the serving cache, the slot
+    pool) takes them without concatenating 2 x 169 pieces. A module's (indices, values) are views
+    made when asked for, not held: a served delta kept ~340 view tensors, which every full garbage
+    collection walked (benchmarks/gc_pauses.py)."""
 
     def __init__(self, idx: torch.Tensor, vals: torch.Tensor, layout: list[tuple[str, int]]):
-        super().__init__()
+        self.flat, self.layout = (idx, vals), layout
+        self._spans: dict[str, tuple[int, int]] = {}  # module -> (first entry, entries)
         at = 0
         for name, k in layout:
-            self[name] = (idx[at:at + k], vals[at:at + k])
+            self._spans[name] = (at, k)
             at += k
-        self.flat, self.layout = (idx, vals), layout
+
+    def __getitem__(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        at, k = self._spans[name]
+        return self.flat[0][at:at + k], self.flat[1][at:at + k]
+
+    def __iter__(self):
+        return iter(self._spans)
+
+    def __len__(self) -> int:
+        return len(self._spans)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._spans
+
+    def entries(self, names) -> int:
+        """How many entries the modules in `names` hold (no views made)."""
+        return sum(k for n, (_, k) in self._spans.items() if n in names)
 
 
 def encode(delta: Delta, value_dtype: str = "bf16", format_version: int = FORMAT_VERSION) -> bytes:

@@ -93,3 +93,26 @@ def test_the_previous_format_is_still_written_on_request_and_read_the_same():
         assert all(torch.equal(got[n][0], i) and torch.equal(got[n][1], v) for n, (i, v) in delta.items())
     with pytest.raises(ValueError, match="writes delta formats 2 and 3, not 4"):
         encode(delta, format_version=4)
+
+
+def test_a_flat_delta_makes_module_views_when_asked_and_holds_none():
+    import gc
+
+    from tkllm_ray.sparse.delta_store import FlatDelta
+
+    layout = [(f"model.layers.{i}.m{j}", 7) for i in range(24) for j in range(7)] + [("empty", 0)]
+    idx, vals = torch.arange(7 * 168, dtype=torch.int32), torch.randn(7 * 168)
+    one = FlatDelta(idx, vals, layout)
+    assert len(one) == 169 and list(one) == [n for n, _ in layout] and "empty" in one and "other" not in one
+    i, v = one["model.layers.1.m2"]
+    assert i.tolist() == list(range(63, 70)) and i.data_ptr() == idx[63:].data_ptr() and torch.equal(v, vals[63:70])
+    assert one["empty"][0].numel() == 0 and one.get("other") is None
+    assert one.entries({"model.layers.0.m0", "empty", "other"}) == 7
+    with pytest.raises(TypeError):
+        one["x"] = (i, v)  # read-only
+    # What a full garbage collection walks: held views were ~500 tracked objects a delta
+    gc.collect()
+    before = len(gc.get_objects())
+    many = [FlatDelta(idx, vals, layout) for _ in range(200)]
+    gc.collect()
+    assert len(gc.get_objects()) - before < 5 * len(many)
