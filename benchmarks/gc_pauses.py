@@ -2,9 +2,10 @@
 flight waits for it): with the replica's imports (Ray Serve, FastAPI, torch), after `gc.freeze()`
 (what the replica does once its base and engine are built), then with 1,000 tkllm-s-shaped deltas
 in the host tier as the cache keeps them (two flat buffers each) and as served (each delta's
-module mapping made: a FlatDelta, whose per-module views are made when read, not held); last, after `torch.compile` has compiled an
-engine's decode step (`compile_decode`; inductor's CPU backend here), before and after the engine
-freezes what that made (`DeltaBatchEngine(freeze_gc=True)`, as a replica's engine does). CPU only.
+module mapping made: a FlatDelta, whose per-module views are made when read, not held); last,
+after `torch.compile` has compiled an engine's decode step (`compile_decode`; inductor's CPU
+backend here), before and after the engine freezes what that made
+(`DeltaBatchEngine(freeze_gc=True)`, as a replica's engine does). CPU only.
 
     python benchmarks/gc_pauses.py        # writes gc-pauses-cpu-<machine>.json
 """
