@@ -20,7 +20,8 @@ import statistics
 import sys
 
 import torch
-from decode_kernels import DEV, KINDS, LAYERS, VOCAB, HIDDEN, _graph_ms, _launcher, _pool  # sibling script
+from decode_kernels import (DEV, LAYERS, STEP_KINDS, _launcher, _pool, _prefixes, _step_ms,  # sibling script
+                            _taking_turns)
 from results_io import sync, write_result
 
 TILES = [{"LINES": ln, "BLOCK_E": 256, "num_warps": w, "PREFETCH": True} for ln, w in itertools.product((128, 256), (2, 4))]
@@ -59,11 +60,11 @@ def compare(old_kernel, users: int = 64, density: float = 0.003, layers: int = L
     dtype = table.vals.dtype
     out: dict = {"users": users, "density": density, "layers": layers, "entries": total, "reps": reps, "kinds": {}}
     versions = {"old": old_kernel, "new": None}
-    for kind, (members, din) in {**KINDS, "lm_head": ((("lm_head", VOCAB),), HIDDEN)}.items():
+    for kind, (members, din) in STEP_KINDS.items():
         width = sum(o for _, o in members)
         key = f"{width}x{din}"
         x = torch.randn(users, din, device=DEV, dtype=dtype)
-        prefixes = [""] if kind == "lm_head" else [f"model.layers.{i}." for i in range(layers)]
+        prefixes = _prefixes(kind, layers)
         rows = []
         for cfg in tiles:
             K.CONFIG["decode_by_shape"][key] = cfg  # read when a launch runs (a group's when it is added)
@@ -73,11 +74,8 @@ def compare(old_kernel, users: int = 64, density: float = 0.003, layers: int = L
             sync()
             diff = float((sums["new"] - sums["old"]).abs().max() / sums["old"].abs().max().clamp_min(1e-6))
             y = torch.zeros(users, width, device=DEV, dtype=dtype)  # timed into the data's dtype, as served
-            fns = {v: _as_version(_launcher(table, members, width, prefixes, x, y), kernel) for v, kernel in versions.items()}
-            times: dict[str, list[float]] = {v: [] for v in versions}
-            for _ in range(reps):
-                for v, fn in fns.items():
-                    times[v].append(_graph_ms(fn, reps=max(1, 20 // len(prefixes))) / len(prefixes))
+            times = _taking_turns({v: _as_version(_launcher(table, members, width, prefixes, x, y), kernel)
+                                   for v, kernel in versions.items()}, len(prefixes), reps)
             row = {**cfg, **{f"{v}_ms": statistics.median(t) for v, t in times.items()}, "runs": times,
                    "max_relative_difference": diff}
             rows.append(row)
@@ -87,8 +85,8 @@ def compare(old_kernel, users: int = 64, density: float = 0.003, layers: int = L
         out["kinds"][kind] = {"tiles": rows, **{f"best_{v}_ms": b[f"{v}_ms"] for v, b in best.items()},
                               **{f"best_{v}_tiles": {c: b[c] for c in tiles[0]} for v, b in best.items()}}
     for v in versions:
-        out[f"model_ms_per_step_{v}_best_tiles"] = sum(r[f"best_{v}_ms"] * (1 if k == "lm_head" else layers)
-                                                      for k, r in out["kinds"].items())
+        out[f"model_ms_per_step_{v}_best_tiles"] = _step_ms({k: r[f"best_{v}_ms"] for k, r in out["kinds"].items()},
+                                                           layers)
     out["ratio_new_vs_old"] = out["model_ms_per_step_new_best_tiles"] / out["model_ms_per_step_old_best_tiles"]
     return out
 

@@ -39,6 +39,7 @@ KINDS = {"qkv": ((("self_attn.q_proj", HIDDEN), ("self_attn.k_proj", HIDDEN), ("
 GRID = [{"LINES": ln, "BLOCK_E": be, "num_warps": w, "PREFETCH": pf}
         for ln, be, w, pf in itertools.product((64, 128, 256, 512), (256, 512, 1024), (2, 4), (False, True))]
 TILE_KEYS = ("LINES", "BLOCK_E", "num_warps", "PREFETCH")
+STEP_KINDS = {**KINDS, "lm_head": ((("lm_head", VOCAB),), HIDDEN)}  # every delta launch of a decode step
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 
 
@@ -106,6 +107,31 @@ def _module_entries(table, name: str) -> int:
     return int((ptr[:, off + table.shapes[name][0]] - ptr[:, off]).sum())
 
 
+def _prefixes(kind: str, layers: int) -> list[str]:
+    """The module-name prefixes of a kind's launches in one step: each layer's, or lm_head's one."""
+    return [""] if kind == "lm_head" else [f"model.layers.{i}." for i in range(layers)]
+
+
+def _layer_ms(launch, layers: int) -> float:
+    """Device ms a launch of `launch` (which runs a kind over `layers` layers), from CUDA graphs."""
+    return _graph_ms(launch, reps=max(1, 20 // layers)) / layers
+
+
+def _taking_turns(launches: dict, layers: int, reps: int) -> dict:
+    """{name: [ms a layer, per run]} of `launches` (each over `layers` layers), run r of each
+    before run r + 1 of any, so a drift of the device's clocks reaches them alike."""
+    times: dict[str, list[float]] = {n: [] for n in launches}
+    for _ in range(reps):
+        for n, fn in launches.items():
+            times[n].append(_layer_ms(fn, layers))
+    return times
+
+
+def _step_ms(ms_by_kind: dict, layers: int) -> float:
+    """A decode step's total from each kind's ms a layer (lm_head's once)."""
+    return sum(ms * (1 if k == "lm_head" else layers) for k, ms in ms_by_kind.items())
+
+
 def _launcher(table, members: tuple, width: int, prefixes: list[str], x: torch.Tensor, y: torch.Tensor):
     """One kind's decode launches over every layer of `prefixes`, as the engine makes them: one
     grouped launch a layer for q/k/v and gate/up, one launch a module otherwise (the tiles as
@@ -136,20 +162,19 @@ def sweep(users: int = 64, density: float = 0.003, layers: int = LAYERS, grid: l
     dtype = table.vals.dtype
     out = {"users": users, "tokens_per_user": 1, "density": density, "layers": layers, "entries": total, "kinds": {}}
     totals: dict[int, float] = {}
-    kinds = {**KINDS, "lm_head": ((("lm_head", VOCAB),), HIDDEN)}
-    for kind, (members, din) in kinds.items():
+    for kind, (members, din) in STEP_KINDS.items():
         width = sum(o for _, o in members)
         key = f"{width}x{din}"
         x = torch.randn(users, din, device=DEV, dtype=dtype)
         y = torch.zeros(users, width, device=DEV, dtype=dtype)
         w = torch.randn(width, din, device=DEV, dtype=dtype)
-        prefixes = [""] if kind == "lm_head" else [f"model.layers.{i}." for i in range(layers)]
+        prefixes = _prefixes(kind, layers)
         row = {"shape": key, "entries_per_layer": sum(_module_entries(table, p + n) for p in prefixes
                                                       for n, _ in members) // len(prefixes),
                "gemm_ms": _graph_ms(lambda: torch.nn.functional.linear(x, w)), "decode": []}
         for i, cfg in enumerate(grid):
             K.CONFIG["decode_by_shape"][key] = cfg
-            ms = _graph_ms(_launcher(table, members, width, prefixes, x, y), reps=max(1, 20 // len(prefixes))) / len(prefixes)
+            ms = _layer_ms(_launcher(table, members, width, prefixes, x, y), len(prefixes))
             row["decode"].append({**cfg, "ms": ms, "entry_gb_per_s": row["entries_per_layer"] * 4 / ms / 1e6})
             totals[i] = totals.get(i, 0.0) + ms * len(prefixes)
         best = min(row["decode"], key=lambda r: r["ms"])
@@ -162,10 +187,9 @@ def sweep(users: int = 64, density: float = 0.003, layers: int = LAYERS, grid: l
     out["chosen"], out["chosen_by_shape"] = grid[best], dict(K.CONFIG["decode_by_shape"])
     K.CONFIG["decode"] = dict(grid[best])
     out["model_ms_per_step"] = {"decode_one_config": totals[best],
-                                "decode_per_kind_best": sum(r["best_decode_ms"] * (1 if k == "lm_head" else layers)
-                                                            for k, r in out["kinds"].items()),
-                                "gemm": sum(r["gemm_ms"] * (1 if k == "lm_head" else layers)
-                                            for k, r in out["kinds"].items())}
+                                "decode_per_kind_best": _step_ms({k: r["best_decode_ms"] for k, r in out["kinds"].items()},
+                                                                 layers),
+                                "gemm": _step_ms({k: r["gemm_ms"] for k, r in out["kinds"].items()}, layers)}
     return out
 
 
@@ -178,23 +202,19 @@ def pointer_widths(users: int = 64, density: float = 0.003, layers: int = LAYERS
     pools = {"int32": _pool(users, density, layers)[0], "int64": _pool(users, density, layers, wide_pointers=True)[0]}
     dtype = pools["int32"].vals.dtype
     out: dict = {"users": users, "density": density, "layers": layers, "kinds": {}}
-    for kind, (members, din) in {**KINDS, "lm_head": ((("lm_head", VOCAB),), HIDDEN)}.items():
+    for kind, (members, din) in STEP_KINDS.items():
         width = sum(o for _, o in members)
         x = torch.randn(users, din, device=DEV, dtype=dtype)
         y = torch.zeros(users, width, device=DEV, dtype=dtype)
-        prefixes = [""] if kind == "lm_head" else [f"model.layers.{i}." for i in range(layers)]
-        launches = {w: _launcher(t, members, width, prefixes, x, y) for w, t in pools.items()}
-        times: dict[str, list[float]] = {w: [] for w in pools}
-        for _ in range(reps):
-            for w, fn in launches.items():
-                times[w].append(_graph_ms(fn, reps=max(1, 20 // len(prefixes))) / len(prefixes))
+        prefixes = _prefixes(kind, layers)
+        times = _taking_turns({w: _launcher(t, members, width, prefixes, x, y) for w, t in pools.items()},
+                              len(prefixes), reps)
         row = {f"{w}_ms": statistics.median(v) for w, v in times.items()}
         row["runs"] = times
         out["kinds"][kind] = row
         print(f"pointers {kind}: int32 {row['int32_ms'] * 1e3:.1f} us, int64 {row['int64_ms'] * 1e3:.1f} us", flush=True)
     for w in pools:
-        out[f"model_ms_per_step_{w}"] = sum(r[f"{w}_ms"] * (1 if k == "lm_head" else layers)
-                                            for k, r in out["kinds"].items())
+        out[f"model_ms_per_step_{w}"] = _step_ms({k: r[f"{w}_ms"] for k, r in out["kinds"].items()}, layers)
     out["ratio_int32_vs_int64"] = out["model_ms_per_step_int32"] / out["model_ms_per_step_int64"]
     return out
 
