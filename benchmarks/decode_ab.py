@@ -7,7 +7,9 @@ taking turns `--reps` times (medians). Also checks that both give the same sums.
     python benchmarks/decode_ab.py --old /tmp/old_kernels.py --label REV   # GPU; writes decode-ab-<device>.json
 
 The earlier file is loaded as its own module; it runs through this tree's launch code (the slot
-pool, groups, tiles), so its `_csr_decode` must take the same arguments.
+pool, groups, tiles), so its `_csr_decode` must take the same arguments, less switches added since
+(left at their off value). One without PACKED reads a pool of the same accounts with columns and
+values apart, as it was then (`SlotDeltas(pack=False)`).
 """
 
 from __future__ import annotations
@@ -38,6 +40,27 @@ def _load_old(path: str):
     return mod
 
 
+class _Earlier:
+    """An earlier jitted kernel as this tree's launch code calls it: keyword switches it does not
+    take are dropped while they are off (on, the comparison would not be like for like: refused)."""
+
+    def __init__(self, kernel):
+        self.kernel = kernel
+
+    def takes(self, name: str) -> bool:
+        return name in self.kernel.arg_names
+
+    def __getitem__(self, grid):
+        launch = self.kernel[grid]
+
+        def run(*args, **kw):
+            new = {k: v for k, v in kw.items() if k not in self.kernel.arg_names and k not in ("num_warps", "num_stages")}
+            if any(new.values()):
+                raise ValueError(f"the earlier kernel has no {sorted(k for k, v in new.items() if v)}")
+            return launch(*args, **{k: v for k, v in kw.items() if k not in new})
+        return run
+
+
 def _as_version(launch, kernel):
     """`launch` with this tree's decode kernel swapped for `kernel` while it runs (None: as is)."""
     from tkllm_ray.sparse import segmented_triton as K
@@ -57,9 +80,13 @@ def compare(old_kernel, users: int = 64, density: float = 0.003, layers: int = L
     from tkllm_ray.sparse import segmented_triton as K
 
     table, _, total = _pool(users, density, layers)
-    dtype = table.vals.dtype
-    out: dict = {"users": users, "density": density, "layers": layers, "entries": total, "reps": reps, "kinds": {}}
-    versions = {"old": old_kernel, "new": None}
+    dtype = table.dtype
+    old = _Earlier(old_kernel)
+    # an earlier kernel without packed entries reads the same accounts laid out as it was then
+    tables = {"old": table if old.takes("PACKED") else _pool(users, density, layers, pack=False)[0], "new": table}
+    out: dict = {"users": users, "density": density, "layers": layers, "entries": total, "reps": reps,
+                 "packed": {v: t.packed for v, t in tables.items()}, "kinds": {}}
+    versions = {"old": old, "new": None}
     for kind, (members, din) in STEP_KINDS.items():
         width = sum(o for _, o in members)
         key = f"{width}x{din}"
@@ -70,11 +97,11 @@ def compare(old_kernel, users: int = 64, density: float = 0.003, layers: int = L
             K.CONFIG["decode_by_shape"][key] = cfg  # read when a launch runs (a group's when it is added)
             sums = {v: torch.zeros(users, width, device=DEV, dtype=torch.float32) for v in versions}
             for v, kernel in versions.items():
-                _as_version(_launcher(table, members, width, prefixes, x, sums[v]), kernel)()
+                _as_version(_launcher(tables[v], members, width, prefixes, x, sums[v]), kernel)()
             sync()
             diff = float((sums["new"] - sums["old"]).abs().max() / sums["old"].abs().max().clamp_min(1e-6))
             y = torch.zeros(users, width, device=DEV, dtype=dtype)  # timed into the data's dtype, as served
-            times = _taking_turns({v: _as_version(_launcher(table, members, width, prefixes, x, y), kernel)
+            times = _taking_turns({v: _as_version(_launcher(tables[v], members, width, prefixes, x, y), kernel)
                                    for v, kernel in versions.items()}, len(prefixes), reps)
             row = {**cfg, **{f"{v}_ms": statistics.median(t) for v, t in times.items()}, "runs": times,
                    "max_relative_difference": diff}

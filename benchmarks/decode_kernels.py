@@ -77,17 +77,17 @@ def _operands(users: int, tokens: int, din: int, dout: int, density: float) -> t
     return seg, k, x, w, v, y, K._plan_rows(seg, dout)
 
 
-def _pool(users: int, density: float, layers: int, wide_pointers: bool = False):
+def _pool(users: int, density: float, layers: int, wide_pointers: bool = False, pack: bool = True):
     """A slot pool of `users` random accounts over tkllm-s's linears (`layers` of its layers and
     lm_head; only the shapes are needed, so the linears are shapes on the meta device); the same
-    accounts for the same arguments."""
+    accounts for the same arguments (whatever `wide_pointers` and `pack`)."""
     from tkllm_ray.serve.slots import SlotDeltas
 
     dtype = torch.bfloat16 if DEV == "cuda" else torch.float32
     shapes = {f"model.layers.{i}.{n}": (o, KINDS[k][1]) for i in range(layers) for k in KINDS for n, o in KINDS[k][0]}
     shapes["lm_head"] = (VOCAB, HIDDEN)
     lins = {n: SimpleNamespace(weight=torch.empty(s, device="meta")) for n, s in shapes.items()}
-    table = SlotDeltas(users, lins, dtype, torch.device(DEV), wide_pointers=wide_pointers)
+    table = SlotDeltas(users, lins, dtype, torch.device(DEV), wide_pointers=wide_pointers, pack=pack)
     g = torch.Generator(device=DEV).manual_seed(0)
     accounts = []
     for _ in range(users):
@@ -159,7 +159,7 @@ def sweep(users: int = 64, density: float = 0.003, layers: int = LAYERS, grid: l
     from tkllm_ray.sparse import segmented_triton as K
 
     table, _, total = _pool(users, density, layers)
-    dtype = table.vals.dtype
+    dtype = table.dtype
     out = {"users": users, "tokens_per_user": 1, "density": density, "layers": layers, "entries": total, "kinds": {}}
     totals: dict[int, float] = {}
     for kind, (members, din) in STEP_KINDS.items():
@@ -200,7 +200,7 @@ def pointer_widths(users: int = 64, density: float = 0.003, layers: int = LAYERS
     import statistics
 
     pools = {"int32": _pool(users, density, layers)[0], "int64": _pool(users, density, layers, wide_pointers=True)[0]}
-    dtype = pools["int32"].vals.dtype
+    dtype = pools["int32"].dtype
     out: dict = {"users": users, "density": density, "layers": layers, "kinds": {}}
     for kind, (members, din) in STEP_KINDS.items():
         width = sum(o for _, o in members)

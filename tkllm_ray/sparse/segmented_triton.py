@@ -42,7 +42,8 @@ CONFIG = {"csr": {"LINES": 16, "BLOCK_E": 32, "BLOCK_T": 128, "num_warps": 8},
           # one's sums) was 5-20% faster for every kind.
           "decode": {"LINES": 128, "BLOCK_E": 256, "num_warps": 2, "PREFETCH": True},
           # "<out>x<in>" -> tiles for that layer shape (a grouped launch's stacked shape, e.g.
-          # "6144x2048" for q/k/v): tkllm-s's kinds' best on an H100 (decode-ab-nvidia-h100-80gb-hbm3.json)
+          # "6144x2048" for q/k/v): tkllm-s's kinds' best on an H100, with entries apart
+          # (decode-ab-session11-vs-c407072-…json) and packed (decode-ab-nvidia-h100-80gb-hbm3.json)
           "decode_by_shape": {
               "6144x2048": {"LINES": 256, "BLOCK_E": 256, "num_warps": 2, "PREFETCH": True},  # q/k/v
               "2048x2048": {"LINES": 128, "BLOCK_E": 256, "num_warps": 4, "PREFETCH": True},  # o
@@ -65,9 +66,20 @@ PREFILL_TOKENS = 64  # at most this many (and more than DECODE_TOKENS): CONFIG["
 
 
 @triton.jit
+def _entries(src, vals, e, em, PACKED: tl.constexpr):
+    """Entries e's (input column, value). PACKED: one int32 an entry, the value's 16 bits above the
+    column's (the slot pool's layout for 16-bit values: one load of 4 bytes where two loads of 2
+    bytes each ran ~9% slower; `vals` is then only a pointer of the values' dtype)."""
+    if PACKED:
+        pk = tl.load(src + e, mask=em, other=0)
+        return pk & 0xFFFF, (pk >> 16).to(tl.int16).to(vals.dtype.element_ty, bitcast=True)
+    return tl.load(src + e, mask=em, other=0), tl.load(vals + e, mask=em, other=0.0)
+
+
+@triton.jit
 def _csr_add(srcT, out, src, dst, vals, ptr, tok_off, umap, lines, blocks_per_user, stride_src, stride_out, stride_ptr,
              LINES: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_T: tl.constexpr, HALF: tl.constexpr,
-             MAPPED: tl.constexpr):
+             MAPPED: tl.constexpr, PACKED: tl.constexpr):
     # Program (user u, lines [l0, l0 + LINES), BLOCK_T of u's tokens):
     # out[t, l] += Σ_{entries e of (u, l)} v_e · srcT[src_e, t].
     # u's line pointers start at ptr[u' · stride_ptr], u' = umap[u] if MAPPED else u (see _csr_decode).
@@ -91,9 +103,9 @@ def _csr_add(srcT, out, src, dst, vals, ptr, tok_off, umap, lines, blocks_per_us
         for e0 in range(p0, p1, BLOCK_E):
             e = e0 + tl.arange(0, BLOCK_E)
             em = e < p1
-            s = tl.load(src + e, mask=em, other=0).to(tl.int64)
+            s, v = _entries(src, vals, e, em, PACKED)
+            s, v = s.to(tl.int64), v.to(tl.float32)
             d = tl.load(dst + e, mask=em, other=-1) - l0
-            v = tl.load(vals + e, mask=em, other=0.0).to(tl.float32)
             onehot = tl.where(d[:, None] == ls[None, :], v[:, None], 0.0)
             xg = tl.load(srcT + s[None, :] * stride_src + t[:, None], mask=em[None, :] & tm[:, None], other=0.0)
             if HALF:
@@ -115,7 +127,7 @@ def _csr_add(srcT, out, src, dst, vals, ptr, tok_off, umap, lines, blocks_per_us
 @triton.jit
 def _csr_decode(x, out, src, vals, ptr, tok_off, umap, meta, lines, blocks_per_user, stride_x, stride_out, stride_ptr,
                 LINES: tl.constexpr, BLOCK_E: tl.constexpr, MAPPED: tl.constexpr, GROUP: tl.constexpr,
-                PREFETCH: tl.constexpr):
+                PREFETCH: tl.constexpr, PACKED: tl.constexpr):
     # Program (user u, lines [l0, l0 + LINES)), for each of u's few tokens t:
     # out[t, l] += Σ_{entries e of (u, l)} v_e · x[t, src_e], the entries read BLOCK_E at a time.
     # Lines are runs of the sorted entries, so per-line sums are differences of the chunks'
@@ -127,6 +139,7 @@ def _csr_decode(x, out, src, vals, ptr, tok_off, umap, meta, lines, blocks_per_u
     # writing its own columns of one stacked output. meta[j] = (first block of module j among a
     # user's blocks, offset of its pointers in the user's run, its lines, its first output column).
     # PREFETCH: the next chunk's entries are loaded before this chunk's sums (more bytes in flight).
+    # PACKED: each entry's column and value as one int32 (_entries).
     b = tl.program_id(0)
     u = b // blocks_per_user
     r = b % blocks_per_user
@@ -160,19 +173,16 @@ def _csr_decode(x, out, src, vals, ptr, tok_off, umap, meta, lines, blocks_per_u
         if PREFETCH:
             e = p0 + tl.arange(0, BLOCK_E)
             em = e < p1
-            s = tl.load(src + e, mask=em, other=0)
-            v = tl.load(vals + e, mask=em, other=0.0)
+            s, v = _entries(src, vals, e, em, PACKED)
         for e0 in range(p0, p1, BLOCK_E):
             if PREFETCH:
                 en = e0 + BLOCK_E + tl.arange(0, BLOCK_E)
                 enm = en < p1
-                s_next = tl.load(src + en, mask=enm, other=0)
-                v_next = tl.load(vals + en, mask=enm, other=0.0)
+                s_next, v_next = _entries(src, vals, en, enm, PACKED)
             else:
                 e = e0 + tl.arange(0, BLOCK_E)
                 em = e < p1
-                s = tl.load(src + e, mask=em, other=0)
-                v = tl.load(vals + e, mask=em, other=0.0)
+                s, v = _entries(src, vals, e, em, PACKED)
             xv = tl.load(x + t * stride_x + s, mask=em, other=0.0).to(tl.float32)
             run = tl.cumsum(v.to(tl.float32) * xv, axis=0)  # run[i] = Σ of the chunk's first i + 1 products
             z = tl.minimum(tl.maximum(hi - e0, 0), BLOCK_E)  # the chunk's entries up to line l's end: [0, z)
@@ -268,21 +278,33 @@ def _has_work(seg) -> bool:
     return bool(seg.users and max(seg.token_counts, default=0) and seg.rows.numel())
 
 
-def _csr_into(out: torch.Tensor, srcT: torch.Tensor, values: torch.Tensor, p: dict, seg) -> None:
+def _packed(values: torch.Tensor | None, p: dict, like: torch.Tensor) -> tuple[torch.Tensor, bool]:
+    """(the kernels' `vals` argument, PACKED): values None is a plan whose `src` entries carry
+    them (the slot pool's packed layout); `vals` is then a stand-in of the values' dtype, `like`."""
+    if values is not None:
+        return values.contiguous(), False
+    if not p.get("packed"):
+        raise ValueError("values are None but the plan's entries are not packed")
+    return like, True
+
+
+def _csr_into(out: torch.Tensor, srcT: torch.Tensor, values: torch.Tensor | None, p: dict, seg) -> None:
     """out (tokens, width) += the delta term, reading srcT (features, tokens); `p` is the plan
-    over out's width (rows for the forward, columns for dx)."""
+    over out's width (rows for the forward, columns for dx). values None: packed entries (_packed)."""
     if not _has_work(seg):
         return
     c, width = CONFIG["csr_prefill" if max(seg.token_counts) <= PREFILL_TOKENS else "csr"], out.shape[1]
-    vals = values if p["perm"] is None else values[p["perm"]]
+    if values is not None and p["perm"] is not None:
+        values = values[p["perm"]]
+    vals, packed = _packed(values, p, srcT)
     per_user = triton.cdiv(width, c["LINES"])
     bt = _block_t(seg, c["BLOCK_T"])
     grid = (seg.users * per_user, triton.cdiv(max(seg.token_counts), bt))
     umap = p.get("map")
-    _csr_add[grid](srcT, out, p["src"], p["dst"], vals.contiguous(), p["ptr"], seg.token_offsets,
+    _csr_add[grid](srcT, out, p["src"], p["dst"], vals, p["ptr"], seg.token_offsets,
                    seg.token_offsets if umap is None else umap, width, per_user, srcT.stride(0), out.stride(0),
                    p.get("stride", width), LINES=c["LINES"], BLOCK_E=c["BLOCK_E"], BLOCK_T=bt, HALF=_half(srcT),
-                   MAPPED=umap is not None, num_warps=c["num_warps"])
+                   MAPPED=umap is not None, PACKED=packed, num_warps=c["num_warps"])
 
 
 def sampled_grad_T(dyT: torch.Tensor, xT: torch.Tensor, seg, out_features: int) -> torch.Tensor:
@@ -313,13 +335,15 @@ def tile_args(c: dict) -> tuple:
     return c["LINES"], c["BLOCK_E"], c["num_warps"], c["PREFETCH"]
 
 
-def _decode_into(out: torch.Tensor, x: torch.Tensor, values: torch.Tensor, p: dict, seg) -> None:
-    """out (tokens, out_features) += the delta term for decode-shaped batches, reading x (tokens, in)."""
+def _decode_into(out: torch.Tensor, x: torch.Tensor, values: torch.Tensor | None, p: dict, seg) -> None:
+    """out (tokens, out_features) += the delta term for decode-shaped batches, reading x (tokens, in);
+    values None: packed entries (_packed)."""
     if not _has_work(seg):
         return
     width = out.shape[1]
     c = decode_tiles((width, x.shape[1]))
-    decode_add(out, x, p["src"], values.contiguous(), p["ptr"], seg.token_offsets, p.get("map"), None, seg.users,
+    vals, packed = _packed(values, p, x)
+    decode_add(out, x, p["src"], None if packed else vals, p["ptr"], seg.token_offsets, p.get("map"), None, seg.users,
                triton.cdiv(width, c["LINES"]), p.get("stride", width), *tile_args(c))
 
 
@@ -333,18 +357,20 @@ def group_blocks(lines: list[int], lines_per_block: int) -> list[int]:
 
 
 @torch.library.custom_op("tkllm::decode_add", mutates_args=("out",))
-def decode_add(out: torch.Tensor, x: torch.Tensor, src: torch.Tensor, vals: torch.Tensor, ptr: torch.Tensor,
+def decode_add(out: torch.Tensor, x: torch.Tensor, src: torch.Tensor, vals: Optional[torch.Tensor], ptr: torch.Tensor,
                tok_off: torch.Tensor, umap: Optional[torch.Tensor], meta: Optional[torch.Tensor], users: int,
                blocks_per_user: int, stride_ptr: int, lines_per_block: int, block_e: int, num_warps: int,
                prefetch: bool) -> None:
     """The decode kernel as a torch op (out += the delta term, in place), so a compiled decode
     step keeps it as one opaque call among the ops torch.compile fuses. `meta` (modules, 4) int64:
-    several modules that read x in one launch (see _csr_decode); None: one module, all of out."""
+    several modules that read x in one launch (see _csr_decode); None: one module, all of out.
+    vals None: `src` holds packed entries (column and value in one int32, _entries)."""
     group = 0 if meta is None else meta.shape[0]
     _csr_decode[(users * blocks_per_user,)](
-        x, out, src, vals, ptr, tok_off, tok_off if umap is None else umap, tok_off if meta is None else meta,
-        out.shape[1], blocks_per_user, x.stride(0), out.stride(0), stride_ptr, LINES=lines_per_block,
-        BLOCK_E=block_e, MAPPED=umap is not None, GROUP=group, PREFETCH=prefetch, num_warps=num_warps)
+        x, out, src, x if vals is None else vals, ptr, tok_off, tok_off if umap is None else umap,
+        tok_off if meta is None else meta, out.shape[1], blocks_per_user, x.stride(0), out.stride(0), stride_ptr,
+        LINES=lines_per_block, BLOCK_E=block_e, MAPPED=umap is not None, GROUP=group, PREFETCH=prefetch,
+        PACKED=vals is None, num_warps=num_warps)
 
 
 @decode_add.register_fake

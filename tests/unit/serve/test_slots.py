@@ -48,10 +48,10 @@ table = SlotDeltas(slots, lins, torch.float32, torch.device(dev))
 deltas = [delta(300), None, delta(1), delta(700), None]  # line blocks of more entries than BLOCK_E
 assert table.assign(deltas) is True and table.cap == 2048  # grown from nothing to 700 + 350 entries
 check(table, deltas)
-held = [t.data_ptr() for t in (table.cols, table.vals, table.ptr)]
+held = [t.data_ptr() for t in (table.src, table.rows, table.ptr)]
 deltas = [None, deltas[3], delta(90), deltas[3], delta(1)]  # moved, dropped, new: no more room needed
 assert table.assign(deltas) is False
-assert [t.data_ptr() for t in (table.cols, table.vals, table.ptr)] == held
+assert [t.data_ptr() for t in (table.src, table.rows, table.ptr)] == held
 check(table, deltas)
 deltas[0] = delta(1500)  # more entries than a slot's region holds: a new, larger pool
 assert table.assign(deltas) is True and table.cap == 4096
@@ -143,6 +143,77 @@ print("ok")
 """
 
 
+PACKED_CHECK = r"""
+import torch
+from torch import nn
+from tkllm_ray.serve.slots import SlotDeltas
+from tkllm_ray.sparse import segmented_triton as K
+dev = "{device}"
+K.CONFIG["decode"] = {{"LINES": 16, "BLOCK_E": 64, "num_warps": 4, "PREFETCH": True}}
+g = torch.Generator().manual_seed(2)
+slots, dt = 3, torch.float16
+lins = {{"m": nn.Linear(64, 40, bias=False).to(dev), "n": nn.Linear(40, 24, bias=False).to(dev)}}
+
+def delta(k):
+    out = {{}}
+    for name, lin in lins.items():
+        idx = torch.sort(torch.randperm(lin.weight.numel(), generator=g)[:k]).values
+        # values of both signs and a range of exponents: every bit of the 16 is carried
+        out[name] = (idx.to(dev), (torch.randn(k, generator=g) * 4.0 ** torch.randint(-3, 3, (k,), generator=g)).to(dev, dt))
+    return out
+
+packed, plain = (SlotDeltas(slots, lins, dt, torch.device(dev), pack=p) for p in (True, False))
+assert packed.packed and packed.vals is None and packed.src.dtype == torch.int32
+assert not plain.packed and plain.vals.dtype == dt
+deltas = [delta(300), None, delta(700)]
+for t in (packed, plain):
+    t.assign(deltas)
+
+def run(ctx, name, width):
+    dout, din = lins[name].weight.shape
+    gx = torch.Generator().manual_seed(width)
+    x = torch.randn(slots * width, din, generator=gx).to(dev, dt)
+    y = torch.zeros(slots * width, dout, device=dev, dtype=dt)
+    seg, vals = ctx.module_inputs(name, lins[name])
+    K.add_forward(y, x, vals, seg)
+    return x, y
+
+for name in lins:
+    x, y = run(packed, name, 1)  # the decode kernel
+    assert torch.equal(y, run(plain, name, 1)[1])  # the same sums from one load as from two
+    for s, d in enumerate(deltas):
+        w = torch.zeros(lins[name].weight.numel(), device=dev)
+        if d is not None:
+            w[d[name][0]] = d[name][1].float()
+        want = x[s].float() @ w.view(lins[name].weight.shape).T
+        torch.testing.assert_close(y[s].float(), want, rtol=2e-2, atol=2e-2)
+    for width in (3, 20):  # a prefill: the line-block kernel (both widths through the packed entries)
+        views = [t.prefill([0, 2], [deltas[0], deltas[2]])[0] for t in (packed, plain)]
+        for v in views:
+            v.tokens = width
+        ys = []
+        for v in views:
+            gx = torch.Generator().manual_seed(width)
+            x = torch.randn(2 * width, lins[name].weight.shape[1], generator=gx).to(dev, dt)
+            y = torch.zeros(2 * width, lins[name].weight.shape[0], device=dev, dtype=dt)
+            seg, vals = v.module_inputs(name, lins[name])
+            K.add_forward(y, x, vals, seg)
+            ys.append(y)
+        torch.testing.assert_close(ys[0], ys[1], rtol=1e-3, atol=1e-3)
+# fp32 values do not fit 16 bits: not packed
+assert not SlotDeltas(slots, lins, torch.float32, torch.device(dev)).packed
+try:
+    K._packed(None, {{"packed": False}}, x)
+    raise SystemExit("values None on an unpacked plan: refused")
+except ValueError as e:
+    assert "not packed" in str(e)
+print("ok")
+"""
+
+
+def test_packed_entries_give_the_sums_of_separate_columns_and_values(kernel_check):
+    kernel_check(PACKED_CHECK)
+
 @pytest.mark.parametrize("prefetch", [False, True])
 def test_slot_regions_decode_each_rows_own_delta(kernel_check, prefetch):
     code = CHECK.replace('"PREFETCH": PREFETCH', f'"PREFETCH": {prefetch}')
@@ -180,7 +251,7 @@ def test_layouts_of_served_accounts_are_kept_for_their_next_admission_within_a_b
     table.assign(accounts[:2])  # both again: taken from the cache, the same pool contents
     assert table.stats == {"layouts": 2, "layout_hits": 2}
     fresh.assign(accounts[:2])
-    for t in ("rows", "cols", "vals", "ptr"):
+    for t in ("rows", "src", "vals", "ptr"):
         assert torch.equal(getattr(table, t), getattr(fresh, t))
     table.assign([accounts[2], None])  # a third does not fit beside two: the least recent goes
     assert list(table._laid) == [id(accounts[1]), id(accounts[2])] and table.layout_bytes == budget
