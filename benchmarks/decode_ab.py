@@ -8,8 +8,9 @@ taking turns `--reps` times (medians). Also checks that both give the same sums.
 
 The earlier file is loaded as its own module; it runs through this tree's launch code (the slot
 pool, groups, tiles), so its `_csr_decode` must take the same arguments, less switches added since
-(left at their off value). One without PACKED reads a pool of the same accounts with columns and
-values apart, as it was then (`SlotDeltas(pack=False)`).
+(left at their off value). Kernels up to ba4d7a9 read a group's layout from a `meta` tensor, not
+as constants: they take other arguments and cannot be compared here. One without PACKED reads a
+pool of the same accounts with columns and values apart, as it was then (`SlotDeltas(pack=False)`).
 """
 
 from __future__ import annotations

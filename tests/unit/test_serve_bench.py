@@ -30,6 +30,10 @@ def test_serve_bench_writes_the_serving_json_with_its_ratios(tmp_path):
     assert res["mixed64_throughput_ratio_vs_base"] == res["ours_mixed"]["tokens_per_s"] / base
     assert res["single_account_throughput_ratio_vs_base"] == res["ours_single_account"]["tokens_per_s"] / base
     assert res["mixed64_compiled_ratio_vs_compiled_base"] == res["ours_mixed_compiled"]["tokens_per_s"] / base_c
+    steps = [res[r]["decode_step_ms_runs"] for r in ("ours_base_compiled", "ours_mixed_compiled")]
+    assert res["mixed64_compiled_decode_step_ratio_vs_compiled_base_per_run"] == [b / m for b, m in zip(*steps)]
+    assert res["mixed64_compiled_decode_step_ratio_vs_compiled_base"] == \
+        res["ours_base_compiled"]["decode_step_ms_median"] / res["ours_mixed_compiled"]["decode_step_ms_median"]
     # the compiled rows took turns: one section, so they report (nearly) its same time
     times = [res[r]["section_s"] for r in ("ours_base_compiled", "ours_mixed_compiled", "ours_single_account_compiled")]
     assert max(times) - min(times) < 0.05

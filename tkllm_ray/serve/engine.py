@@ -283,8 +283,10 @@ class DeltaBatchEngine:
             self.stats["merges"] += 1
 
     def _drop_delta_graphs(self) -> None:
-        """The slot pool grew: graphs that read its old buffers are stale."""
+        """The slot pool grew: graphs that read its old buffers are stale. Their recapture may
+        compile the step again (new buffers, new guards), so its spans count as not warmed up."""
         self._graphs = {k: g for k, g in self._graphs.items() if k[0] == "base"}
+        self._warm = {k for k in self._warm if k[0] == "base"}
 
     def _emit(self, slot: int, token: int, updates: list) -> None:
         lv = self.live[slot]
@@ -401,9 +403,9 @@ class DeltaBatchEngine:
         return static_out
 
     def _warmed_up(self, key: tuple) -> None:
-        """The first step of a (kind, span) has run (compiled, captured). With `freeze_gc` (a
-        replica's engine), what that made moves out of the garbage collector's walks, as the
-        replica's start-up objects do: torch.compile leaves ~90k tracked objects for tkllm-tiny
+        """The first step of a (kind, span) has run (compiled, captured; again after the pool grew).
+        With `freeze_gc` (a replica's engine), what that made moves out of the garbage collector's
+        walks, as the replica's start-up objects do: torch.compile leaves ~90k tracked objects for tkllm-tiny
         (dynamo's graphs and guards, inductor's kernels), which every later full collection would
         walk while every request in flight waits. Collected first, so no garbage is kept."""
         if key in self._warm:

@@ -216,22 +216,23 @@ class SlotDeltas:
         self.held[slot] = delta
 
     def add_group(self, members: tuple[tuple[str, int], ...]) -> tuple:
-        """Register pool modules that read the same input (q/k/v, gate/up) for `group_add`, each
+        """Register 1-3 pool modules that read the same input (q/k/v, gate/up) for `group_add`, each
         (name, its first column in the group's stacked output), with the decode tiles CONFIG has for
         them now; returns the group's key (one per members and tiles)."""
-        from tkllm_ray.sparse.segmented_triton import decode_tiles, group_blocks
+        from tkllm_ray.sparse.segmented_triton import decode_tiles
 
         lines = [self.shapes[n][0] for n, _ in members]
         din = self.shapes[members[0][0]][1]
         if any(self.shapes[n][1] != din for n, _ in members):
             raise ValueError(f"a group's modules read one input: {[n for n, _ in members]} do not")
+        if not 1 <= len(members) <= 3:
+            raise ValueError(f"a group holds 1 to 3 modules (one decode launch), not {len(members)}")
         c = decode_tiles((sum(lines), din), (lines[0], din))
         key = (members, tuple(sorted(c.items())))
         if key not in self._groups:
-            starts = group_blocks(lines, c["LINES"])
-            meta = torch.tensor([[starts[j], self.offsets[self.module_index[n]], lines[j], col]
-                                 for j, (n, col) in enumerate(members)], dtype=torch.int64, device=self.device)
-            self._groups[key] = (meta, starts[-1], c)
+            # (pointer offset in a slot's run, lines, first output column) per module, for the kernel
+            layout = [v for (n, col), k in zip(members, lines) for v in (self.offsets[self.module_index[n]], k, col)]
+            self._groups[key] = (layout, c)
         return key
 
     def group_add(self, out: torch.Tensor, x: torch.Tensor, group: tuple) -> None:
@@ -239,9 +240,9 @@ class SlotDeltas:
         every (m, col) of the group (`add_group`), reading x (slots, in): one kernel launch."""
         from tkllm_ray.sparse.segmented_triton import decode_add, tile_args
 
-        meta, blocks, c = self._groups[group]
-        decode_add(out, x.contiguous(), self.src, self.vals, self.ptr, self.tok_off, None, meta, self.slots, blocks,
-                   self.P, *tile_args(c))
+        layout, c = self._groups[group]
+        decode_add(out, x.contiguous(), self.src, self.vals, self.ptr, self.tok_off, None, self.slots, self.P, layout,
+                   True, *tile_args(c))  # slot s's one token is row s
 
     def module_inputs(self, name: str, lin: nn.Module):
         """(segments, values) for the decode step: every module, always (a captured graph must launch

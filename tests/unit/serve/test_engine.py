@@ -271,6 +271,16 @@ print("ok")
 """
 
 
+def test_a_grown_slot_pool_warms_its_delta_steps_up_again():
+    """A recapture after the pool grows may recompile the step: what that makes is frozen again."""
+    engine = DeltaBatchEngine(build_model("tkllm-tiny", vocab_size=64, seed=0, dtype=torch.float32), slots=2,
+                              max_len=16, freeze_gc=True)
+    engine._warm = {("base", 16), ("deltas", 16)}
+    engine._graphs = {("base", 16): None, ("deltas", 16): None}
+    engine._drop_delta_graphs()
+    assert engine._warm == {("base", 16)} and set(engine._graphs) == {("base", 16)}
+
+
 def test_a_replicas_engine_freezes_what_compiling_its_step_made():
     import subprocess
     import sys

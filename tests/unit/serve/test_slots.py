@@ -134,11 +134,20 @@ for tiles in ({{"LINES": 16, "BLOCK_E": 64, "num_warps": 4}},  # q in two line b
     y = y0.clone()
     table.group_add(y, x, group)
     torch.testing.assert_close(y, want, rtol=1e-4, atol=1e-4)
+    y = y0.clone()  # two modules (as gate/up): k's columns first this time, v's left as they were
+    table.group_add(y, x, table.add_group((("k", 24), ("q", 0))))
+    torch.testing.assert_close(y[:, :32], want[:, :32], rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(y[:, 32:], y0[:, 32:])
 try:
     table.add_group((("q", 0), ("o", 24)))
     raise SystemExit("o reads another input: refused")
 except ValueError as e:
     assert "read one input" in str(e)
+try:
+    table.add_group((("q", 0), ("k", 24), ("v", 32), ("q", 40)))
+    raise SystemExit("four modules in one launch: refused")
+except ValueError as e:
+    assert "1 to 3 modules" in str(e)
 print("ok")
 """
 
