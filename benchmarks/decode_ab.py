@@ -55,7 +55,8 @@ class _Earlier:
         launch = self.kernel[grid]
 
         def run(*args, **kw):
-            new = {k: v for k, v in kw.items() if k not in self.kernel.arg_names and k not in ("num_warps", "num_stages")}
+            new = {k: v for k, v in kw.items()
+                   if k not in self.kernel.arg_names and k not in ("num_warps", "num_stages")}
             if any(new.values()):
                 raise ValueError(f"the earlier kernel has no {sorted(k for k, v in new.items() if v)}")
             return launch(*args, **{k: v for k, v in kw.items() if k not in new})

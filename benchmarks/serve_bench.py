@@ -382,7 +382,8 @@ def main(argv=None) -> dict:
             step_key = key.replace("_ratio_", "_decode_step_ratio_")
             res[step_key] = base_c["decode_step_ms_median"] / row["decode_step_ms_median"]
             # run r of each took its turn beside run r of the others: the ratio run by run
-            res[step_key + "_per_run"] = [b / m for b, m in zip(base_c["decode_step_ms_runs"], row["decode_step_ms_runs"])]
+            res[step_key + "_per_run"] = [b / m for b, m in zip(base_c["decode_step_ms_runs"],
+                                                                 row["decode_step_ms_runs"])]
     if "latency" in res:
         res.update({k: res["latency"][k] for k in ("cold_load_p50_ms", "cold_load_p99_ms",
                                                     "ttft_p99_ratio_4x_working_set",  # host tier prefetched

@@ -5,10 +5,10 @@ Rebuilding a mixed batch's inputs (every account's entries concatenated, index p
 whenever a request joins or leaves costs a pass over all of them and a new CUDA graph capture;
 with continuous batching that happens nearly every step. Here one pool holds every slot's delta:
 slot s owns [s·cap, (s+1)·cap) of the pool's entry arrays (row within its module, input column,
-value: 6 bytes an entry below 32k rows and columns; with 16-bit values, the column and value are one
-int32, which the decode kernel reads in one load: ~9% faster on an H100) and [s·P, (s+1)·P) of its line pointers, where
-P = Σ over target modules of (lines + 1): module m's pointers for slot s start at s·P + off[m] and
-hold absolute positions. An account is laid out once per assignment (all its modules in a few
+value: 6 bytes an entry below 32k rows and columns; with 16-bit values the column and the value
+are one int32, which the decode kernel reads in one load) and [s·P, (s+1)·P) of its line
+pointers, where P = Σ over target modules of (lines + 1): module m's pointers for slot s start at
+s·P + off[m] and hold absolute positions. An account is laid out once per assignment (all its modules in a few
 whole-account ops: `_layout`), then copied into its slot: the tensors a captured graph reads keep
 their addresses. A slot without a delta has empty lines. The kernels read slot s's pointers
 through `stride` P, and a prefill's requests reach their slots through `map`
@@ -129,12 +129,12 @@ class SlotDeltas:
 
     @torch.no_grad()
     def _layout(self, delta: dict) -> tuple:
-        """One account's (rows, what the kernels read for an entry: columns or packed entries, values or
-        None when packed, line pointers relative to its region), all modules in a
-        few whole-account ops: entries in module order, each module's sorted by flat index (so by
-        row); a line's run starts where the entries of lower (module, row) keys end. A cached
-        account (FlatDelta in the pool's module order) is read from its two flat buffers as they
-        are: about ten kernels an account, where gathering 2 x 169 pieces cost ~3.7 ms of launches."""
+        """One account's (rows, columns or packed entries, values or None when packed, line pointers
+        relative to its region), all modules in a few whole-account ops: entries in module order,
+        each module's sorted by flat index (so by row); a line's run starts where the entries of
+        lower (module, row) keys end. A cached account (FlatDelta in the pool's module order) is
+        read from its two flat buffers as they are: about ten kernels an account, where gathering
+        2 x 169 pieces cost ~3.7 ms of launches."""
         flat = self._flat(delta)
         if flat is not None:
             mods, sizes, idx, vals = flat
@@ -221,12 +221,12 @@ class SlotDeltas:
         them now; returns the group's key (one per members and tiles)."""
         from tkllm_ray.sparse.segmented_triton import decode_tiles
 
+        if not 1 <= len(members) <= 3:
+            raise ValueError(f"a group holds 1 to 3 modules (one decode launch), not {len(members)}")
         lines = [self.shapes[n][0] for n, _ in members]
         din = self.shapes[members[0][0]][1]
         if any(self.shapes[n][1] != din for n, _ in members):
             raise ValueError(f"a group's modules read one input: {[n for n, _ in members]} do not")
-        if not 1 <= len(members) <= 3:
-            raise ValueError(f"a group holds 1 to 3 modules (one decode launch), not {len(members)}")
         c = decode_tiles((sum(lines), din), (lines[0], din))
         key = (members, tuple(sorted(c.items())))
         if key not in self._groups:

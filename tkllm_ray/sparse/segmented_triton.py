@@ -68,8 +68,10 @@ PREFILL_TOKENS = 64  # at most this many (and more than DECODE_TOKENS): CONFIG["
 @triton.jit
 def _entries(src, vals, e, em, PACKED: tl.constexpr):
     """Entries e's (input column, value). PACKED: one int32 an entry, the value's 16 bits above the
-    column's (the slot pool's layout for 16-bit values: one load of 4 bytes where two loads of 2
-    bytes each ran ~9% slower; `vals` is then only a pointer of the values' dtype)."""
+    column's (the slot pool's layout for 16-bit values; `vals` is then only a pointer of the
+    values' dtype). On an H100 the decode kernel ran ~9% faster with one load of 4 bytes than with
+    two of 2, and the line-block kernel 12% slower (its column and value feed tiles of different
+    shapes, so one of them changes layout)."""
     if PACKED:
         pk = tl.load(src + e, mask=em, other=0)
         return pk & 0xFFFF, (pk >> 16).to(tl.int16).to(vals.dtype.element_ty, bitcast=True)
@@ -140,12 +142,12 @@ def _csr_decode(x, out, src, vals, ptr, tok_off, umap, blocks_per_user, stride_x
     # GROUP (1-3) modules that read the same x (q/k/v, gate/up: one launch), each writing its own
     # columns of one stacked output: module j has N_j lines, its pointers at off_j in a user's run,
     # its first output column C_j, and its line blocks start at block S_j of a user's (S_0 = 0).
-    # The layout is constant, so a program's first loads are its pointers (reading it from memory
-    # put one more load before them: ~9% of a decode step's delta time on an H100).
+    # The layout is constant, so a program's first loads are its pointers (it was read from memory).
     # PREFETCH: the next chunk's entries are loaded before this chunk's sums (more bytes in flight).
     # PACKED: each entry's column and value as one int32 (_entries).
-    # ONE: every user has one token, token u (a decode step; the pool's tok_off is 0..users):
-    # without the token loop the step's delta kernels ran ~9% faster on an H100.
+    # ONE: every user has one token, token u (a decode step; the pool's tok_off is 0..users).
+    # The constant layout and ONE together took a step's delta kernels from 1.147 to 1.060 ms on
+    # an H100; either alone gained little (decode-probes-session12-nvidia-h100-80gb-hbm3.json).
     b = tl.program_id(0)
     u = b // blocks_per_user
     r = b % blocks_per_user

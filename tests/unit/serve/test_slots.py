@@ -168,7 +168,8 @@ def delta(k):
     for name, lin in lins.items():
         idx = torch.sort(torch.randperm(lin.weight.numel(), generator=g)[:k]).values
         # values of both signs and a range of exponents: every bit of the 16 is carried
-        out[name] = (idx.to(dev), (torch.randn(k, generator=g) * 4.0 ** torch.randint(-3, 3, (k,), generator=g)).to(dev, dt))
+        scale = 4.0 ** torch.randint(-3, 3, (k,), generator=g)
+        out[name] = (idx.to(dev), (torch.randn(k, generator=g) * scale).to(dev, dt))
     return out
 
 packed, plain = (SlotDeltas(slots, lins, dt, torch.device(dev), pack=p) for p in (True, False))
@@ -222,6 +223,7 @@ print("ok")
 
 def test_packed_entries_give_the_sums_of_separate_columns_and_values(kernel_check):
     kernel_check(PACKED_CHECK)
+
 
 @pytest.mark.parametrize("prefetch", [False, True])
 def test_slot_regions_decode_each_rows_own_delta(kernel_check, prefetch):
