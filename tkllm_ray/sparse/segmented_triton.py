@@ -42,14 +42,15 @@ CONFIG = {"csr": {"LINES": 16, "BLOCK_E": 32, "BLOCK_T": 128, "num_warps": 8},
           # one's sums) was 5-20% faster for every kind.
           "decode": {"LINES": 128, "BLOCK_E": 256, "num_warps": 2, "PREFETCH": True},
           # "<out>x<in>" -> tiles for that layer shape (a grouped launch's stacked shape, e.g.
-          # "6144x2048" for q/k/v): tkllm-s's kinds' best on an H100, with entries apart
-          # (decode-ab-session11-vs-c407072-…json) and packed (decode-ab-nvidia-h100-80gb-hbm3.json)
+          # "6144x2048" for q/k/v): tkllm-s's kinds' best on an H100 for this kernel
+          # (decode-kernels-session12-…json, the winners confirmed taking turns with the tiles before:
+          # decode-probes-session12-…json; q/k/v 0.93x, gate/up 0.97x, lm_head 0.96x)
           "decode_by_shape": {
-              "6144x2048": {"LINES": 256, "BLOCK_E": 256, "num_warps": 2, "PREFETCH": True},  # q/k/v
+              "6144x2048": {"LINES": 256, "BLOCK_E": 256, "num_warps": 4, "PREFETCH": True},  # q/k/v
               "2048x2048": {"LINES": 128, "BLOCK_E": 256, "num_warps": 4, "PREFETCH": True},  # o
-              "11264x2048": {"LINES": 256, "BLOCK_E": 256, "num_warps": 2, "PREFETCH": True},  # gate/up
+              "11264x2048": {"LINES": 512, "BLOCK_E": 512, "num_warps": 4, "PREFETCH": True},  # gate/up
               "2048x5632": {"LINES": 128, "BLOCK_E": 256, "num_warps": 4, "PREFETCH": True},  # down
-              "32000x2048": {"LINES": 256, "BLOCK_E": 256, "num_warps": 2, "PREFETCH": True}},  # lm_head
+              "32000x2048": {"LINES": 256, "BLOCK_E": 256, "num_warps": 4, "PREFETCH": True}},  # lm_head
           # Line-block tiles for batches of at most PREFILL_TOKENS tokens a user (a serving prefill of
           # many accounts' prompts; also a training batch that small, forward and dx), set by
           # decode_kernels.py's prefill sweep.
