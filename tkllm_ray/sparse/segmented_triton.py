@@ -108,9 +108,8 @@ def _csr_add(srcT, out, src, dst, vals, ptr, tok_off, umap, lines, blocks_per_us
             d = tl.load(dst + e, mask=em, other=-1) - l0
             if PACKED:  # the words loaded in each tile's own shape: one 1-D load then changed the
                 # layout of one of them (12% slower than entries apart; this, 10% faster)
-                s2 = (tl.load(src + e[None, :], mask=em[None, :], other=0) & 0xFFFF).to(tl.int64)
-                v2 = (tl.load(src + e[:, None], mask=em[:, None], other=0) >> 16).to(tl.int16)
-                v2 = v2.to(vals.dtype.element_ty, bitcast=True).to(tl.float32)
+                s2 = _entries(src, vals, e[None, :], em[None, :], PACKED)[0].to(tl.int64)
+                v2 = _entries(src, vals, e[:, None], em[:, None], PACKED)[1].to(tl.float32)
             else:
                 s, v = _entries(src, vals, e, em, PACKED)
                 s2, v2 = s.to(tl.int64)[None, :], v.to(tl.float32)[:, None]
