@@ -63,9 +63,14 @@ def _timed_once(engine: DeltaBatchEngine, reqs: list[GenRequest], before=None) -
             out[i] = tokens
     sync()
     wall = time.perf_counter() - t
-    step_s = statistics.median(b - a for a, b in zip(steps[1:], steps[2:]))  # after the admitting step
+    gaps = [b - a for a, b in zip(steps[1:], steps[2:])]  # the decode steps after the admitting step
+    step_s = statistics.median(gaps)
     return {"tokens_per_s": sum(len(o) for o in out) / wall, "wall_s": wall, "batch": len(reqs),
             "decode_step_ms_median": 1e3 * step_s, "decode_tokens_per_s": len(reqs) / step_s,
+            # where the wall time goes: the admitting step (admission, prefill, the first decode step),
+            # then the other steps' sum and slowest (a median hides a few slow steps)
+            "first_step_ms": 1e3 * (steps[0] - t), "other_steps_ms": 1e3 * (steps[-1] - steps[0]),
+            "slowest_step_ms": 1e3 * max(gaps + [steps[1] - steps[0]]),
             "graph_captures": engine.stats["graph_captures"] - captures}
 
 

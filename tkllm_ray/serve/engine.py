@@ -208,6 +208,8 @@ class DeltaBatchEngine:
             new.append((free.pop(0), lv))
         if new:
             width = max(len(lv.req.prompt) for _, lv in new)
+            if self.device.type == "cuda":  # right-padded to a multiple of 16 tokens: the delta kernel's
+                width = min(-(-width // 16) * 16, self.max_len)  # gathers of a prompt's tokens are then aligned
             ids = torch.full((len(new), width), self.pad_id, dtype=torch.long)
             for i, (_, lv) in enumerate(new):
                 ids[i, : len(lv.req.prompt)] = torch.tensor(lv.req.prompt)
@@ -342,9 +344,9 @@ class DeltaBatchEngine:
         y = F.linear(x, stack.weight)
         if ctx is not None:
             y2, x2 = y.view(-1, y.shape[-1]), x.reshape(-1, x.shape[-1])
-            if ctx is self._table:
+            if hasattr(ctx, "group_add"):  # the slot pool, or a prefill's view of it: one launch a group
                 if proj.group is not None:
-                    self._table.group_add(y2, x2, proj.group)
+                    ctx.group_add(y2, x2, proj.group)
             else:
                 for name, mod, col, size in zip(stack.names, modules, stack.columns, stack.sizes):
                     seg, values = ctx.module_inputs(name, getattr(mod, "base", mod))

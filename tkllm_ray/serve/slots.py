@@ -75,6 +75,7 @@ class SlotDeltas:
         wide = self.wide_pointers or self.slots * cap >= 2**31 - 2**16
         self.ptr = (torch.arange(self.slots, device=self.device, dtype=torch.int64 if wide else torch.int32)
                     * cap).repeat_interleave(self.P)
+        self._no_lines = torch.zeros(self.P, dtype=self.ptr.dtype, device=self.device)  # a slot's run, no entries
         self.segs = {n: self._segments(n, self.slots, 1, self.tok_off, None) for n in self.names}
 
     def _segments(self, name: str, users: int, tokens: int, tok_off: torch.Tensor, umap: torch.Tensor | None):
@@ -112,14 +113,11 @@ class SlotDeltas:
         grown = max((self._entries(d) for d in changed), default=0) > self.cap
         laid: dict[int, tuple] = {}  # one layout an account, however many slots it takes
         need = max((self._entries(d) for d in [*changed, *self.held] if d is not None), default=0) if grown else 0
+        writes = []
         if grown:  # every region is new (and empty): rewrite what the slots hold, then place
             self._alloc(1 << (need - 1).bit_length())
-            for s, d in enumerate(self.held):
-                if s not in wanted:
-                    self._write(s, d, laid)
-        for s, d in wanted.items():
-            if grown or d is not self.held[s]:
-                self._write(s, d, laid)
+            writes = [(s, d) for s, d in enumerate(self.held) if s not in wanted]
+        self._write(writes + [(s, d) for s, d in wanted.items() if grown or d is not self.held[s]], laid)
         return grown
 
     def _entries(self, delta: dict) -> int:
@@ -198,22 +196,35 @@ class SlotDeltas:
         return pos, [k for _, k in delta.layout], *delta.flat
 
     @torch.no_grad()
-    def _write(self, slot: int, delta: dict | None, laid: dict) -> None:
-        start = slot * self.cap
-        if delta is not None and id(delta) not in laid:
-            laid[id(delta)] = self._laid_out(delta)
-        rows, src, vals, ptr = (None,) * 4 if delta is None else laid[id(delta)]
-        out = self.ptr[slot * self.P : (slot + 1) * self.P]
-        if rows is None:
-            out.fill_(start)
-        else:
-            self.rows[start : start + rows.numel()] = rows
-            self.src[start : start + src.numel()] = src
-            if vals is not None:
-                self.vals[start : start + vals.numel()] = vals
-            out.copy_(ptr)  # int32 relative positions, then absolute (int32 unless the pool is past 2^31 entries)
-            out += start
-        self.held[slot] = delta
+    def _write(self, writes: list[tuple[int, dict | None]], laid: dict) -> None:
+        """Slot s's region := delta d's layout, for each (s, d) of `writes` (None: no entries). The
+        copies of all of them go as a few multi-tensor ops: a full batch's 64 admissions took
+        ~5 ms of launches as four ops a slot."""
+        pairs: dict[str, tuple[list, list]] = {k: ([], []) for k in ("rows", "src", "vals", "ptr")}
+        ptrs, starts = [], []
+        for slot, delta in writes:
+            start = slot * self.cap
+            if delta is not None and id(delta) not in laid:
+                laid[id(delta)] = self._laid_out(delta)
+            lay = (None,) * 4 if delta is None else laid[id(delta)]
+            out = self.ptr[slot * self.P : (slot + 1) * self.P]
+            if lay[0] is None:
+                pairs["ptr"][0].append(out)  # empty lines: every pointer at the region's start
+                pairs["ptr"][1].append(self._no_lines)
+            else:
+                for key, part in zip(("rows", "src", "vals", "ptr"), lay):
+                    if part is not None:
+                        dst = out if key == "ptr" else getattr(self, key)[start : start + part.numel()]
+                        pairs[key][0].append(dst)
+                        pairs[key][1].append(part)
+            ptrs.append(out)
+            starts.append(start)
+            self.held[slot] = delta
+        for dst, src in pairs.values():
+            if dst:
+                torch._foreach_copy_(dst, src)
+        if ptrs:  # int32 relative positions, then absolute (int32 unless the pool is past 2^31 entries)
+            torch._foreach_add_(ptrs, starts)
 
     def add_group(self, members: tuple[tuple[str, int], ...]) -> tuple:
         """Register 1-3 pool modules that read the same input (q/k/v, gate/up) for `group_add`, each
@@ -262,8 +273,25 @@ class _PrefillView:
     def module_inputs(self, name: str, lin: nn.Module):
         if name not in self.table.shapes:
             return None, None
-        n = self.umap.numel()
-        if self.tokens not in self._offsets:
-            self._offsets[self.tokens] = torch.arange(n + 1, device=self.table.device) * self.tokens
-        seg = self.table._segments(name, n, self.tokens, self._offsets[self.tokens], self.umap)
+        seg = self.table._segments(name, self.umap.numel(), self.tokens, self._token_offsets(), self.umap)
         return seg, self.table.vals
+
+    def _token_offsets(self) -> torch.Tensor:
+        if self.tokens not in self._offsets:
+            self._offsets[self.tokens] = torch.arange(self.umap.numel() + 1, device=self.table.device) * self.tokens
+        return self._offsets[self.tokens]
+
+    def group_add(self, out: torch.Tensor, x: torch.Tensor, group: tuple) -> None:
+        """SlotDeltas.group_add for the prefill's rows (request i's `tokens` rows through slot
+        slots[i]): one transpose of x and one launch for the group's modules, where each module
+        apart transposed x again and launched once."""
+        from tkllm_ray.sparse.segmented_triton import DECODE_TOKENS, csr_add, decode_add, tile_args, transpose
+
+        t, n = self.table, self.umap.numel()
+        layout, c = t._groups[group]
+        if self.tokens <= DECODE_TOKENS:  # a few tokens a request: the streaming kernel, as add_forward picks
+            decode_add(out, x.contiguous(), t.src, t.vals, t.ptr, self._token_offsets(), self.umap, n, t.P, layout,
+                       self.tokens == 1, *tile_args(c))
+        else:
+            csr_add(out, transpose(x), t.src, t.rows, t.vals, t.ptr, self._token_offsets(), self.umap, n, t.P, layout,
+                    (self.tokens,) * n)

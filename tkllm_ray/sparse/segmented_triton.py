@@ -54,8 +54,10 @@ CONFIG = {"csr": {"LINES": 16, "BLOCK_E": 32, "BLOCK_T": 128, "num_warps": 8},
           # Line-block tiles for batches of at most PREFILL_TOKENS tokens a user (a serving prefill of
           # many accounts' prompts; also a training batch that small, forward and dx), set by
           # decode_kernels.py's prefill sweep.
-          # (H100 sweep: 22 ms a 64 x 32-token prefill over the model's layers, 29 ms with "csr"'s tiles)
-          "csr_prefill": {"LINES": 16, "BLOCK_E": 128, "BLOCK_T": 128, "num_warps": 4},
+          # (H100 sweep: 22 ms a 64 x 32-token prefill over the model's layers, 29 ms with "csr"'s tiles;
+          # session 13, the grouped launches over the slot pool: 8.0 ms, 10.3 with the tiles before,
+          # prefill-kernels-session13-…json)
+          "csr_prefill": {"LINES": 16, "BLOCK_E": 64, "BLOCK_T": 128, "num_warps": 2},
           # The dense-GEMM route (segmented_dense) for a module's batch whose users with entries
           # all have min_tokens tokens and min_density of the module's weights on average; None: never.
           # merge: a frozen plain weight's whole op as one GEMM a user on W + Δ_u (merged_linear).
@@ -79,22 +81,52 @@ def _entries(src, vals, e, em, PACKED: tl.constexpr):
 
 
 @triton.jit
-def _csr_add(srcT, out, src, dst, vals, ptr, tok_off, umap, lines, blocks_per_user, stride_src, stride_out, stride_ptr,
-             LINES: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_T: tl.constexpr, HALF: tl.constexpr,
-             MAPPED: tl.constexpr, PACKED: tl.constexpr):
-    # Program (user u, lines [l0, l0 + LINES), BLOCK_T of u's tokens):
-    # out[t, l] += Σ_{entries e of (u, l)} v_e · srcT[src_e, t].
+def _member(r, off0, off1, off2, GROUP: tl.constexpr, N0: tl.constexpr, N1: tl.constexpr, N2: tl.constexpr,
+            C0: tl.constexpr, C1: tl.constexpr, C2: tl.constexpr, S1: tl.constexpr, S2: tl.constexpr):
+    """A grouped launch's member module for a user's block r: (its block within the module, its
+    pointer offset in a user's run, its lines, its first output column). GROUP (1-3) modules read
+    the same input (q/k/v, gate/up: one launch), each writing its own columns of one stacked output:
+    module j has N_j lines, its pointers at off_j in a user's run, its first output column C_j, and
+    its line blocks start at block S_j of a user's (S_0 = 0). The layout is a compile-time constant:
+    a program's first loads are its pointers."""
+    if GROUP == 1:
+        return r, off0, N0, C0
+    elif GROUP == 2:
+        second = r >= S1
+        return tl.where(second, r - S1, r), tl.where(second, off1, off0), tl.where(second, N1, N0), \
+            tl.where(second, C1, C0)
+    else:
+        j = (r >= S1).to(tl.int32) + (r >= S2).to(tl.int32)
+        return (tl.where(j == 2, r - S2, tl.where(j == 1, r - S1, r)), tl.where(j == 2, off2, tl.where(j == 1, off1, off0)),
+                tl.where(j == 2, N2, tl.where(j == 1, N1, N0)), tl.where(j == 2, C2, tl.where(j == 1, C1, C0)))
+
+
+@triton.jit
+def _csr_add(srcT, out, src, dst, vals, ptr, tok_off, umap, blocks_per_user, stride_src, stride_out, stride_ptr, off0,
+             off1, off2, LINES: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_T: tl.constexpr, HALF: tl.constexpr,
+             MAPPED: tl.constexpr, PACKED: tl.constexpr, GROUP: tl.constexpr, N0: tl.constexpr, N1: tl.constexpr,
+             N2: tl.constexpr, C0: tl.constexpr, C1: tl.constexpr, C2: tl.constexpr, S1: tl.constexpr,
+             S2: tl.constexpr, ALIGN: tl.constexpr):
+    # Program (user u, lines [l0, l0 + LINES) of a member module (_member), BLOCK_T of u's tokens):
+    # out[t, col + l] += Σ_{entries e of (u, l)} v_e · srcT[src_e, t].
     # u's line pointers start at ptr[u' · stride_ptr], u' = umap[u] if MAPPED else u (see _csr_decode).
+    # ALIGN: every user's first token and token count are multiples of it (the gather of srcT's
+    # token runs then loads 16 bytes at a time, not one element).
     b = tl.program_id(0)
     u = b // blocks_per_user
-    l0 = (b % blocks_per_user) * LINES
+    r, off, lines, col = _member(b % blocks_per_user, off0, off1, off2, GROUP, N0, N1, N2, C0, C1, C2, S1, S2)
+    l0 = r * LINES
+    t0 = tl.load(tok_off + u)
     t1 = tl.load(tok_off + u + 1)
-    ts = tl.load(tok_off + u) + tl.program_id(1) * BLOCK_T
+    if ALIGN > 1:
+        t0 = tl.multiple_of(t0, ALIGN)
+        t1 = tl.multiple_of(t1, ALIGN)
+    ts = t0 + tl.program_id(1) * BLOCK_T
     if MAPPED:
         us = tl.load(umap + u)
     else:
         us = u
-    base = ptr + us * stride_ptr
+    base = ptr + off + us * stride_ptr
     p0 = tl.load(base + l0)
     p1 = tl.load(base + tl.minimum(l0 + LINES, lines))
     if (ts < t1) & (p1 > p0):
@@ -109,24 +141,27 @@ def _csr_add(srcT, out, src, dst, vals, ptr, tok_off, umap, lines, blocks_per_us
             if PACKED:  # the words loaded in each tile's own shape: one 1-D load then changed the
                 # layout of one of them (12% slower than entries apart; this, 10% faster)
                 s2 = _entries(src, vals, e[None, :], em[None, :], PACKED)[0].to(tl.int64)
-                v2 = _entries(src, vals, e[:, None], em[:, None], PACKED)[1].to(tl.float32)
+                v2 = _entries(src, vals, e[:, None], em[:, None], PACKED)[1]
             else:
                 s, v = _entries(src, vals, e, em, PACKED)
-                s2, v2 = s.to(tl.int64)[None, :], v.to(tl.float32)[:, None]
-            onehot = tl.where(d[:, None] == ls[None, :], v2, 0.0)
+                s2, v2 = s.to(tl.int64)[None, :], v[:, None]
+            hit = d[:, None] == ls[None, :]
             xg = tl.load(srcT + s2 * stride_src + t[:, None], mask=em[None, :] & tm[:, None], other=0.0)
             if HALF:
-                # 16-bit operands: the values as a high and a low bf16 part (two products, exact
-                # to ~2^-16 of v), the inputs as they are.
-                hi = onehot.to(tl.bfloat16)
-                lo = (onehot - hi.to(tl.float32)).to(tl.bfloat16)
                 xb = xg.to(tl.bfloat16)
-                acc = tl.dot(xb, hi, acc)
-                acc = tl.dot(xb, lo, acc)
+                if vals.dtype.element_ty == tl.bfloat16:  # the values are bf16 already: one exact product
+                    acc = tl.dot(xb, tl.where(hit, v2, 0.0).to(tl.bfloat16), acc)
+                else:
+                    # other values as a high and a low bf16 part (two products, exact to ~2^-16
+                    # of v), the inputs as they are
+                    onehot = tl.where(hit, v2.to(tl.float32), 0.0)
+                    hi = onehot.to(tl.bfloat16)
+                    acc = tl.dot(xb, hi, acc)
+                    acc = tl.dot(xb, (onehot - hi.to(tl.float32)).to(tl.bfloat16), acc)
             else:
-                acc = tl.dot(xg.to(tl.float32), onehot, acc, input_precision="ieee")
+                acc = tl.dot(xg.to(tl.float32), tl.where(hit, v2.to(tl.float32), 0.0), acc, input_precision="ieee")
         m = tm[:, None] & ((l0 + ls) < lines)[None, :]
-        o = out + t[:, None].to(tl.int64) * stride_out + (l0 + ls)[None, :]
+        o = out + t[:, None].to(tl.int64) * stride_out + col + (l0 + ls)[None, :]
         cur = tl.load(o, mask=m, other=0.0)
         tl.store(o, (cur.to(tl.float32) + acc).to(cur.dtype), mask=m)
 
@@ -144,10 +179,7 @@ def _csr_decode(x, out, src, vals, ptr, tok_off, umap, blocks_per_user, stride_x
     # pointers start at ptr[u' · stride_ptr]: u' = u and stride `lines` for one CSR over the
     # (user, line) grid; serving's slot pool has a pointer run per slot (stride P) and maps a
     # batch's users to their slots (umap).
-    # GROUP (1-3) modules that read the same x (q/k/v, gate/up: one launch), each writing its own
-    # columns of one stacked output: module j has N_j lines, its pointers at off_j in a user's run,
-    # its first output column C_j, and its line blocks start at block S_j of a user's (S_0 = 0).
-    # The layout is constant, so a program's first loads are its pointers (it was read from memory).
+    # GROUP, N, C, S: 1-3 modules that read the same x in one launch (_member).
     # PREFETCH: the next chunk's entries are loaded before this chunk's sums (more bytes in flight).
     # PACKED: each entry's column and value as one int32 (_entries).
     # ONE: every user has one token, token u (a decode step; the pool's tok_off is 0..users).
@@ -155,23 +187,7 @@ def _csr_decode(x, out, src, vals, ptr, tok_off, umap, blocks_per_user, stride_x
     # an H100; either alone gained little (decode-probes-session12-nvidia-h100-80gb-hbm3.json).
     b = tl.program_id(0)
     u = b // blocks_per_user
-    r = b % blocks_per_user
-    if GROUP == 1:
-        off = off0
-        lines = N0
-        col = C0
-    elif GROUP == 2:
-        second = r >= S1
-        r = tl.where(second, r - S1, r)
-        off = tl.where(second, off1, off0)
-        lines = tl.where(second, N1, N0)
-        col = tl.where(second, C1, C0)
-    else:
-        j = (r >= S1).to(tl.int32) + (r >= S2).to(tl.int32)
-        r = tl.where(j == 2, r - S2, tl.where(j == 1, r - S1, r))
-        off = tl.where(j == 2, off2, tl.where(j == 1, off1, off0))
-        lines = tl.where(j == 2, N2, tl.where(j == 1, N1, N0))
-        col = tl.where(j == 2, C2, tl.where(j == 1, C1, C0))
+    r, off, lines, col = _member(b % blocks_per_user, off0, off1, off2, GROUP, N0, N1, N2, C0, C1, C2, S1, S2)
     ptr += off
     l0 = r * LINES
     if MAPPED:
@@ -324,18 +340,44 @@ def _csr_into(out: torch.Tensor, srcT: torch.Tensor, values: torch.Tensor | None
     over out's width (rows for the forward, columns for dx). values None: packed entries (_packed)."""
     if not _has_work(seg):
         return
-    c, width = CONFIG["csr_prefill" if max(seg.token_counts) <= PREFILL_TOKENS else "csr"], out.shape[1]
     if values is not None and p["perm"] is not None:
         values = values[p["perm"]]
     vals, packed = _packed(values, p, srcT)
-    per_user = triton.cdiv(width, c["LINES"])
-    bt = _block_t(seg, c["BLOCK_T"])
-    grid = (seg.users * per_user, triton.cdiv(max(seg.token_counts), bt))
+    width = out.shape[1]
     umap = p.get("map")
-    _csr_add[grid](srcT, out, p["src"], p["dst"], vals, p["ptr"], seg.token_offsets,
-                   seg.token_offsets if umap is None else umap, width, per_user, srcT.stride(0), out.stride(0),
-                   p.get("stride", width), LINES=c["LINES"], BLOCK_E=c["BLOCK_E"], BLOCK_T=bt, HALF=_half(srcT),
-                   MAPPED=umap is not None, PACKED=packed, num_warps=c["num_warps"])
+    csr_add(out, srcT, p["src"], p["dst"], None if packed else vals, p["ptr"], seg.token_offsets, umap, seg.users,
+            p.get("stride", width), [0, width, 0], seg.token_counts)
+
+
+def csr_add(out: torch.Tensor, srcT: torch.Tensor, src: torch.Tensor, dst: torch.Tensor, vals: torch.Tensor | None,
+            ptr: torch.Tensor, tok_off: torch.Tensor, umap: torch.Tensor | None, users: int, stride_ptr: int,
+            group: list[int], token_counts) -> None:
+    """The line-block kernel (out += the delta term, in place, reading srcT (features, tokens)) over
+    `users` users with `token_counts` tokens each (user u's from tok_off[u]), through their line
+    pointers at ptr[u' · stride_ptr] (u' = umap[u], or u). `group`: (pointer offset in a user's
+    run, lines, first output column) of each of 1-3 modules that read srcT, flat (decode_add's).
+    vals None: `src` holds packed entries (_entries)."""
+    n = _group_size(group)
+    offs, lines, cols = (list(group[i::3]) + [0] * (3 - n) for i in range(3))
+    most = max(token_counts)
+    c = CONFIG["csr_prefill" if most <= PREFILL_TOKENS else "csr"]
+    starts = group_blocks(lines[:n], c["LINES"]) + [0, 0]
+    bt = max(16, min(c["BLOCK_T"], triton.next_power_of_2(most)))
+    # every user's token run starts on a multiple of 16 when every count is one (offsets are sums)
+    align = 16 if all(k % 16 == 0 for k in token_counts) else 1
+    _csr_add[(users * starts[n], triton.cdiv(most, bt))](
+        srcT, out, src, dst, srcT if vals is None else vals, ptr, tok_off, tok_off if umap is None else umap,
+        starts[n], srcT.stride(0), out.stride(0), stride_ptr, *offs, LINES=c["LINES"], BLOCK_E=c["BLOCK_E"],
+        BLOCK_T=bt, HALF=_half(srcT), MAPPED=umap is not None, PACKED=vals is None, GROUP=n, N0=lines[0], N1=lines[1],
+        N2=lines[2], C0=cols[0], C1=cols[1], C2=cols[2], S1=starts[1] if n > 1 else 0, S2=starts[2] if n > 2 else 0,
+        ALIGN=align, num_warps=c["num_warps"])
+
+
+def _group_size(group: list[int]) -> int:
+    n = len(group) // 3
+    if len(group) % 3 or not 1 <= n <= 3:
+        raise ValueError(f"a delta launch takes 1 to 3 modules' (offset, lines, column), got {len(group)} numbers")
+    return n
 
 
 def sampled_grad_T(dyT: torch.Tensor, xT: torch.Tensor, seg, out_features: int) -> torch.Tensor:
@@ -398,9 +440,7 @@ def decode_add(out: torch.Tensor, x: torch.Tensor, src: torch.Tensor, vals: Opti
     launch for q/k/v; one module: [0, out's width, 0]). one_token: user u has token u alone (tok_off
     is 0..users; a decode step). vals None: `src` holds packed entries (column and value in one
     int32, _entries)."""
-    n = len(group) // 3
-    if len(group) % 3 or not 1 <= n <= 3:
-        raise ValueError(f"a decode launch takes 1 to 3 modules' (offset, lines, column), got {len(group)} numbers")
+    n = _group_size(group)
     offs, lines, cols = (list(group[i::3]) + [0] * (3 - n) for i in range(3))
     starts = group_blocks(lines[:n], lines_per_block) + [0, 0]
     _csr_decode[(users * starts[n],)](

@@ -138,6 +138,33 @@ for tiles in ({{"LINES": 16, "BLOCK_E": 64, "num_warps": 4}},  # q in two line b
     table.group_add(y, x, table.add_group((("k", 24), ("q", 0))))
     torch.testing.assert_close(y[:, :32], want[:, :32], rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(y[:, 32:], y0[:, 32:])
+# A prefill: request i's `width` rows through slot order[i]. The group's one launch (one transpose
+# of x) gives each request's rows its own account's terms, at the widths of both kernels: 16 and 32
+# with every request's tokens starting on a multiple of 16 (aligned gathers), 3 and 20 without.
+# Blocks over several chunks and token blocks. bf16 (one product a chunk) where a GPU runs it.
+K.CONFIG["csr_prefill"] = {{"LINES": 16, "BLOCK_E": 16, "BLOCK_T": 16, "num_warps": 4}}
+order = [3, 0, 1]
+for dt in [torch.float32] + ([torch.bfloat16] if dev == "cuda" else []):
+    pool = SlotDeltas(slots, lins, dt, torch.device(dev))
+    view, _ = pool.prefill(order, [deltas[s] for s in order])
+    group = pool.add_group(members)
+    tol = dict(rtol=1e-4, atol=1e-4) if dt == torch.float32 else dict(rtol=2e-2, atol=5e-2)
+    for width in (1, 3, 16, 20, 32):
+        view.tokens = width
+        x = torch.randn(len(order) * width, 40, generator=g).to(dev, dt)
+        y0 = torch.randn(len(order) * width, 40, generator=g).to(dev, dt)
+        want = y0.float().clone()  # (a copy in fp32 too)
+        for i, s in enumerate(order):
+            rows = slice(i * width, (i + 1) * width)
+            for name, col in members:
+                if deltas[s] is not None and name in deltas[s]:
+                    dout = lins[name].weight.shape[0]
+                    w = torch.zeros(dout * 40, device=dev)
+                    w[deltas[s][name][0]] = deltas[s][name][1].to(dt).float()
+                    want[rows, col:col + dout] += x[rows].float() @ w.view(dout, 40).T
+        y = y0.clone()
+        view.group_add(y, x, group)
+        torch.testing.assert_close(y.float(), want, **tol)
 try:
     table.add_group((("q", 0), ("o", 24)))
     raise SystemExit("o reads another input: refused")
@@ -232,7 +259,7 @@ def test_slot_regions_decode_each_rows_own_delta(kernel_check, prefetch):
     kernel_check(code)
 
 
-def test_a_group_of_modules_decodes_in_one_launch(kernel_check):
+def test_a_group_of_modules_decodes_and_prefills_in_one_launch(kernel_check):
     kernel_check(GROUP_CHECK)
 
 
