@@ -6,7 +6,8 @@ in, and a request's tokens do not depend on what else runs beside it (tested).
 - The KV cache is allocated once: per layer, K and V of shape (slots, kv_heads, max_len, head_dim).
   A request holds one slot from admission to its last token; no cache grows or is copied.
 - Each `step()` admits waiting requests into free slots (one prefill over just their prompts,
-  right-padded: causal attention never reads a pad), then runs one decode step over every slot:
+  right-padded: causal attention never reads a pad; on a GPU a CUDA graph replay per bucket of
+  batch size and prompt width, `prefill_bucket`), then runs one decode step over every slot:
   the same shapes each step. Attention reads the cache up to the longest live position rounded up
   to `bucket`, not the whole max_len.
 - Sampling is batched (one argmax for all rows, draws only for sampling rows) with one host copy
@@ -97,7 +98,7 @@ class DeltaBatchEngine:
     def __init__(self, model: nn.Module, pad_id: int = 0, target_modules: list[str] | None = None,
                  slots: int = 64, max_len: int | None = None, bucket: int = 64, cuda_graphs: bool = True,
                  merge_single: bool = True, compile: bool = False, stack: bool = True, layout_cache_mb: int = 2048,
-                 freeze_gc: bool = False):
+                 freeze_gc: bool = False, prefill_graph_tokens: int = 4096):
         self.model, self.pad_id, self.bucket = model.eval(), pad_id, bucket
         self.freeze_gc, self._warm = freeze_gc, set()  # see _warmed_up
         # A decode batch of one account only runs on the base with its delta scattered into the
@@ -110,7 +111,8 @@ class DeltaBatchEngine:
         self.slots, self.max_len = slots, max_len or cfg.max_position_embeddings
         self.layers = model.model.layers
         attn = self.layers[0].self_attn
-        shape = (slots, cfg.num_key_value_heads, self.max_len, attn.head_dim)
+        # one row more than slots: where a graphed prefill's padding rows write (_prefill_logits)
+        shape = (slots + 1, cfg.num_key_value_heads, self.max_len, attn.head_dim)
         self.k = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in self.layers]
         self.v = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in self.layers]
         self.pos = [0] * slots  # tokens cached per slot = the next token's position
@@ -123,6 +125,13 @@ class DeltaBatchEngine:
         # for batches with deltas (read from the slot regions; dropped only when a region grows).
         self.cuda_graphs = cuda_graphs and self.device.type == "cuda"
         self._graphs: dict[tuple, tuple] = {}
+        # Prefills of at most prefill_graph_tokens (padded) tokens replay CUDA graphs too, one per
+        # (kind, bucket): eager, a 64-account prefill was bound by its ~1,100 launches (46 ms for
+        # ~24 ms of device work on an H100). Larger ones are bound by the device: eager. The graphs
+        # share one memory pool (one replays at a time, its logits read before the next).
+        self.prefill_graph_tokens = prefill_graph_tokens if self.cuda_graphs else 0
+        self._prefill_graphs: dict[tuple, _PrefillGraph] = {}
+        self._prefill_pool = torch.cuda.graph_pool_handle() if self.prefill_graph_tokens else None
         # torch.compile fuses the step's many small ops (norms, rotary, cache writes) before the graph
         # captures it; the delta kernel stays one opaque op (segmented_triton.decode_add).
         self._compiled = torch.compile(self._decode_step, dynamic=False) if compile else None
@@ -214,26 +223,29 @@ class DeltaBatchEngine:
             for i, (_, lv) in enumerate(new):
                 ids[i, : len(lv.req.prompt)] = torch.tensor(lv.req.prompt)
             lens = torch.tensor([len(lv.req.prompt) for _, lv in new])
+            slots = [s for s, _ in new]
             deltas = [lv.req.delta for _, lv in new]
             adapters = [lv.req.adapters for _, lv in new]
+            kind = "base"  # what a prefill graph of theirs runs: no delta term, or the pool's ("deltas")
             if any(a is not None for a in adapters):  # token-selective accounts: the eager row path
                 self._merge(None)
-                self.ctx = _RowDeltas(deltas, self.dtype, adapters)
+                ctx, kind = _RowDeltas(deltas, self.dtype, adapters), None
             elif self._merged is not None and all(d is self._merged[0] for d in deltas):
-                self.ctx = _RowDeltas([None] * len(new), self.dtype)  # their account is merged in already
+                ctx = _RowDeltas([None] * len(new), self.dtype)  # their account is merged in already
+            elif self._sole(deltas) is not None:  # every row will be one account's: merged in now, where
+                self._merge(deltas[0])  # the first decode step would merge it after a prefill with deltas
+                ctx = _RowDeltas([None] * len(new), self.dtype)
             else:
                 self._merge(None)
                 if self._table is not None and any(d is not None for d in deltas):
-                    self.ctx, grown = self._table.prefill([s for s, _ in new], deltas)
+                    ctx, grown = self._table.prefill(slots, deltas)
+                    kind = "deltas"
                     if grown:
                         self._drop_delta_graphs()
                 else:
-                    self.ctx = _RowDeltas(deltas, self.dtype)
-            try:
-                logits = self._prefill(ids.to(self.device), torch.tensor([s for s, _ in new], device=self.device),
-                                       lens.to(self.device))
-            finally:
-                self.ctx = None
+                    ctx = _RowDeltas(deltas, self.dtype)
+                    kind = None if ctx.any else "base"
+            logits = self._prefill_logits(ids, slots, lens, ctx, kind)
             for (s, lv), tok in zip(new, self._pick(logits, [lv for _, lv in new])):
                 self.live[s], self.pos[s] = lv, len(lv.req.prompt)
                 self._emit(s, tok, updates)
@@ -272,6 +284,14 @@ class DeltaBatchEngine:
             self.pos[s] += 1
             self._emit(s, tok, updates)
 
+    def _sole(self, deltas: list[Delta | None]) -> Delta | None:
+        """The one account (a delta, no adapters) of `deltas` and of every live request, when
+        `merge_single`; else None."""
+        live = [lv.req for lv in self.live if lv is not None]
+        if not self.merge_single or deltas[0] is None or any(r.adapters is not None for r in live):
+            return None
+        return deltas[0] if all(d is deltas[0] for d in deltas) and all(r.delta is deltas[0] for r in live) else None
+
     def _merge(self, delta: Delta | None) -> None:
         """Hold `delta` scattered into the base weights (None: the plain base), restoring the
         previous one bit-exactly first."""
@@ -288,6 +308,7 @@ class DeltaBatchEngine:
         """The slot pool grew: graphs that read its old buffers are stale. Their recapture may
         compile the step again (new buffers, new guards), so its spans count as not warmed up."""
         self._graphs = {k: g for k, g in self._graphs.items() if k[0] == "base"}
+        self._prefill_graphs = {k: g for k, g in self._prefill_graphs.items() if k[0] == "base"}
         self._warm = {k for k in self._warm if k[0] == "base"}
 
     def _emit(self, slot: int, token: int, updates: list) -> None:
@@ -372,6 +393,50 @@ class DeltaBatchEngine:
         self.ctx.tokens = 1  # lm_head sees one row per request
         return self.model.lm_head(self.model.model.norm(last))
 
+    def _prefill_logits(self, ids: torch.Tensor, slots: list[int], lens: torch.Tensor, ctx,
+                        kind: str | None) -> torch.Tensor:
+        """`_prefill` of new prompts (ids and lens on the host) in context `ctx`: on a GPU, when
+        the batch's bucket (`prefill_bucket`) holds at most prefill_graph_tokens tokens and `kind`
+        is set ("base": no delta term; "deltas": the slot pool's view), a replay of that kind's
+        graph for the bucket (captured at its first use, after one eager run); else eagerly. A
+        bucket's padding rows are pad tokens that write the KV cache's spare row."""
+        n, width = ids.shape
+        rows, tokens = prefill_bucket(n, width, self.slots, self.max_len)
+        if kind is None or rows * tokens > self.prefill_graph_tokens or not self.cuda_graphs:
+            self.ctx = ctx
+            try:
+                return self._prefill(ids.to(self.device), torch.tensor(slots, device=self.device),
+                                     lens.to(self.device))
+            finally:
+                self.ctx = None
+        key = (kind, rows, tokens)
+        g = self._prefill_graphs.get(key)
+        if g is None:
+            g = _PrefillGraph(rows, tokens, self.device)
+            # the pool's view through the graph's own slot map (padding rows read slot 0's delta)
+            g.ctx = self._table.view(g.umap) if kind == "deltas" else _RowDeltas([None] * rows, self.dtype)
+        g.fill(ids, slots, lens, self.pad_id, self.slots)
+        self.ctx = g.ctx
+        try:
+            if g.graph is not None:
+                g.graph.replay()
+                return g.out[:n]
+            out = self._prefill(g.ids, g.slots, g.lens)  # compiles the kernels, builds the view's offsets
+            try:
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph, pool=self._prefill_pool):
+                    g.out = self._prefill(g.ids, g.slots, g.lens)
+            except RuntimeError as e:  # an op that cannot be captured: prefill eagerly from now on
+                print(f"CUDA graph capture of a prefill failed, prefilling eagerly: {e}")
+                self.prefill_graph_tokens = 0
+                return out[:n]
+            g.graph = graph
+            self._prefill_graphs[key] = g
+            self.stats["graph_captures"] += 1
+            return out[:n]
+        finally:
+            self.ctx = None
+
     def _decode_logits(self, last: list[int], span: int, deltas: bool, eager: bool = False) -> torch.Tensor:
         """The decode step, eagerly or as a CUDA graph replay (captured on first use per span, after
         one eager run that compiles the kernels and builds the deltas' index plans)."""
@@ -427,11 +492,47 @@ class DeltaBatchEngine:
             self.v[i][every, :, pos] = v[:, :, 0]
 
         def attend(i, q, k, v, scale):
-            return F.scaled_dot_product_attention(q, self.k[i][:, :, :span], self.v[i][:, :, :span], attn_mask=mask,
-                                                  scale=scale, enable_gqa=True)
+            return F.scaled_dot_product_attention(q, self.k[i][: self.slots, :, :span], self.v[i][: self.slots, :, :span],
+                                                  attn_mask=mask, scale=scale, enable_gqa=True)
 
         h = self._layers(self.model.model.embed_tokens(last[:, None]), pos[:, None], write, attend)
         return self.model.lm_head(self.model.model.norm(h[:, 0]))
+
+
+# Prompt widths of a prefill graph's bucket: multiples of 16 (the delta kernel's aligned gathers),
+# about 1.5x apart, so padding costs at most ~1.5x the tokens and a few dozen graphs cover any mix.
+_WIDTHS = [16, 32, 48, 64, 96, 128, 192, 256, 384, 512, 768, 1024, 1536, 2048, 3072, 4096]
+
+
+def prefill_bucket(requests: int, width: int, slots: int, max_len: int) -> tuple[int, int]:
+    """(rows, prompt width) of the prefill graph for `requests` prompts of up to `width` tokens:
+    the next power of two (at most `slots`) and the next width of _WIDTHS (at most max_len)."""
+    if not 1 <= requests <= slots or not 1 <= width <= max_len:
+        raise ValueError(f"a prefill of {requests} prompts of {width} tokens does not fit {slots} slots of "
+                         f"{max_len} tokens")
+    return min(1 << (requests - 1).bit_length(), slots), min(next((w for w in _WIDTHS if w >= width), max_len), max_len)
+
+
+class _PrefillGraph:
+    """A prefill bucket's CUDA graph and the buffers it reads: token ids (rows, tokens), each row's
+    KV slot, delta slot (umap) and prompt length; `out`: its logits a row."""
+
+    def __init__(self, rows: int, tokens: int, device: torch.device):
+        self.ids = torch.zeros(rows, tokens, dtype=torch.long, device=device)
+        self.slots, self.umap, self.lens = (torch.zeros(rows, dtype=torch.long, device=device) for _ in range(3))
+        self.graph, self.out, self.ctx = None, None, None
+
+    def fill(self, ids: torch.Tensor, slots: list[int], lens: torch.Tensor, pad_id: int, spare: int) -> None:
+        """The batch's rows first; padding rows: pad tokens into KV row `spare`, delta slot 0, length 1."""
+        rows, tokens = self.ids.shape
+        n, width = ids.shape
+        host = torch.full((rows, tokens), pad_id, dtype=torch.long)
+        host[:n, :width] = ids
+        slot = torch.tensor(slots + [spare] * (rows - n))
+        meta = torch.stack([slot, torch.where(slot == spare, 0, slot), torch.cat([lens, torch.ones(rows - n, dtype=lens.dtype)])])
+        self.ids.copy_(host, non_blocking=True)
+        for dst, src in zip((self.slots, self.umap, self.lens), meta):
+            dst.copy_(src, non_blocking=True)
 
 
 def _sample(logits: torch.Tensor, r: GenRequest, gen: torch.Generator | None) -> torch.Tensor:

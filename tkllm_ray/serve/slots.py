@@ -104,7 +104,11 @@ class SlotDeltas:
         """Put new requests' deltas into their slots; returns the context their prefill reads
         (request i's rows -> slot slots[i]) and whether the pool grew (as `assign`)."""
         grown = self._place(dict(zip(slots, deltas)))
-        return _PrefillView(self, torch.tensor(slots, dtype=torch.int64).to(self.device, non_blocking=True)), grown
+        return self.view(torch.tensor(slots, dtype=torch.int64).to(self.device, non_blocking=True)), grown
+
+    def view(self, umap: torch.Tensor) -> "_PrefillView":
+        """The context of a prefill whose request i reads slot umap[i]'s delta (a device tensor)."""
+        return _PrefillView(self, umap)
 
     def _place(self, wanted: dict[int, dict | None]) -> bool:
         # only deltas not yet in a slot can need more room (the held ones fit): a decode step with

@@ -186,6 +186,14 @@ def test_on_cuda_graph_replays_decode_the_same_tokens_as_eager_steps(base):
     assert graphed.stats["graph_captures"] == captured
     assert graphed.generate([reqs[0]]) == eager[:1]  # base only: its own graph
     assert {k[0] for k in graphed._graphs} == {"base", "deltas"} and graphed.cuda_graphs  # never fell back
+    # prefills as graphs too, per bucket: 3 prompts of 5-7 tokens in a graph of 4 rows of 16 (a
+    # padding row), the base-only one in 1 row; none fell back
+    assert set(graphed._prefill_graphs) == {("deltas", 4, 16), ("base", 1, 16)} and graphed.prefill_graph_tokens
+    captured = graphed.stats["graph_captures"]
+    longer = [GenRequest(_prompt(9, 20), reqs[1].delta, max_tokens=6), GenRequest(_prompt(8, 3), None, max_tokens=6)]
+    want = DeltaBatchEngine(copy.deepcopy(model), slots=4, max_len=64, cuda_graphs=False).generate(longer)
+    assert graphed.generate(longer) == want and ("deltas", 2, 32) in graphed._prefill_graphs
+    assert graphed.generate(longer) == want and graphed.stats["graph_captures"] == captured + 1  # replayed
 
 
 @pytest.mark.gpu
@@ -271,14 +279,32 @@ print("ok")
 """
 
 
+def test_prefill_buckets_round_batches_to_powers_of_two_and_widths_to_steps_of_about_one_and_a_half():
+    from tkllm_ray.serve.engine import _PrefillGraph, prefill_bucket
+
+    assert prefill_bucket(1, 5, 64, 128) == (1, 16)
+    assert prefill_bucket(3, 33, 64, 128) == (4, 48)
+    assert prefill_bucket(64, 32, 64, 128) == (64, 32)
+    assert prefill_bucket(40, 100, 48, 112) == (48, 112)  # capped by the slots and by max_len
+    for bad in ((0, 5), (65, 5), (2, 129), (2, 0)):
+        with pytest.raises(ValueError, match="does not fit 64 slots of 128 tokens"):
+            prefill_bucket(*bad, 64, 128)
+    g = _PrefillGraph(4, 16, torch.device("cpu"))
+    g.fill(torch.tensor([[5, 6, 7], [8, 9, 0]]), [2, 0], torch.tensor([3, 2]), pad_id=0, spare=8)
+    assert g.ids[:2, :3].tolist() == [[5, 6, 7], [8, 9, 0]] and not g.ids[2:].any() and not g.ids[:, 3:].any()
+    assert g.slots.tolist() == [2, 0, 8, 8] and g.umap.tolist() == [2, 0, 0, 0] and g.lens.tolist() == [3, 2, 1, 1]
+
+
 def test_a_grown_slot_pool_warms_its_delta_steps_up_again():
     """A recapture after the pool grows may recompile the step: what that makes is frozen again."""
     engine = DeltaBatchEngine(build_model("tkllm-tiny", vocab_size=64, seed=0, dtype=torch.float32), slots=2,
                               max_len=16, freeze_gc=True)
     engine._warm = {("base", 16), ("deltas", 16)}
     engine._graphs = {("base", 16): None, ("deltas", 16): None}
+    engine._prefill_graphs = {("base", 4, 16): None, ("deltas", 4, 16): None}  # (their views read the old pool)
     engine._drop_delta_graphs()
     assert engine._warm == {("base", 16)} and set(engine._graphs) == {("base", 16)}
+    assert set(engine._prefill_graphs) == {("base", 4, 16)}
 
 
 def test_a_replicas_engine_freezes_what_compiling_its_step_made():
