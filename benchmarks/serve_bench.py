@@ -248,14 +248,17 @@ def peft_mixed(model, args) -> dict:
 
 
 def merge_restore(model, args, deltas: list) -> dict:
-    """One request at a time: scatter its delta into the weights, generate, restore exactly."""
+    """One request at a time: scatter its delta (as the serving cache holds it) into the weights,
+    generate, restore exactly. Then the scatter and the restore alone, as the engine merges a
+    one-account batch (one launch each way on a GPU) and module by module (the torch path),
+    taking turns."""
     reqs = requests(args, [None] * len(deltas))
     kw = _greedy(args)
     sync()
     t, scatter = time.perf_counter(), []
     for r, d in zip(reqs, deltas):
         s = time.perf_counter()
-        applied = AppliedDelta(model, {n: (i.to(DEV), v.to(DEV)) for n, (i, v) in d.items()})
+        applied = AppliedDelta(model, d)
         sync()
         scatter.append(time.perf_counter() - s)
         ids = torch.tensor([r.prompt], device=DEV)
@@ -263,7 +266,21 @@ def merge_restore(model, args, deltas: list) -> dict:
         applied.restore()
     sync()
     wall = time.perf_counter() - t
-    return {"tokens_per_s": len(reqs) * args.new_tokens / wall, "scatter_ms_p50": 1e3 * statistics.median(scatter)}
+    out = {"tokens_per_s": len(reqs) * args.new_tokens / wall, "scatter_ms_p50": 1e3 * statistics.median(scatter)}
+    times: dict[str, list[float]] = {}
+    for _ in range(3):
+        for fused in (True, False):
+            for d in deltas:
+                s = time.perf_counter()
+                applied = AppliedDelta(model, d, fused=fused)
+                sync()
+                m = time.perf_counter()
+                applied.restore()
+                sync()
+                times.setdefault(f"merge_{'fused' if fused else 'per_module'}_ms", []).append(1e3 * (m - s))
+                times.setdefault(f"restore_{'fused' if fused else 'per_module'}_ms", []).append(
+                    1e3 * (time.perf_counter() - m))
+    return {**out, **{f"{k}_p50": statistics.median(v) for k, v in times.items()}}
 
 
 def main(argv=None) -> dict:

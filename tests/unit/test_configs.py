@@ -81,9 +81,13 @@ def test_config_errors_are_named(tmp_path, model, text, error):
 def test_serve_dtype_and_compile_load(tmp_path):
     p = tmp_path / "s.yaml"
     p.write_text("model: tkllm-tiny\ndeltas: d\nallow_anonymous: true\ndtype: bfloat16\ncompile_decode: true\n"
-                 "layout_cache_mb: 0\n")
+                 "layout_cache_mb: 0\nprefill_graph_tokens: 0\n")
     cfg = load_config(ServeConfig, p)
     assert cfg.dtype == "bfloat16" and cfg.compile_decode is True and cfg.layout_cache_mb == 0
+    assert cfg.prefill_graph_tokens == 0
     p.write_text("model: tkllm-tiny\ndeltas: d\nallow_anonymous: true\nlayout_cache_mb: -1\n")
     with pytest.raises(TkllmError, match="layout_cache_mb"):
+        load_config(ServeConfig, p)
+    p.write_text("model: tkllm-tiny\ndeltas: d\nallow_anonymous: true\nprefill_graph_tokens: -1\n")
+    with pytest.raises(TkllmError, match="prefill_graph_tokens"):
         load_config(ServeConfig, p)

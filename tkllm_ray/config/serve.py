@@ -37,6 +37,9 @@ class ServeConfig(ConfigModel):
     compile_decode: bool = Field(False, description="on a GPU, torch.compile the decode step before its CUDA "
                                  "graph is captured (H100: ~1.7x the base decode rate; each new attention span "
                                  "compiles once, ~30 s)")
+    prefill_graph_tokens: int = Field(4096, ge=0, description="on a GPU, prefills of up to this many tokens "
+                                      "(requests x prompt width, rounded up to their bucket) replay a CUDA graph per "
+                                      "bucket, captured at its first use; larger ones run eagerly (0: always eagerly)")
     batch_wait_ms: float = Field(5.0, ge=0, le=1000, description="how long an idle replica waits to prefill arrivals together")
     refresh_s: float = Field(5.0, gt=0, description="how often a replica checks for newly published versions")
     host: str = Field("127.0.0.1", description="tkllm serve: HTTP address")

@@ -37,7 +37,7 @@ class DeltaModel:
                  host_cache_mb: int = 4096, max_batch: int = 16, batch_wait_ms: float = 5.0, refresh_s: float = 5.0,
                  storage=None, max_seq_len: int | None = None, experts: str | None = None,
                  compile_decode: bool = False, dtype: str = "auto", layout_cache_mb: int = 2048,
-                 host_prefetch: bool = True):
+                 host_prefetch: bool = True, prefill_graph_tokens: int = 4096):
         from tkllm_ray.data.tokenizer import load_tokenizer
         from tkllm_ray.models import fingerprint
         from tkllm_ray.models.load import load_base_model, resolve_dtype
@@ -55,7 +55,8 @@ class DeltaModel:
                 lambda f: f.exception() is not None and print(f"host prefetch failed: {f.exception()}"))
         self.engine = DeltaBatchEngine(base, pad_id=self.tok.pad_token_id or 0, slots=max_batch, max_len=max_seq_len,
                                        compile=compile_decode and str(device).startswith("cuda"),
-                                       layout_cache_mb=layout_cache_mb, freeze_gc=True)
+                                       layout_cache_mb=layout_cache_mb, freeze_gc=True,
+                                       prefill_graph_tokens=prefill_graph_tokens)
         self.experts = load_experts(experts, fp, device, next(base.parameters()).dtype, storage) \
             if experts else None
         self.embed = base.get_input_embeddings()
@@ -393,4 +394,5 @@ def app_builder(args: dict):
                      device_cache_mb=cfg.device_cache_mb, host_cache_mb=cfg.host_cache_mb, max_batch=cfg.max_batch,
                      max_seq_len=cfg.max_seq_len, experts=cfg.experts, batch_wait_ms=cfg.batch_wait_ms,
                      refresh_s=cfg.refresh_s, storage=cfg.storage, compile_decode=cfg.compile_decode,
-                     dtype=cfg.dtype, layout_cache_mb=cfg.layout_cache_mb, host_prefetch=cfg.host_prefetch)
+                     dtype=cfg.dtype, layout_cache_mb=cfg.layout_cache_mb, host_prefetch=cfg.host_prefetch,
+                     prefill_graph_tokens=cfg.prefill_graph_tokens)

@@ -76,13 +76,21 @@ def detach(model: nn.Module) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
 
 class AppliedDelta:
     """Scatter W[idx] += v into the base in place; `restore()` writes back the saved originals,
-    so the base is bit-identical afterwards (no float round trip through subtraction)."""
+    so the base is bit-identical afterwards (no float round trip through subtraction). On a GPU,
+    the whole delta as one launch each way (merge_triton; this torch path is its reference)."""
 
-    def __init__(self, model: nn.Module, delta: dict[str, tuple[torch.Tensor, torch.Tensor]]):
+    def __init__(self, model: nn.Module, delta: dict[str, tuple[torch.Tensor, torch.Tensor]], fused: bool = True):
         self.saved: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
+        self._merged = None
+        weights = [model.get_submodule(name).weight for name in delta]
+        if fused and weights and weights[0].device.type == "cuda":
+            from tkllm_ray.sparse.merge_triton import MergedDelta, mergeable
+
+            if mergeable(weights):
+                self._merged = MergedDelta(weights, *_flat(delta))
+                return
         with torch.no_grad():
-            for name, (idx, vals) in delta.items():
-                w = model.get_submodule(name).weight
+            for w, (idx, vals) in zip(weights, delta.values()):
                 flat = w.view(-1)
                 idx = idx.to(w.device)
                 orig = flat[idx].clone()
@@ -90,7 +98,20 @@ class AppliedDelta:
                 flat[idx] = add_rounded(orig, vals)
 
     def restore(self) -> None:
+        if self._merged is not None:
+            self._merged.restore()
+            self._merged = None
         with torch.no_grad():
             for flat, idx, orig in self.saved:
                 flat[idx] = orig
         self.saved.clear()
+
+
+def _flat(delta) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
+    """(all indices, all values, entries a module), modules in the delta's order: a FlatDelta's
+    own buffers (its layout is its order), else the modules' tensors concatenated."""
+    if hasattr(delta, "flat") and [n for n, _ in delta.layout] == list(delta):
+        return *delta.flat, [k for _, k in delta.layout]
+    parts = list(delta.values())
+    return torch.cat([i.reshape(-1) for i, _ in parts]), torch.cat([v.reshape(-1) for _, v in parts]), \
+        [i.numel() for i, _ in parts]

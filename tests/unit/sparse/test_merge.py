@@ -66,3 +66,53 @@ def test_merge_command(tmp_path, capsys):
     assert (tmp_path / "merged" / "config.json").exists() and (tmp_path / "merged" / "tkllm_merge.json").exists()
     assert main(["merge", "--deltas", store, "--account", "nobody", "--output", out]) == 1
     assert "no delta published for account 'nobody'" in capsys.readouterr().err
+
+
+MERGE_CHECK = r"""
+import torch
+from tkllm_ray.sparse.delta_store import FlatDelta
+from tkllm_ray.sparse.merge_triton import MergedDelta, mergeable
+from tkllm_ray.sparse.model import AppliedDelta, _flat
+dev = "{device}"
+g = torch.Generator().manual_seed(0)
+# (bf16 on a GPU only: the interpreter rounds fp32 to bf16 by truncation; fp16 rounds as on a GPU)
+for dt in [torch.float32, torch.float16] + ([torch.bfloat16] if dev == "cuda" else []):
+    # three weights, two of them views of one stacked tensor (as the engine's q/k/v stacks are)
+    stack = torch.randn(40, 16, generator=g).to(dev, dt)
+    weights = [stack[:24], stack[24:], torch.randn(8, 30, generator=g).to(dev, dt)]
+    assert mergeable(weights) and not mergeable([weights[0], stack])  # one storage start twice: refused
+    delta = {{}}
+    for name, w in zip("abc", weights):
+        k = w.numel() // 3
+        idx = torch.sort(torch.randperm(w.numel(), generator=g)[:k]).values.to(dev)
+        delta[name] = (idx, (torch.randn(k, generator=g) * 0.3).to(dev))  # fp32 values on a 16-bit base: rounded once
+    before = [w.clone() for w in weights]
+    want = [w.clone() for w in weights]
+    for w, (idx, v) in zip(want, delta.values()):  # the torch path's rule: base + v in fp32, rounded once
+        w.view(-1)[idx] = (w.view(-1)[idx].float() + v.float()).to(dt)
+    flat = FlatDelta(*_flat(delta)[:2], [(n, i.numel()) for n, (i, _) in delta.items()])
+    for d in (delta, flat):  # a dict's modules concatenated, a FlatDelta's buffers as they are
+        m = MergedDelta(weights, *_flat(d))
+        assert all(torch.equal(w, x) for w, x in zip(weights, want))
+        m.restore()
+        m.restore()  # once only
+        assert all(torch.equal(w, b) for w, b in zip(weights, before))  # bit-exact
+print("ok")
+"""
+
+
+def test_a_whole_delta_merges_in_one_launch_as_module_by_module_and_restores_bit_exact(kernel_check):
+    kernel_check(MERGE_CHECK)
+
+
+def test_applied_delta_restores_the_base_bit_exact_on_the_torch_path():
+    base = build_model("tkllm-tiny", seed=3)
+    before = {n: p.clone() for n, p in base.named_parameters()}
+    g = torch.Generator().manual_seed(1)
+    delta = {n: (torch.sort(torch.randperm(base.get_submodule(n).weight.numel(), generator=g)[:40]).values,
+                 torch.randn(40, generator=g)) for n in ("model.layers.0.mlp.up_proj", "lm_head")}
+    applied = AppliedDelta(base, delta)
+    w = base.get_submodule("lm_head").weight.view(-1)
+    assert torch.equal(w[delta["lm_head"][0]], before["lm_head.weight"].view(-1)[delta["lm_head"][0]] + delta["lm_head"][1])
+    applied.restore()
+    assert all(torch.equal(p, before[n]) for n, p in base.named_parameters())
