@@ -3,8 +3,9 @@ KV cache, each row through its own account's W + Δ (the segmented op, via the m
 packed training). Greedy output for an account equals the base with that account's delta merged
 in, and a request's tokens do not depend on what else runs beside it (tested).
 
-- The KV cache is allocated once: per layer, K and V of shape (slots, kv_heads, max_len, head_dim).
-  A request holds one slot from admission to its last token; no cache grows or is copied.
+- The KV cache is allocated once: per layer, K and V of shape (slots + 1, kv_heads, max_len,
+  head_dim), the last row for a prefill graph's padding rows. A request holds one slot from
+  admission to its last token; no cache grows or is copied.
 - Each `step()` admits waiting requests into free slots (one prefill over just their prompts,
   right-padded: causal attention never reads a pad; on a GPU a CUDA graph replay per bucket of
   batch size and prompt width, `prefill_bucket`), then runs one decode step over every slot:
@@ -12,8 +13,9 @@ in, and a request's tokens do not depend on what else runs beside it (tested).
   to `bucket`, not the whole max_len.
 - Sampling is batched (one argmax for all rows, draws only for sampling rows) with one host copy
   per step. Requests join and leave between steps; `stream` runs a fixed list to completion.
-- A decode batch of one account only runs the plain base step with that account's delta scattered
-  into the weights (restored bit-exactly before anything else runs): no delta term at all. In
+- A batch of one account only (its prefill when no other account is live, and its decode steps)
+  runs the plain base with that account's delta scattered into the weights (restored bit-exactly
+  before anything else runs; one launch each way on a GPU): no delta term at all. In
   fp32 this gives the mixed path's tokens (tested); in bf16 the roundings differ (W + Δ rounded
   once vs the delta term added in fp32), as batch composition changes rounding in any engine.
 Llama-family bases (the presets and SmolLM2): the engine runs their layers itself, reusing the
@@ -119,7 +121,7 @@ class DeltaBatchEngine:
         self.live: list[_Live | None] = [None] * slots
         self.waiting: deque[_Live] = deque()
         self._next_rid = 0
-        self.ctx: _RowDeltas | None = None
+        self.ctx = None  # what the mixed linears read: _RowDeltas, the slot pool, or a prefill's view of it
         self._decode_ctx = None  # CPU: rebuilt when the slot assignment changes
         # CUDA graphs of the decode step, per attention span: one set for base-only batches, one
         # for batches with deltas (read from the slot regions; dropped only when a region grows).
@@ -131,6 +133,7 @@ class DeltaBatchEngine:
         # share one memory pool (one replays at a time, its logits read before the next).
         self.prefill_graph_tokens = prefill_graph_tokens if self.cuda_graphs else 0
         self._prefill_graphs: dict[tuple, _PrefillGraph] = {}
+        self._prefill_capture_failures = 0
         self._prefill_pool = torch.cuda.graph_pool_handle() if self.prefill_graph_tokens else None
         # torch.compile fuses the step's many small ops (norms, rotary, cache writes) before the graph
         # captures it; the delta kernel stays one opaque op (segmented_triton.decode_add).
@@ -230,7 +233,7 @@ class DeltaBatchEngine:
             if any(a is not None for a in adapters):  # token-selective accounts: the eager row path
                 self._merge(None)
                 ctx, kind = _RowDeltas(deltas, self.dtype, adapters), None
-            elif self._merged is not None and all(d is self._merged[0] for d in deltas):
+            elif self.merge_single and self._merged is not None and all(d is self._merged[0] for d in deltas):
                 ctx = _RowDeltas([None] * len(new), self.dtype)  # their account is merged in already
             elif self._sole(deltas) is not None:  # every row will be one account's: merged in now, where
                 self._merge(deltas[0])  # the first decode step would merge it after a prefill with deltas
@@ -424,11 +427,15 @@ class DeltaBatchEngine:
             out = self._prefill(g.ids, g.slots, g.lens)  # compiles the kernels, builds the view's offsets
             try:
                 graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graph, pool=self._prefill_pool):
+                # thread_local: the delta cache's loader threads may allocate on the device meanwhile
+                with torch.cuda.graph(graph, pool=self._prefill_pool, capture_error_mode="thread_local"):
                     g.out = self._prefill(g.ids, g.slots, g.lens)
-            except RuntimeError as e:  # an op that cannot be captured: prefill eagerly from now on
-                print(f"CUDA graph capture of a prefill failed, prefilling eagerly: {e}")
-                self.prefill_graph_tokens = 0
+            except RuntimeError as e:  # the batch has its logits (eager); a bucket tries again at its next use
+                self._prefill_capture_failures += 1
+                print(f"CUDA graph capture of a prefill failed ({self._prefill_capture_failures} of 3 before "
+                      f"prefilling eagerly for good): {e}")
+                if self._prefill_capture_failures >= 3:  # an op that cannot be captured
+                    self.prefill_graph_tokens = 0
                 return out[:n]
             g.graph = graph
             self._prefill_graphs[key] = g
@@ -455,7 +462,7 @@ class DeltaBatchEngine:
             out = step(tokens, pos, span)  # writes the same K/V the replay writes (and compiles)
             try:
                 graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graph):
+                with torch.cuda.graph(graph, capture_error_mode="thread_local"):  # (as the prefill's)
                     static_out = step(tokens, pos, span)
             except RuntimeError as e:  # e.g. an op that cannot be captured: stay eager from now on
                 print(f"CUDA graph capture failed, decoding eagerly: {e}")

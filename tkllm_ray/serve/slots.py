@@ -121,7 +121,12 @@ class SlotDeltas:
         if grown:  # every region is new (and empty): rewrite what the slots hold, then place
             self._alloc(1 << (need - 1).bit_length())
             writes = [(s, d) for s, d in enumerate(self.held) if s not in wanted]
-        self._write(writes + [(s, d) for s, d in wanted.items() if grown or d is not self.held[s]], laid)
+        try:
+            self._write(writes + [(s, d) for s, d in wanted.items() if grown or d is not self.held[s]], laid)
+        except BaseException:
+            if grown:  # (e.g. out of memory laying an account out) the new regions are all empty
+                self.held = [None] * self.slots
+            raise
         return grown
 
     def _entries(self, delta: dict) -> int:
@@ -203,13 +208,15 @@ class SlotDeltas:
     def _write(self, writes: list[tuple[int, dict | None]], laid: dict) -> None:
         """Slot s's region := delta d's layout, for each (s, d) of `writes` (None: no entries). The
         copies of all of them go as a few multi-tensor ops: a full batch's 64 admissions took
-        ~5 ms of launches as four ops a slot."""
+        ~5 ms of launches as four ops a slot. Every layout is made before any copy, and a slot
+        counts as holding its delta only once the copies are issued."""
         pairs: dict[str, tuple[list, list]] = {k: ([], []) for k in ("rows", "src", "vals", "ptr")}
         ptrs, starts = [], []
-        for slot, delta in writes:
-            start = slot * self.cap
+        for _, delta in writes:
             if delta is not None and id(delta) not in laid:
                 laid[id(delta)] = self._laid_out(delta)
+        for slot, delta in writes:
+            start = slot * self.cap
             lay = (None,) * 4 if delta is None else laid[id(delta)]
             out = self.ptr[slot * self.P : (slot + 1) * self.P]
             if lay[0] is None:
@@ -223,12 +230,13 @@ class SlotDeltas:
                         pairs[key][1].append(part)
             ptrs.append(out)
             starts.append(start)
-            self.held[slot] = delta
         for dst, src in pairs.values():
             if dst:
                 torch._foreach_copy_(dst, src)
         if ptrs:  # int32 relative positions, then absolute (int32 unless the pool is past 2^31 entries)
             torch._foreach_add_(ptrs, starts)
+        for slot, delta in writes:
+            self.held[slot] = delta
 
     def add_group(self, members: tuple[tuple[str, int], ...]) -> tuple:
         """Register 1-3 pool modules that read the same input (q/k/v, gate/up) for `group_add`, each

@@ -40,9 +40,9 @@ class MergedDelta:
     def __init__(self, weights: list[torch.Tensor], idx: torch.Tensor, vals: torch.Tensor, counts: list[int]):
         dev = weights[0].device
         self.addrs = torch.tensor([w.data_ptr() for w in weights], dtype=torch.int64).to(dev, non_blocking=True)
-        self.mods = torch.repeat_interleave(torch.arange(len(weights), device=dev),
+        self.mods = torch.repeat_interleave(torch.arange(len(weights), device=dev, dtype=torch.int32),
                                             torch.tensor(counts).to(dev, non_blocking=True), output_size=sum(counts))
-        self.idx = idx.to(dev, torch.int64)
+        self.idx = idx.to(dev) if idx.dtype in (torch.int32, torch.int64) else idx.to(dev, torch.int64)
         self.saved = torch.empty(self.idx.numel(), dtype=weights[0].dtype, device=dev)
         self._launch(vals.to(dev), False)
 
@@ -60,11 +60,13 @@ class MergedDelta:
 
 def mergeable(weights: list[torch.Tensor]) -> bool:
     """Whether MergedDelta can take these weights: contiguous, one device and a dtype it rounds
-    as add_rounded does (16-bit or fp32), no two the same storage start (a tied weight: the torch
-    path applies its two modules' entries one after the other)."""
+    as add_rounded does (16-bit or fp32), no two overlapping in memory (a tied weight, or a stack
+    and one of its rows' views: the torch path applies such modules' entries one after the other)."""
     if not weights:
         return False
     w0 = weights[0]
-    return (all(w.is_contiguous() and w.device == w0.device and w.dtype == w0.dtype for w in weights)
-            and w0.dtype in (torch.bfloat16, torch.float16, torch.float32)
-            and len({w.data_ptr() for w in weights}) == len(weights))
+    if not (all(w.is_contiguous() and w.device == w0.device and w.dtype == w0.dtype for w in weights)
+            and w0.dtype in (torch.bfloat16, torch.float16, torch.float32)):
+        return False
+    spans = sorted((w.data_ptr(), w.data_ptr() + w.numel() * w.element_size()) for w in weights)
+    return all(end <= start for (_, end), (start, _) in zip(spans, spans[1:]))

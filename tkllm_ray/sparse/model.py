@@ -101,8 +101,8 @@ class AppliedDelta:
         if self._merged is not None:
             self._merged.restore()
             self._merged = None
-        with torch.no_grad():
-            for flat, idx, orig in self.saved:
+        with torch.no_grad():  # last applied first: modules sharing elements get their originals back
+            for flat, idx, orig in reversed(self.saved):
                 flat[idx] = orig
         self.saved.clear()
 

@@ -356,14 +356,16 @@ def csr_add(out: torch.Tensor, srcT: torch.Tensor, src: torch.Tensor, dst: torch
     `users` users with `token_counts` tokens each (user u's from tok_off[u]), through their line
     pointers at ptr[u' · stride_ptr] (u' = umap[u], or u). `group`: (pointer offset in a user's
     run, lines, first output column) of each of 1-3 modules that read srcT, flat (decode_add's).
-    vals None: `src` holds packed entries (_entries)."""
+    vals None: `src` holds packed entries (_entries). tok_off must be the running sum of
+    token_counts from 0: the kernel is told its offsets' alignment from the counts."""
     n = _group_size(group)
     offs, lines, cols = (list(group[i::3]) + [0] * (3 - n) for i in range(3))
     most = max(token_counts)
     c = CONFIG["csr_prefill" if most <= PREFILL_TOKENS else "csr"]
     starts = group_blocks(lines[:n], c["LINES"]) + [0, 0]
     bt = max(16, min(c["BLOCK_T"], triton.next_power_of_2(most)))
-    # every user's token run starts on a multiple of 16 when every count is one (offsets are sums)
+    # every user's token run starts on a multiple of 16 when every count is a multiple of 16
+    # (tok_off: the counts' running sum from 0, as every caller builds it)
     align = 16 if all(k % 16 == 0 for k in token_counts) else 1
     _csr_add[(users * starts[n], triton.cdiv(most, bt))](
         srcT, out, src, dst, srcT if vals is None else vals, ptr, tok_off, tok_off if umap is None else umap,

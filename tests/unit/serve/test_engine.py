@@ -194,6 +194,19 @@ def test_on_cuda_graph_replays_decode_the_same_tokens_as_eager_steps(base):
     want = DeltaBatchEngine(copy.deepcopy(model), slots=4, max_len=64, cuda_graphs=False).generate(longer)
     assert graphed.generate(longer) == want and ("deltas", 2, 32) in graphed._prefill_graphs
     assert graphed.generate(longer) == want and graphed.stats["graph_captures"] == captured + 1  # replayed
+    # one account's batch, merged at admission, then another account joins while it decodes: the
+    # weights come back, the pool takes both accounts' slots, and every request keeps its solo tokens
+    eager = DeltaBatchEngine(copy.deepcopy(model), slots=4, max_len=64, cuda_graphs=False)
+    one = [GenRequest(_prompt(i, 6), reqs[1].delta, max_tokens=8) for i in range(2)]
+    late = GenRequest(_prompt(7, 5), reqs[2].delta, max_tokens=6)
+    solo = [eager.generate([r])[0] for r in (*one, late)]
+    rids = [graphed.submit(r) for r in one]
+    got = {rid: toks for rid, toks, _ in graphed.step()}
+    assert graphed._merged is not None and graphed._merged[0] is reqs[1].delta  # merged before its prefill
+    rids.append(graphed.submit(late))
+    while graphed.busy:
+        got.update({rid: toks for rid, toks, _ in graphed.step()})
+    assert [got[r] for r in rids] == solo
 
 
 @pytest.mark.gpu
