@@ -102,7 +102,7 @@ def _pool(users: int, density: float, layers: int, wide_pointers: bool = False, 
 
 def _module_entries(table, name: str) -> int:
     """Entries of module `name` over every slot of the pool."""
-    ptr = table.ptr.view(table.slots, table.P)
+    ptr = table.ptr[: table.slots * table.P].view(table.slots, table.P)  # (not the pool's empty run after them)
     off = table.offsets[table.module_index[name]]
     return int((ptr[:, off + table.shapes[name][0]] - ptr[:, off]).sum())
 

@@ -402,7 +402,7 @@ class DeltaBatchEngine:
         the batch's bucket (`prefill_bucket`) holds at most prefill_graph_tokens tokens and `kind`
         is set ("base": no delta term; "deltas": the slot pool's view), a replay of that kind's
         graph for the bucket (captured at its first use, after one eager run); else eagerly. A
-        bucket's padding rows are pad tokens that write the KV cache's spare row."""
+        bucket's padding rows are pad tokens that write the KV cache's spare row and have no delta."""
         n, width = ids.shape
         rows, tokens = prefill_bucket(n, width, self.slots, self.max_len)
         if kind is None or rows * tokens > self.prefill_graph_tokens or not self.cuda_graphs:
@@ -416,8 +416,9 @@ class DeltaBatchEngine:
         g = self._prefill_graphs.get(key)
         if g is None:
             g = _PrefillGraph(rows, tokens, self.device)
-            # the pool's view through the graph's own slot map (padding rows read slot 0's delta)
-            g.ctx = self._table.view(g.umap) if kind == "deltas" else _RowDeltas([None] * rows, self.dtype)
+            # the pool's view through the graph's own slots (padding rows: the pool's empty run, index
+            # self.slots like their KV row)
+            g.ctx = self._table.view(g.slots) if kind == "deltas" else _RowDeltas([None] * rows, self.dtype)
         g.fill(ids, slots, lens, self.pad_id, self.slots)
         self.ctx = g.ctx
         try:
@@ -522,23 +523,24 @@ def prefill_bucket(requests: int, width: int, slots: int, max_len: int) -> tuple
 
 class _PrefillGraph:
     """A prefill bucket's CUDA graph and the buffers it reads: token ids (rows, tokens), each row's
-    KV slot, delta slot (umap) and prompt length; `out`: its logits a row."""
+    slot (its KV row and its delta's slot in the pool) and prompt length; `out`: its logits a row."""
 
     def __init__(self, rows: int, tokens: int, device: torch.device):
         self.ids = torch.zeros(rows, tokens, dtype=torch.long, device=device)
-        self.slots, self.umap, self.lens = (torch.zeros(rows, dtype=torch.long, device=device) for _ in range(3))
+        self.slots, self.lens = (torch.zeros(rows, dtype=torch.long, device=device) for _ in range(2))
         self.graph, self.out, self.ctx = None, None, None
 
     def fill(self, ids: torch.Tensor, slots: list[int], lens: torch.Tensor, pad_id: int, spare: int) -> None:
-        """The batch's rows first; padding rows: pad tokens into KV row `spare`, delta slot 0, length 1."""
+        """The batch's rows first; padding rows: pad tokens in slot `spare` (the KV cache's spare
+        row, the pool's empty run), length 1."""
         rows, tokens = self.ids.shape
         n, width = ids.shape
         host = torch.full((rows, tokens), pad_id, dtype=torch.long)
         host[:n, :width] = ids
-        slot = torch.tensor(slots + [spare] * (rows - n))
-        meta = torch.stack([slot, torch.where(slot == spare, 0, slot), torch.cat([lens, torch.ones(rows - n, dtype=lens.dtype)])])
+        meta = torch.stack([torch.tensor(slots + [spare] * (rows - n)),
+                            torch.cat([lens, torch.ones(rows - n, dtype=lens.dtype)])])
         self.ids.copy_(host, non_blocking=True)
-        for dst, src in zip((self.slots, self.umap, self.lens), meta):
+        for dst, src in zip((self.slots, self.lens), meta):
             dst.copy_(src, non_blocking=True)
 
 

@@ -58,6 +58,7 @@ class SlotDeltas:
         self.packed = pack and small and dtype in (torch.bfloat16, torch.float16)
         self.held: list[dict | None] = [None] * slots  # the delta each slot holds (compared by identity)
         self.tok_off = torch.arange(slots + 1, dtype=torch.int64, device=self.device)
+        self.empty_slot = slots  # a slot index with no entries in any module, for a view's rows (`view`)
         self._groups: dict[tuple, tuple] = {}  # group_add's launch metadata per group of modules
         self._alloc(1)
 
@@ -75,6 +76,8 @@ class SlotDeltas:
         wide = self.wide_pointers or self.slots * cap >= 2**31 - 2**16
         self.ptr = (torch.arange(self.slots, device=self.device, dtype=torch.int64 if wide else torch.int32)
                     * cap).repeat_interleave(self.P)
+        # and one run more, every line empty: `empty_slot`, where a prefill graph's padding rows look
+        self.ptr = torch.cat([self.ptr, torch.zeros(self.P, dtype=self.ptr.dtype, device=self.device)])
         self._no_lines = torch.zeros(self.P, dtype=self.ptr.dtype, device=self.device)  # a slot's run, no entries
         self.segs = {n: self._segments(n, self.slots, 1, self.tok_off, None) for n in self.names}
 
@@ -107,7 +110,8 @@ class SlotDeltas:
         return self.view(torch.tensor(slots, dtype=torch.int64).to(self.device, non_blocking=True)), grown
 
     def view(self, umap: torch.Tensor) -> "_PrefillView":
-        """The context of a prefill whose request i reads slot umap[i]'s delta (a device tensor)."""
+        """The context of a prefill whose request i reads slot umap[i]'s delta (a device tensor;
+        `empty_slot`: none)."""
         return _PrefillView(self, umap)
 
     def _place(self, wanted: dict[int, dict | None]) -> bool:

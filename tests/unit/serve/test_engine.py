@@ -305,7 +305,7 @@ def test_prefill_buckets_round_batches_to_powers_of_two_and_widths_to_steps_of_a
     g = _PrefillGraph(4, 16, torch.device("cpu"))
     g.fill(torch.tensor([[5, 6, 7], [8, 9, 0]]), [2, 0], torch.tensor([3, 2]), pad_id=0, spare=8)
     assert g.ids[:2, :3].tolist() == [[5, 6, 7], [8, 9, 0]] and not g.ids[2:].any() and not g.ids[:, 3:].any()
-    assert g.slots.tolist() == [2, 0, 8, 8] and g.umap.tolist() == [2, 0, 0, 0] and g.lens.tolist() == [3, 2, 1, 1]
+    assert g.slots.tolist() == [2, 0, 8, 8] and g.lens.tolist() == [3, 2, 1, 1]
 
 
 def test_a_grown_slot_pool_warms_its_delta_steps_up_again():
