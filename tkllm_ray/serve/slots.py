@@ -76,9 +76,10 @@ class SlotDeltas:
         wide = self.wide_pointers or self.slots * cap >= 2**31 - 2**16
         self.ptr = (torch.arange(self.slots, device=self.device, dtype=torch.int64 if wide else torch.int32)
                     * cap).repeat_interleave(self.P)
-        # and one run more, every line empty: `empty_slot`, where a prefill graph's padding rows look
+        # and one run more, every line empty: `empty_slot`, where a prefill graph's padding rows look;
+        # a slot without a delta copies it (then adds its region's start)
         self.ptr = torch.cat([self.ptr, torch.zeros(self.P, dtype=self.ptr.dtype, device=self.device)])
-        self._no_lines = torch.zeros(self.P, dtype=self.ptr.dtype, device=self.device)  # a slot's run, no entries
+        self._no_lines = self.ptr[self.slots * self.P :]
         self.segs = {n: self._segments(n, self.slots, 1, self.tok_off, None) for n in self.names}
 
     def _segments(self, name: str, users: int, tokens: int, tok_off: torch.Tensor, umap: torch.Tensor | None):

@@ -325,14 +325,14 @@ def _has_work(seg) -> bool:
     return bool(seg.users and max(seg.token_counts, default=0) and seg.rows.numel())
 
 
-def _packed(values: torch.Tensor | None, p: dict, like: torch.Tensor) -> tuple[torch.Tensor, bool]:
-    """(the kernels' `vals` argument, PACKED): values None is a plan whose `src` entries carry
-    them (the slot pool's packed layout); `vals` is then a stand-in of the values' dtype, `like`."""
+def _packed(values: torch.Tensor | None, p: dict) -> torch.Tensor | None:
+    """The launchers' `vals`: the values, or None for a plan whose `src` entries carry them (the
+    slot pool's packed layout; refused for any other plan)."""
     if values is not None:
-        return values.contiguous(), False
+        return values.contiguous()
     if not p.get("packed"):
         raise ValueError("values are None but the plan's entries are not packed")
-    return like, True
+    return None
 
 
 def _csr_into(out: torch.Tensor, srcT: torch.Tensor, values: torch.Tensor | None, p: dict, seg) -> None:
@@ -342,10 +342,8 @@ def _csr_into(out: torch.Tensor, srcT: torch.Tensor, values: torch.Tensor | None
         return
     if values is not None and p["perm"] is not None:
         values = values[p["perm"]]
-    vals, packed = _packed(values, p, srcT)
     width = out.shape[1]
-    umap = p.get("map")
-    csr_add(out, srcT, p["src"], p["dst"], None if packed else vals, p["ptr"], seg.token_offsets, umap, seg.users,
+    csr_add(out, srcT, p["src"], p["dst"], _packed(values, p), p["ptr"], seg.token_offsets, p.get("map"), seg.users,
             p.get("stride", width), [0, width, 0], seg.token_counts)
 
 
@@ -358,28 +356,30 @@ def csr_add(out: torch.Tensor, srcT: torch.Tensor, src: torch.Tensor, dst: torch
     run, lines, first output column) of each of 1-3 modules that read srcT, flat (decode_add's).
     vals None: `src` holds packed entries (_entries). tok_off must be the running sum of
     token_counts from 0: the kernel is told its offsets' alignment from the counts."""
-    n = _group_size(group)
-    offs, lines, cols = (list(group[i::3]) + [0] * (3 - n) for i in range(3))
     most = max(token_counts)
     c = CONFIG["csr_prefill" if most <= PREFILL_TOKENS else "csr"]
-    starts = group_blocks(lines[:n], c["LINES"]) + [0, 0]
+    offs, blocks, layout = _group_launch(group, c["LINES"])
     bt = max(16, min(c["BLOCK_T"], triton.next_power_of_2(most)))
     # every user's token run starts on a multiple of 16 when every count is a multiple of 16
     # (tok_off: the counts' running sum from 0, as every caller builds it)
     align = 16 if all(k % 16 == 0 for k in token_counts) else 1
-    _csr_add[(users * starts[n], triton.cdiv(most, bt))](
+    _csr_add[(users * blocks, triton.cdiv(most, bt))](
         srcT, out, src, dst, srcT if vals is None else vals, ptr, tok_off, tok_off if umap is None else umap,
-        starts[n], srcT.stride(0), out.stride(0), stride_ptr, *offs, LINES=c["LINES"], BLOCK_E=c["BLOCK_E"],
-        BLOCK_T=bt, HALF=_half(srcT), MAPPED=umap is not None, PACKED=vals is None, GROUP=n, N0=lines[0], N1=lines[1],
-        N2=lines[2], C0=cols[0], C1=cols[1], C2=cols[2], S1=starts[1] if n > 1 else 0, S2=starts[2] if n > 2 else 0,
-        ALIGN=align, num_warps=c["num_warps"])
+        blocks, srcT.stride(0), out.stride(0), stride_ptr, *offs, LINES=c["LINES"], BLOCK_E=c["BLOCK_E"],
+        BLOCK_T=bt, HALF=_half(srcT), MAPPED=umap is not None, PACKED=vals is None, ALIGN=align, **layout,
+        num_warps=c["num_warps"])
 
 
-def _group_size(group: list[int]) -> int:
+def _group_launch(group: list[int], lines_per_block: int) -> tuple[list[int], int, dict]:
+    """A grouped launch's arguments from its flat (pointer offset, lines, first column) per module:
+    the three offsets, line blocks a user, and the compile-time layout _member reads."""
     n = len(group) // 3
     if len(group) % 3 or not 1 <= n <= 3:
         raise ValueError(f"a delta launch takes 1 to 3 modules' (offset, lines, column), got {len(group)} numbers")
-    return n
+    offs, lines, cols = (list(group[i::3]) + [0] * (3 - n) for i in range(3))
+    starts = group_blocks(lines[:n], lines_per_block) + [0, 0]
+    return offs, starts[n], dict(GROUP=n, N0=lines[0], N1=lines[1], N2=lines[2], C0=cols[0], C1=cols[1], C2=cols[2],
+                                 S1=starts[1] if n > 1 else 0, S2=starts[2] if n > 2 else 0)
 
 
 def sampled_grad_T(dyT: torch.Tensor, xT: torch.Tensor, seg, out_features: int) -> torch.Tensor:
@@ -417,9 +417,8 @@ def _decode_into(out: torch.Tensor, x: torch.Tensor, values: torch.Tensor | None
         return
     width = out.shape[1]
     c = decode_tiles((width, x.shape[1]))
-    vals, packed = _packed(values, p, x)
     one = min(seg.token_counts) == max(seg.token_counts) == 1  # token u is user u's only one
-    decode_add(out, x, p["src"], None if packed else vals, p["ptr"], seg.token_offsets, p.get("map"), seg.users,
+    decode_add(out, x, p["src"], _packed(values, p), p["ptr"], seg.token_offsets, p.get("map"), seg.users,
                p.get("stride", width), [0, width, 0], one, *tile_args(c))
 
 
@@ -442,15 +441,11 @@ def decode_add(out: torch.Tensor, x: torch.Tensor, src: torch.Tensor, vals: Opti
     launch for q/k/v; one module: [0, out's width, 0]). one_token: user u has token u alone (tok_off
     is 0..users; a decode step). vals None: `src` holds packed entries (column and value in one
     int32, _entries)."""
-    n = _group_size(group)
-    offs, lines, cols = (list(group[i::3]) + [0] * (3 - n) for i in range(3))
-    starts = group_blocks(lines[:n], lines_per_block) + [0, 0]
-    _csr_decode[(users * starts[n],)](
-        x, out, src, x if vals is None else vals, ptr, tok_off, tok_off if umap is None else umap, starts[n],
+    offs, blocks, layout = _group_launch(group, lines_per_block)
+    _csr_decode[(users * blocks,)](
+        x, out, src, x if vals is None else vals, ptr, tok_off, tok_off if umap is None else umap, blocks,
         x.stride(0), out.stride(0), stride_ptr, *offs, LINES=lines_per_block, BLOCK_E=block_e,
-        MAPPED=umap is not None, GROUP=n, PREFETCH=prefetch, PACKED=vals is None, N0=lines[0], N1=lines[1],
-        N2=lines[2], C0=cols[0], C1=cols[1], C2=cols[2], S1=starts[1] if n > 1 else 0, S2=starts[2] if n > 2 else 0,
-        ONE=one_token, num_warps=num_warps)
+        MAPPED=umap is not None, PREFETCH=prefetch, PACKED=vals is None, ONE=one_token, **layout, num_warps=num_warps)
 
 
 @decode_add.register_fake

@@ -243,7 +243,7 @@ for name in lins:
 # fp32 values do not fit 16 bits: not packed
 assert not SlotDeltas(slots, lins, torch.float32, torch.device(dev)).packed
 try:
-    K._packed(None, {{"packed": False}}, x)
+    K._packed(None, {{"packed": False}})
     raise SystemExit("values None on an unpacked plan: refused")
 except ValueError as e:
     assert "not packed" in str(e)
