@@ -33,7 +33,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from tkllm_ray.serve.adapters import Adapters
+from tkllm_ray.serve.prefill_graphs import PrefillGraph, prefill_bucket
+from tkllm_ray.serve.request import GenRequest, append_token, sample
 from tkllm_ray.serve.slots import SlotDeltas
 from tkllm_ray.serve.stacked import Stack, layer_stacks
 from tkllm_ray.sparse.delta_store import Delta
@@ -41,19 +42,6 @@ from tkllm_ray.sparse.mixed import rows_inputs, swap_in
 from tkllm_ray.sparse.segmented import add_delta_term
 from tkllm_ray.sparse.model import AppliedDelta
 from tkllm_ray.sparse.sensitivity import target_linears
-
-
-@dataclass
-class GenRequest:
-    prompt: list[int]
-    delta: Delta | None = None  # the account's delta (module -> (indices, values)); None: the base alone
-    max_tokens: int = 32
-    temperature: float = 0.0  # 0: greedy
-    top_p: float = 1.0
-    seed: int | None = None
-    stop: list[list[int]] = field(default_factory=list)  # token sequences that end the output (not returned)
-    eos_id: int | None = None
-    adapters: Adapters | None = None  # a token-selective account's adapters (serve/adapters.py)
 
 
 class _RowDeltas:
@@ -132,7 +120,7 @@ class DeltaBatchEngine:
         # ~24 ms of device work on an H100). Larger ones are bound by the device: eager. The graphs
         # share one memory pool (one replays at a time, its logits read before the next).
         self.prefill_graph_tokens = prefill_graph_tokens if self.cuda_graphs else 0
-        self._prefill_graphs: dict[tuple, _PrefillGraph] = {}
+        self._prefill_graphs: dict[tuple, PrefillGraph] = {}
         self._prefill_capture_failures = 0
         self._prefill_pool = torch.cuda.graph_pool_handle() if self.prefill_graph_tokens else None
         # torch.compile fuses the step's many small ops (norms, rotary, cache writes) before the graph
@@ -316,7 +304,7 @@ class DeltaBatchEngine:
 
     def _emit(self, slot: int, token: int, updates: list) -> None:
         lv = self.live[slot]
-        done = _append(lv.out, token, lv.req)
+        done = append_token(lv.out, token, lv.req)
         updates.append((lv.rid, list(lv.out), done))
         if done:
             self.live[slot], self.pos[slot] = None, 0
@@ -326,7 +314,7 @@ class DeltaBatchEngine:
         picked = logits.argmax(-1)
         for i, lv in enumerate(lives):
             if lv.req.temperature > 0:
-                picked[i] = _sample(logits[i], lv.req, lv.gen)
+                picked[i] = sample(logits[i], lv.req, lv.gen)
         return picked.tolist()  # the step's one host copy
 
     # ---- the model, over the static cache ----------------------------------------------------
@@ -415,7 +403,7 @@ class DeltaBatchEngine:
         key = (kind, rows, tokens)
         g = self._prefill_graphs.get(key)
         if g is None:
-            g = _PrefillGraph(rows, tokens, self.device)
+            g = PrefillGraph(rows, tokens, self.device)
             # the pool's view through the graph's own slots (padding rows: the pool's empty run, index
             # self.slots like their KV row)
             g.ctx = self._table.view(g.slots) if kind == "deltas" else _RowDeltas([None] * rows, self.dtype)
@@ -505,61 +493,3 @@ class DeltaBatchEngine:
 
         h = self._layers(self.model.model.embed_tokens(last[:, None]), pos[:, None], write, attend)
         return self.model.lm_head(self.model.model.norm(h[:, 0]))
-
-
-# Prompt widths of a prefill graph's bucket: multiples of 16 (the delta kernel's aligned gathers),
-# about 1.5x apart, so padding costs at most ~1.5x the tokens and a few dozen graphs cover any mix.
-_WIDTHS = [16, 32, 48, 64, 96, 128, 192, 256, 384, 512, 768, 1024, 1536, 2048, 3072, 4096]
-
-
-def prefill_bucket(requests: int, width: int, slots: int, max_len: int) -> tuple[int, int]:
-    """(rows, prompt width) of the prefill graph for `requests` prompts of up to `width` tokens:
-    the next power of two (at most `slots`) and the next width of _WIDTHS (at most max_len)."""
-    if not 1 <= requests <= slots or not 1 <= width <= max_len:
-        raise ValueError(f"a prefill of {requests} prompts of {width} tokens does not fit {slots} slots of "
-                         f"{max_len} tokens")
-    return min(1 << (requests - 1).bit_length(), slots), min(next((w for w in _WIDTHS if w >= width), max_len), max_len)
-
-
-class _PrefillGraph:
-    """A prefill bucket's CUDA graph and the buffers it reads: token ids (rows, tokens), each row's
-    slot (its KV row and its delta's slot in the pool) and prompt length; `out`: its logits a row."""
-
-    def __init__(self, rows: int, tokens: int, device: torch.device):
-        self.ids = torch.zeros(rows, tokens, dtype=torch.long, device=device)
-        self.slots, self.lens = (torch.zeros(rows, dtype=torch.long, device=device) for _ in range(2))
-        self.graph, self.out, self.ctx = None, None, None
-
-    def fill(self, ids: torch.Tensor, slots: list[int], lens: torch.Tensor, pad_id: int, spare: int) -> None:
-        """The batch's rows first; padding rows: pad tokens in slot `spare` (the KV cache's spare
-        row, the pool's empty run), length 1."""
-        rows, tokens = self.ids.shape
-        n, width = ids.shape
-        host = torch.full((rows, tokens), pad_id, dtype=torch.long)
-        host[:n, :width] = ids
-        meta = torch.stack([torch.tensor(slots + [spare] * (rows - n)),
-                            torch.cat([lens, torch.ones(rows - n, dtype=lens.dtype)])])
-        self.ids.copy_(host, non_blocking=True)
-        for dst, src in zip((self.slots, self.lens), meta):
-            dst.copy_(src, non_blocking=True)
-
-
-def _sample(logits: torch.Tensor, r: GenRequest, gen: torch.Generator | None) -> torch.Tensor:
-    probs = torch.softmax(logits.float() / r.temperature, dim=-1)
-    if r.top_p < 1.0:  # nucleus: the smallest set of top tokens holding top_p of the mass
-        sorted_p, order = torch.sort(probs, descending=True)
-        keep = sorted_p.cumsum(-1) - sorted_p < r.top_p
-        probs = torch.zeros_like(probs).scatter(0, order[keep], sorted_p[keep])
-    return torch.multinomial(probs, 1, generator=gen)[0]
-
-
-def _append(out: list[int], token: int, r: GenRequest) -> bool:
-    """Add `token`; True when the request is finished (EOS, a stop sequence, max_tokens)."""
-    if r.eos_id is not None and token == r.eos_id:
-        return True
-    out.append(token)
-    for s in r.stop:
-        if s and out[-len(s):] == s:
-            del out[-len(s):]
-            return True
-    return len(out) >= r.max_tokens

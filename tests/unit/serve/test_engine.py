@@ -293,7 +293,7 @@ print("ok")
 
 
 def test_prefill_buckets_round_batches_to_powers_of_two_and_widths_to_steps_of_about_one_and_a_half():
-    from tkllm_ray.serve.engine import _PrefillGraph, prefill_bucket
+    from tkllm_ray.serve.prefill_graphs import PrefillGraph, prefill_bucket
 
     assert prefill_bucket(1, 5, 64, 128) == (1, 16)
     assert prefill_bucket(3, 33, 64, 128) == (4, 48)
@@ -302,7 +302,7 @@ def test_prefill_buckets_round_batches_to_powers_of_two_and_widths_to_steps_of_a
     for bad in ((0, 5), (65, 5), (2, 129), (2, 0)):
         with pytest.raises(ValueError, match="does not fit 64 slots of 128 tokens"):
             prefill_bucket(*bad, 64, 128)
-    g = _PrefillGraph(4, 16, torch.device("cpu"))
+    g = PrefillGraph(4, 16, torch.device("cpu"))
     g.fill(torch.tensor([[5, 6, 7], [8, 9, 0]]), [2, 0], torch.tensor([3, 2]), pad_id=0, spare=8)
     assert g.ids[:2, :3].tolist() == [[5, 6, 7], [8, 9, 0]] and not g.ids[2:].any() and not g.ids[:, 3:].any()
     assert g.slots.tolist() == [2, 0, 8, 8] and g.lens.tolist() == [3, 2, 1, 1]
